@@ -1,0 +1,73 @@
+"""Loading a diffusers UNet2DConditionModel folder into the Flax UNet, and writing one back."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+from safetensors.numpy import save_file
+
+from convert.files import TensorReader, resolve_component, weight_files
+from convert.state_dict import load_state_dict, state_dict
+from jaxfusion.dtypes import parse_dtype
+from jaxfusion.models import UNet2DConditionModel, UNetConfig
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+def load_unet_config(path: str | Path) -> UNetConfig:
+    """The UNetConfig of a UNet folder or pipeline folder (its `unet/`)."""
+    folder = resolve_component(path, "unet", {"UNet2DConditionModel"})
+    return UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+
+
+def load_unet(
+    path: str | Path,
+    *,
+    dtype=jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> UNet2DConditionModel:
+    """A ready UNet from a diffusers folder (`config.json` + safetensors weights).
+
+    Args:
+      path: the UNet folder, a diffusers pipeline folder (its `unet/` is used), or a hub id.
+      dtype: float32, bfloat16 or float16; parameters are stored and run in it.
+      variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
+      allow_pickle: also read `.bin`/`.ckpt` pickle files, which run code when loaded.
+    """
+    dtype = parse_dtype(dtype)
+    folder = resolve_component(path, "unet", {"UNet2DConditionModel"})
+    config = UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
+    abstract = UNet2DConditionModel.abstract(config, dtype=dtype)
+    with TensorReader(files) as reader:
+        return load_state_dict(abstract, reader, dtype)
+
+
+def save_unet(unet: UNet2DConditionModel, path: str | Path, *, dtype=None) -> Path:
+    """Writes `config.json` and `diffusion_pytorch_model.safetensors` into `path`, a folder
+    that diffusers' `UNet2DConditionModel.from_pretrained` loads. Each file is written to a
+    temporary name and renamed, so no half-written file is left behind."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(unet.config.to_diffusers(), indent=2)
+    tensors = state_dict(unet, None if dtype is None else parse_dtype(dtype))
+    write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(config))
+    write_atomically(folder / f"{WEIGHTS_NAME}.safetensors", lambda tmp: save_file(tensors, tmp))
+    return folder
+
+
+def write_atomically(target: Path, write) -> None:
+    """Calls `write(temporary_path)` beside `target`, then renames it onto `target`."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
