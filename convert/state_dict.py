@@ -3,7 +3,8 @@
 A parameter at path (`down_blocks`, 0, `resnets`, 1, `conv1`, `kernel`) is the diffusers
 tensor `down_blocks.0.resnets.1.conv1.weight`. Layouts differ only by a transpose:
 convolution kernels are (kh, kw, in, out) here and (out, in, kh, kw) in PyTorch, linear
-kernels (in, out) here and (out, in) there; norm scales and biases are the same.
+kernels (in, out) here and (out, in) there; everything else (norm scales, biases, embedding
+tables) has the same layout on both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flax import nnx
 
 from convert.files import TensorReader
 
-_TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_TORCH_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}
 _TO_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
 
@@ -33,14 +34,14 @@ def diffusers_key(path: tuple) -> str:
     return ".".join([*map(str, modules), _TORCH_NAMES[name]])
 
 
-def to_flax_layout(tensor: np.ndarray) -> np.ndarray:
-    axes = _TO_FLAX_AXES.get(tensor.ndim)
-    return tensor if axes is None else tensor.transpose(axes)
+def to_flax_layout(name: str, tensor: np.ndarray) -> np.ndarray:
+    """diffusers tensor -> the layout of the Flax parameter called `name`."""
+    return tensor.transpose(_TO_FLAX_AXES[tensor.ndim]) if name == "kernel" else tensor
 
 
-def to_diffusers_layout(array: np.ndarray) -> np.ndarray:
-    axes = _TO_TORCH_AXES.get(array.ndim)
-    return array if axes is None else array.transpose(axes)
+def to_diffusers_layout(name: str, array: np.ndarray) -> np.ndarray:
+    """Flax parameter called `name` -> diffusers tensor layout."""
+    return array.transpose(_TO_TORCH_AXES[array.ndim]) if name == "kernel" else array
 
 
 def _flat_params(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
@@ -61,14 +62,15 @@ def load_state_dict(abstract_module: nnx.Module, reader: TensorReader, dtype) ->
     unexpected = sorted(available - targets.keys())
     misshaped = []
     for key in sorted(targets.keys() & available):
-        expected = to_diffusers_shape(targets[key][1].get_value().shape)
+        path, var = targets[key]
+        expected = to_diffusers_shape(path[-1], var.get_value().shape)
         if reader.shape(key) != expected:
             misshaped.append(f"{key}: checkpoint {reader.shape(key)}, model {expected}")
     _raise_mismatch(missing, unexpected, misshaped)
 
     flat = []
     for key, (path, var) in targets.items():
-        array = to_flax_layout(reader.read(key)).astype(_numpy_dtype(dtype))
+        array = to_flax_layout(path[-1], reader.read(key)).astype(_numpy_dtype(dtype))
         flat.append((path, var.replace(jnp.asarray(array))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
@@ -80,13 +82,14 @@ def state_dict(module: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
         array = np.asarray(jax.device_get(var.get_value()))
         if dtype is not None:
             array = array.astype(_numpy_dtype(dtype))
-        out[diffusers_key(path)] = np.ascontiguousarray(to_diffusers_layout(array))
+        out[diffusers_key(path)] = np.ascontiguousarray(to_diffusers_layout(path[-1], array))
     return out
 
 
-def to_diffusers_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    axes = _TO_TORCH_AXES.get(len(shape))
-    return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
+def to_diffusers_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if name != "kernel":
+        return tuple(shape)
+    return tuple(shape[axis] for axis in _TO_TORCH_AXES[len(shape)])
 
 
 def _numpy_dtype(dtype) -> np.dtype:
