@@ -2,6 +2,19 @@
 
 from convert.files import PickleWeightsRefused
 from convert.state_dict import WeightMismatch
+from convert.text_encoder import load_text_encoder, save_text_encoder
 from convert.unet import load_unet, load_unet_config, save_unet
+from convert.vae import load_vae, load_vae_config, save_vae
 
-__all__ = ["PickleWeightsRefused", "WeightMismatch", "load_unet", "load_unet_config", "save_unet"]
+__all__ = [
+    "PickleWeightsRefused",
+    "WeightMismatch",
+    "load_text_encoder",
+    "load_unet",
+    "load_unet_config",
+    "load_vae",
+    "load_vae_config",
+    "save_text_encoder",
+    "save_unet",
+    "save_vae",
+]

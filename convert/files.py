@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
+import mmap
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# The weight files of every diffusers model (ModelMixin) folder: `{WEIGHTS_NAME}.safetensors`.
+WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
 class PickleWeightsRefused(ValueError):
@@ -77,44 +82,96 @@ def weight_files(
     )
 
 
+# safetensors dtype names -> numpy dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    file: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _safetensors_index(file: Path) -> dict[str, _StoredTensor]:
+    """Where each tensor of a safetensors file lies: an 8-byte little-endian header length,
+    a JSON header naming each tensor's dtype, shape and byte range, then the data."""
+    with open(file, "rb") as stream:
+        header_length = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(header_length))
+    data_start = 8 + header_length
+    return {
+        key: _StoredTensor(
+            file,
+            data_start + entry["data_offsets"][0],
+            np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]),
+            tuple(entry["shape"]),
+        )
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
+
+
 class TensorReader:
     """Reads named tensors from weight files as numpy arrays, one at a time.
 
-    safetensors files are memory-mapped; the caller keeps at most one tensor in flight.
-    Use as a context manager.
+    Each safetensors tensor is memory-mapped only while it is copied out, so that the pages
+    read do not stay resident: loading peaks at the converted parameters plus a tensor or
+    two, not at twice the checkpoint. Use as a context manager.
     """
 
     def __init__(self, files: list[Path]):
         self._files = files
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._stored: dict[str, _StoredTensor] = {}
         self._pickled: dict[str, np.ndarray] = {}
 
     def __enter__(self) -> TensorReader:
         for file in self._files:
             if file.suffix == ".safetensors":
-                handle = self._stack.enter_context(safe_open(file, framework="numpy"))
-                self._handles.update(dict.fromkeys(handle.keys(), handle))
+                self._stored.update(_safetensors_index(file))
             else:
                 self._pickled.update(_load_pickle(file))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        self._pickled.clear()
 
     def keys(self) -> Iterator[str]:
-        yield from self._handles
+        yield from self._stored
         yield from self._pickled
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self._pickled:
             return self._pickled[key].shape
-        return tuple(self._handles[key].get_slice(key).get_shape())
+        return self._stored[key].shape
 
     def read(self, key: str) -> np.ndarray:
         if key in self._pickled:
             return self._pickled[key]
-        return self._handles[key].get_tensor(key)
+        stored = self._stored[key]
+        if 0 in stored.shape:
+            return np.zeros(stored.shape, stored.dtype)
+        count = int(np.prod(stored.shape))
+        with (
+            open(stored.file, "rb") as stream,
+            mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        ):
+            view = np.frombuffer(mapped, stored.dtype, count, stored.offset)
+            tensor = view.reshape(stored.shape).copy()
+            del view  # releases the buffer so that the mapping can close
+        return tensor
 
 
 def _load_pickle(file: Path) -> dict[str, np.ndarray]:
@@ -128,3 +185,38 @@ def _load_pickle(file: Path) -> dict[str, np.ndarray]:
     return {
         k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
     }
+
+
+def write_atomically(target: Path, write: Callable[[str], object]) -> None:
+    """Calls `write(temporary_path)` beside `target`, then renames it onto `target`, so no
+    half-written file is left behind."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_model_folder(
+    path: str | Path,
+    config: dict,
+    tensors: dict[str, np.ndarray],
+    weights_name: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Writes `config.json` and `{weights_name}.safetensors` into the folder `path`, each
+    atomically."""
+    from safetensors.numpy import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2)
+    write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    write_atomically(
+        folder / f"{weights_name}.safetensors",
+        lambda tmp: save_file(tensors, tmp, metadata=metadata),
+    )
+    return folder

@@ -48,16 +48,19 @@ def _flat_params(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
     return list(nnx.to_flat_state(nnx.state(module, nnx.Param)))
 
 
-def load_state_dict(abstract_module: nnx.Module, reader: TensorReader, dtype) -> nnx.Module:
+def load_state_dict(
+    abstract_module: nnx.Module, reader: TensorReader, dtype, *, ignore: Iterable[str] = ()
+) -> nnx.Module:
     """Fills an abstract module (from `nnx.eval_shape`) with the reader's tensors in `dtype`.
 
     Every missing, unexpected or mis-shaped key is named in one `WeightMismatch`, raised
     before any tensor is read. Tensors are converted one at a time, so host memory peaks at
-    the parameters plus one tensor.
+    the parameters plus one tensor. Checkpoint keys ending with one of the `ignore` strings
+    (buffers saved beside the parameters, such as transformers' `position_ids`) are skipped.
     """
     graphdef, params, rest = nnx.split(abstract_module, nnx.Param, ...)
     targets = {diffusers_key(path): (path, var) for path, var in nnx.to_flat_state(params)}
-    available = set(reader.keys())
+    available = {key for key in set(reader.keys()) if not key.endswith(tuple(ignore))}
     missing = sorted(targets.keys() - available)
     unexpected = sorted(available - targets.keys())
     misshaped = []

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
-from safetensors.numpy import save_file
 
-from convert.files import TensorReader, resolve_component, weight_files
+from convert.files import (
+    WEIGHTS_NAME,
+    TensorReader,
+    resolve_component,
+    weight_files,
+    write_model_folder,
+)
 from convert.state_dict import load_state_dict, state_dict
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
-
-WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
 def load_unet_config(path: str | Path) -> UNetConfig:
@@ -52,22 +53,5 @@ def save_unet(unet: UNet2DConditionModel, path: str | Path, *, dtype=None) -> Pa
     """Writes `config.json` and `diffusion_pytorch_model.safetensors` into `path`, a folder
     that diffusers' `UNet2DConditionModel.from_pretrained` loads. Each file is written to a
     temporary name and renamed, so no half-written file is left behind."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = json.dumps(unet.config.to_diffusers(), indent=2)
     tensors = state_dict(unet, None if dtype is None else parse_dtype(dtype))
-    write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(config))
-    write_atomically(folder / f"{WEIGHTS_NAME}.safetensors", lambda tmp: save_file(tensors, tmp))
-    return folder
-
-
-def write_atomically(target: Path, write) -> None:
-    """Calls `write(temporary_path)` beside `target`, then renames it onto `target`."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return write_model_folder(path, unet.config.to_diffusers(), tensors, WEIGHTS_NAME)

@@ -4,19 +4,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxfusion.models.layers import parameter, uniform
 
-def exchange_halo(x: jax.Array, rows: int) -> jax.Array:
-    """Pads `x` (B, H, W, C) with `rows` halo rows above and below.
+
+def exchange_halo(x: jax.Array, above: int, below: int) -> jax.Array:
+    """Pads `x` (B, H, W, C) with `above` halo rows on top and `below` rows underneath.
 
     On one device the halo is the image's zero padding.
     """
-    if rows == 0:
+    if above == below == 0:
         return x
-    return jnp.pad(x, ((0, 0), (rows, rows), (0, 0), (0, 0)))
+    return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))
 
 
 class Conv2d(nnx.Module):
-    """`torch.nn.Conv2d` with `padding = kernel_size // 2`, NHWC.
+    """`torch.nn.Conv2d`, NHWC, zero-padded by `padding = (before, after)` rows and columns.
+
+    The default `padding` is `kernel_size // 2` on every side (`torch.nn.Conv2d(padding=k//2)`);
+    `(0, 1)` is diffusers' `Downsample2D(padding=0)`, which pads only the bottom and the right.
+    The rows come from the neighbouring patches: `before` rows from the patch above, `after`
+    rows from the patch below.
 
     Parameters: `kernel` (kh, kw, in, out), `bias` (out,).
     """
@@ -28,29 +35,28 @@ class Conv2d(nnx.Module):
         kernel_size: int,
         *,
         stride: int = 1,
+        padding: tuple[int, int] | None = None,
         dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         self.kernel_size = kernel_size
         self.stride = stride
+        self.padding = (kernel_size // 2,) * 2 if padding is None else tuple(padding)
         self.dtype = dtype
-        fan_in = in_channels * kernel_size * kernel_size
-        init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        init = uniform((in_channels * kernel_size * kernel_size) ** -0.5)
         shape = (kernel_size, kernel_size, in_channels, out_channels)
-        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32).astype(dtype))
-        bound = fan_in**-0.5
-        bias = jax.random.uniform(rngs.params(), (out_channels,), jnp.float32, -bound, bound)
-        self.bias = nnx.Param(bias.astype(dtype))
+        self.kernel = parameter(rngs, init, shape, dtype)
+        self.bias = parameter(rngs, init, (out_channels,), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, in) -> (B, H // stride, W // stride, out)."""
-        pad = self.kernel_size // 2
-        x = exchange_halo(x.astype(self.dtype), pad)
+        """(B, H, W, in) -> (B, H', W', out), H' = (H + before + after - k) // stride + 1
+        (H // stride for the default padding and even H)."""
+        x = exchange_halo(x.astype(self.dtype), *self.padding)
         y = jax.lax.conv_general_dilated(
             x,
             self.kernel[...],
             window_strides=(self.stride, self.stride),
-            padding=((0, 0), (pad, pad)),
+            padding=((0, 0), self.padding),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             preferred_element_type=jnp.float32,
         )

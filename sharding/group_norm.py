@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxfusion.models.layers import ones, parameter, zeros
+
 
 def combine_moments(moments: jax.Array) -> jax.Array:
     """Turns this patch's moments (2, B, G) into the image's. On one device: themselves."""
@@ -23,6 +25,7 @@ class GroupNorm(nnx.Module):
         *,
         epsilon: float,
         dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None,
     ):
         if num_channels % num_groups:
             raise ValueError(
@@ -31,8 +34,8 @@ class GroupNorm(nnx.Module):
         self.num_groups = num_groups
         self.epsilon = epsilon
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
-        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+        self.scale = parameter(rngs, ones, (num_channels,), dtype)
+        self.bias = parameter(rngs, zeros, (num_channels,), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""

@@ -6,12 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
-
-
-def _linear(in_features: int, out_features: int, dtype, rngs, use_bias: bool = True):
-    return nnx.Linear(
-        in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs
-    )
+from jaxfusion.models.layers import LayerNorm, Linear, attention
 
 
 class Attention(nnx.Module):
@@ -30,16 +25,16 @@ class Attention(nnx.Module):
         dim_head: int,
         cross_attention_dim: int | None = None,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         inner_dim = heads * dim_head
         self.heads = heads
         self.is_self_attention = cross_attention_dim is None
         context_dim = query_dim if cross_attention_dim is None else cross_attention_dim
-        self.to_q = _linear(query_dim, inner_dim, dtype, rngs, use_bias=False)
-        self.to_k = _linear(context_dim, inner_dim, dtype, rngs, use_bias=False)
-        self.to_v = _linear(context_dim, inner_dim, dtype, rngs, use_bias=False)
-        self.to_out = nnx.List([_linear(inner_dim, query_dim, dtype, rngs)])
+        self.to_q = Linear(query_dim, inner_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_k = Linear(context_dim, inner_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_v = Linear(context_dim, inner_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_out = nnx.List([Linear(inner_dim, query_dim, dtype=dtype, rngs=rngs)])
         if self.is_self_attention:
             self.kv_exchange = sharding.KVExchange()
 
@@ -52,15 +47,15 @@ class Attention(nnx.Module):
         v = self.to_v(context).reshape(b, context.shape[1], self.heads, -1)
         if self.is_self_attention:
             k, v = self.kv_exchange(k, v)
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out[0](out.reshape(b, x.shape[1], -1))
 
 
 class GEGLU(nnx.Module):
     """`proj` to twice the width, then value * GELU(gate) (exact GELU)."""
 
-    def __init__(self, dim_in: int, dim_out: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.proj = _linear(dim_in, dim_out * 2, dtype, rngs)
+    def __init__(self, dim_in: int, dim_out: int, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
+        self.proj = Linear(dim_in, dim_out * 2, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -70,13 +65,13 @@ class GEGLU(nnx.Module):
 class FeedForward(nnx.Module):
     """`net` = [GEGLU, Dropout, Linear], as diffusers numbers them."""
 
-    def __init__(self, dim: int, *, mult: int = 4, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, mult: int = 4, dtype: jnp.dtype, rngs: nnx.Rngs | None):
         inner_dim = dim * mult
         self.net = nnx.List(
             [
                 GEGLU(dim, inner_dim, dtype=dtype, rngs=rngs),
                 nnx.Dropout(0.0),
-                _linear(inner_dim, dim, dtype, rngs),
+                Linear(inner_dim, dim, dtype=dtype, rngs=rngs),
             ]
         )
 
@@ -95,10 +90,10 @@ class BasicTransformerBlock(nnx.Module):
         dim_head: int,
         cross_attention_dim: int,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         def layer_norm():
-            return nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=dtype, rngs=rngs)
+            return LayerNorm(dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
         self.norm1 = layer_norm()
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, dtype=dtype, rngs=rngs)
@@ -139,12 +134,14 @@ class Transformer2DModel(nnx.Module):
         norm_num_groups: int,
         use_linear_projection: bool,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
-        self.norm = sharding.GroupNorm(norm_num_groups, channels, epsilon=1e-6, dtype=dtype)
+        self.norm = sharding.GroupNorm(
+            norm_num_groups, channels, epsilon=1e-6, dtype=dtype, rngs=rngs
+        )
         if use_linear_projection:
-            self.proj_in = _linear(channels, channels, dtype, rngs)
-            self.proj_out = _linear(channels, channels, dtype, rngs)
+            self.proj_in = Linear(channels, channels, dtype=dtype, rngs=rngs)
+            self.proj_out = Linear(channels, channels, dtype=dtype, rngs=rngs)
         else:
             self.proj_in = sharding.Conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)
             self.proj_out = sharding.Conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxfusion.models.layers import Linear
+
 
 def timestep_features(
     timesteps: jax.Array,
@@ -31,13 +33,11 @@ def timestep_features(
 class TimestepEmbedding(nnx.Module):
     """linear_1 -> SiLU -> linear_2: (N, in_channels) -> (N, time_embed_dim)."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.linear_1 = nnx.Linear(
-            in_channels, time_embed_dim, dtype=dtype, param_dtype=dtype, rngs=rngs
-        )
-        self.linear_2 = nnx.Linear(
-            time_embed_dim, time_embed_dim, dtype=dtype, param_dtype=dtype, rngs=rngs
-        )
+    def __init__(
+        self, in_channels: int, time_embed_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs | None
+    ):
+        self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -6,32 +6,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from jaxfusion.models.layers import Linear
 
 
 class ResnetBlock2D(nnx.Module):
     """norm1 -> SiLU -> conv1 -> + time_emb_proj(SiLU(temb)) -> norm2 -> SiLU -> conv2,
     plus the input (through the 1x1 `conv_shortcut` when the width changes), divided by
-    `output_scale_factor`."""
+    `output_scale_factor`. Without `temb_channels` (the VAE's resnets) there is no
+    `time_emb_proj` and no time embedding."""
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         *,
-        temb_channels: int,
+        temb_channels: int | None,
         groups: int,
         eps: float,
         output_scale_factor: float = 1.0,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         self.output_scale_factor = output_scale_factor
-        self.norm1 = sharding.GroupNorm(groups, in_channels, epsilon=eps, dtype=dtype)
+        self.norm1 = sharding.GroupNorm(groups, in_channels, epsilon=eps, dtype=dtype, rngs=rngs)
         self.conv1 = sharding.Conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-        self.time_emb_proj = nnx.Linear(
-            temb_channels, out_channels, dtype=dtype, param_dtype=dtype, rngs=rngs
-        )
-        self.norm2 = sharding.GroupNorm(groups, out_channels, epsilon=eps, dtype=dtype)
+        if temb_channels is None:
+            self.time_emb_proj = None
+        else:
+            self.time_emb_proj = Linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
+        self.norm2 = sharding.GroupNorm(groups, out_channels, epsilon=eps, dtype=dtype, rngs=rngs)
         self.conv2 = sharding.Conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
         if in_channels != out_channels:
             self.conv_shortcut = sharding.Conv2d(
@@ -40,10 +43,12 @@ class ResnetBlock2D(nnx.Module):
         else:
             self.conv_shortcut = None
 
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        """x: (B, H, W, in_channels), temb: (B, temb_channels) -> (B, H, W, out_channels)."""
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """x: (B, H, W, in_channels), temb: (B, temb_channels) or None when the block has no
+        `time_emb_proj` -> (B, H, W, out_channels)."""
         h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = shortcut + h
@@ -53,10 +58,24 @@ class ResnetBlock2D(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
-    """3x3 convolution with stride 2 (`conv`): (B, H, W, C) -> (B, H/2, W/2, C)."""
+    """3x3 convolution with stride 2 (`conv`): (B, H, W, C) -> (B, H/2, W/2, C) for even H, W.
 
-    def __init__(self, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.conv = sharding.Conv2d(channels, channels, 3, stride=2, dtype=dtype, rngs=rngs)
+    `padding` is diffusers' `downsample_padding`: 1 pads every side by one (the UNet), 0 pads
+    only the bottom and the right by one (the VAE encoder).
+    """
+
+    def __init__(self, channels: int, *, padding: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs | None):
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample2D: padding {padding} is not supported (use 0 or 1)")
+        self.conv = sharding.Conv2d(
+            channels,
+            channels,
+            3,
+            stride=2,
+            padding=(padding, 1),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -65,7 +84,7 @@ class Downsample2D(nnx.Module):
 class Upsample2D(nnx.Module):
     """Nearest-neighbour 2x upsampling, then a 3x3 `conv`: (B, H, W, C) -> (B, 2H, 2W, C)."""
 
-    def __init__(self, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
         self.conv = sharding.Conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -68,7 +68,7 @@ class DownBlock2D(nnx.Module):
         attention: BlockAttention | None,
         add_downsample: bool,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         self.resnets = nnx.List(
             [
@@ -122,7 +122,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         attention: BlockAttention,
         output_scale_factor: float,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         self.resnets = nnx.List(
             [
@@ -165,7 +165,7 @@ class UpBlock2D(nnx.Module):
         attention: BlockAttention | None,
         add_upsample: bool,
         dtype: jnp.dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         def resnet(i: int) -> ResnetBlock2D:
             skip_channels = in_channels if i == num_layers - 1 else out_channels

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from jaxfusion.models.configuration import freeze, from_diffusers_config
 from jaxfusion.models.embeddings import TimestepEmbedding, timestep_features
 from jaxfusion.models.unet_2d_blocks import (
     BlockAttention,
@@ -54,20 +55,7 @@ _FIXED_KEYS: dict[str, Any] = {
     "cross_attention_norm": None,
 }
 # Keys that do not change what inference computes.
-_IGNORED_KEYS = {
-    "_class_name",
-    "_diffusers_version",
-    "_name_or_path",
-    "dropout",
-    "addition_embed_type_num_heads",
-}
-
-
-def _tuples(value: Any) -> Any:
-    """JSON lists (nested) -> tuples, so that configs are hashable."""
-    if isinstance(value, list | tuple):
-        return tuple(_tuples(v) for v in value)
-    return value
+_IGNORED_KEYS = frozenset({"dropout", "addition_embed_type_num_heads"})
 
 
 @dataclass(frozen=True)
@@ -113,11 +101,7 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _tuples(getattr(self, field.name)))
-        problems = self._problems()
-        if problems:
-            raise ValueError("unsupported UNet configuration:\n  " + "\n  ".join(problems))
+        freeze(self, "UNet2DConditionModel")
 
     def _problems(self) -> list[str]:
         levels = len(self.block_out_channels)
@@ -176,21 +160,13 @@ class UNetConfig:
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
         """Reads a diffusers `config.json` dict; any key or value outside the supported set
         is refused, all of them named in one error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        problems = []
-        class_name = config.get("_class_name", "UNet2DConditionModel")
-        if class_name != "UNet2DConditionModel":
-            problems.append(f"_class_name: {class_name!r} is not a UNet2DConditionModel")
-        for key, value in config.items():
-            if key in fields or key in _IGNORED_KEYS:
-                continue
-            if key not in _FIXED_KEYS:
-                problems.append(f"{key}: unknown key")
-            elif value != _FIXED_KEYS[key]:
-                problems.append(f"{key}: {value!r} is not supported (only {_FIXED_KEYS[key]!r})")
-        if problems:
-            raise ValueError("unsupported UNet configuration:\n  " + "\n  ".join(problems))
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return from_diffusers_config(
+            cls,
+            config,
+            class_name="UNet2DConditionModel",
+            fixed_keys=_FIXED_KEYS,
+            ignored_keys=_IGNORED_KEYS,
+        )
 
     def to_diffusers(self) -> dict[str, Any]:
         """The `config.json` dict diffusers' UNet2DConditionModel is built from."""
@@ -251,7 +227,9 @@ class UNet2DConditionModel(nnx.Module):
     `conv_out`), so a diffusers state dict maps onto it by a mechanical rename.
     """
 
-    def __init__(self, config: UNetConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, config: UNetConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None
+    ):
         self.config = config
         self.dtype = dtype
         channels = config.block_out_channels
@@ -310,14 +288,14 @@ class UNet2DConditionModel(nnx.Module):
             ]
         )
         self.conv_norm_out = sharding.GroupNorm(
-            config.norm_num_groups, channels[0], epsilon=config.norm_eps, dtype=dtype
+            config.norm_num_groups, channels[0], epsilon=config.norm_eps, dtype=dtype, rngs=rngs
         )
         self.conv_out = sharding.Conv2d(channels[0], config.out_channels, 3, dtype=dtype, rngs=rngs)
 
     @classmethod
     def abstract(cls, config: UNetConfig, *, dtype: jnp.dtype = jnp.float32):
         """The model with `jax.ShapeDtypeStruct` parameters: nothing is allocated."""
-        return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        return cls(config, dtype=dtype, rngs=None)
 
     def check_inputs(
         self,

@@ -1,0 +1,121 @@
+"""Dense layers (Linear, LayerNorm) and the parameter constructor every module uses.
+
+A module built with `rngs=None` is abstract: its parameters are `jax.ShapeDtypeStruct`s and
+nothing is allocated or traced, so a full-size SDXL UNet is built in milliseconds (Flax's
+`nnx.eval_shape` traces every initializer and takes minutes for it).
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def parameter(
+    rngs: nnx.Rngs | None, init: Initializer, shape: tuple[int, ...], dtype: jnp.dtype
+) -> nnx.Param:
+    """A parameter drawn from `init` (in float32, then cast), or its shape when `rngs` is None."""
+    if rngs is None:
+        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype))
+    return nnx.Param(init(rngs.params(), shape, jnp.float32).astype(dtype))
+
+
+def uniform(bound: float) -> Initializer:
+    """U(-bound, bound): PyTorch's default for Linear/Conv weights and biases, with
+    bound = 1/sqrt(fan_in)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def matmul_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+    """x @ kernel (+ bias) contracting the last axis, accumulated in float32 and rounded to
+    `dtype` once."""
+    y = jnp.matmul(x.astype(dtype), kernel, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class Linear(nnx.Module):
+    """`torch.nn.Linear`: `kernel` (in, out), `bias` (out,). (..., in) -> (..., out)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
+        self.dtype = dtype
+        init = uniform(in_features**-0.5)
+        self.kernel = parameter(rngs, init, (in_features, out_features), dtype)
+        self.bias = parameter(rngs, init, (out_features,), dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return matmul_bias(x, self.kernel[...], bias, self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """`torch.nn.LayerNorm` over the last axis: `scale`, `bias` (dim,); statistics in float32."""
+
+    def __init__(
+        self, dim: int, *, epsilon: float, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None
+    ):
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = parameter(rngs, ones, (dim,), dtype)
+        self.bias = parameter(rngs, zeros, (dim,), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(axis=-1, keepdims=True)
+        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+        normed = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
+    """Scaled dot-product attention.
+
+    q: (B, Tq, heads, head_dim); k, v: (B, Tk, heads, head_dim) -> (B, Tq, heads, head_dim).
+    Logits and softmax in float32, the weights then cast to v's dtype, as PyTorch does.
+    With `causal`, query t attends to keys 0..t.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * q.shape[-1] ** -0.5
+    if causal:
+        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
+
+
+class Embed(nnx.Module):
+    """`torch.nn.Embedding`: `embedding` (rows, dim). Integer ids (...) -> (..., dim)."""
+
+    def __init__(
+        self, rows: int, dim: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None
+    ):
+        self.embedding = parameter(rngs, jax.nn.initializers.normal(1.0), (rows, dim), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
