@@ -51,7 +51,7 @@ def _flat_params(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
 def load_state_dict(
     abstract_module: nnx.Module, reader: TensorReader, dtype, *, ignore: Iterable[str] = ()
 ) -> nnx.Module:
-    """Fills an abstract module (from `nnx.eval_shape`) with the reader's tensors in `dtype`.
+    """Fills an abstract module (built with `rngs=None`) with the reader's tensors in `dtype`.
 
     Every missing, unexpected or mis-shaped key is named in one `WeightMismatch`, raised
     before any tensor is read. Tensors are converted one at a time, so host memory peaks at
