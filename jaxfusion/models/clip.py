@@ -179,10 +179,6 @@ class CLIPTextOutput(NamedTuple):
     text_embeds: jax.Array | None = None
 
 
-def _linear(in_features: int, out_features: int, dtype, rngs, use_bias: bool = True):
-    return Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)
-
-
 def _layer_norm(config: CLIPTextConfig, dtype, rngs):
     return LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -194,10 +190,10 @@ class CLIPAttention(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
         dim = config.hidden_size
         self.heads = config.num_attention_heads
-        self.q_proj = _linear(dim, dim, dtype, rngs)
-        self.k_proj = _linear(dim, dim, dtype, rngs)
-        self.v_proj = _linear(dim, dim, dtype, rngs)
-        self.out_proj = _linear(dim, dim, dtype, rngs)
+        self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, T, D) -> (B, T, D); token t attends to tokens 0..t."""
@@ -214,8 +210,8 @@ class CLIPMLP(nnx.Module):
 
     def __init__(self, config: CLIPTextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
         self.hidden_act = config.hidden_act
-        self.fc1 = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
-        self.fc2 = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, T, D) -> (B, T, D)."""
@@ -342,8 +338,8 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         self, config: CLIPTextConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None
     ):
         super().__init__(config, dtype=dtype, rngs=rngs)
-        self.text_projection = _linear(
-            config.hidden_size, config.projection_dim, dtype, rngs, use_bias=False
+        self.text_projection = Linear(
+            config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype, rngs=rngs
         )
 
     def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:

@@ -51,10 +51,7 @@ class ResnetBlock2D(nnx.Module):
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = shortcut + h
-        if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return out
+        return (shortcut + h) / self.output_scale_factor
 
 
 class Downsample2D(nnx.Module):
