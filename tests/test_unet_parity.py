@@ -20,7 +20,10 @@ import convert
 from jaxfusion import UNet2DConditionModel, UNetConfig
 
 CONFIGS = {"sdxl": SDXL_LIKE, "sd15": SD15_LIKE, "sd2": SD2_LIKE}
-TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+# The issue asks for float32 <= 1e-5; we hold 3e-6 (observed ~1e-6), because a diffusers
+# detail such as the transformer GroupNorm's eps (1e-6, not 1e-5) shifts the error only to
+# about 4e-6 on these models.
+TOLERANCE = {"float32": 3e-6, "bfloat16": 2e-2, "float16": 5e-3}
 
 
 @pytest.fixture(scope="module")
