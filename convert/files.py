@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,18 +24,20 @@ class PickleWeightsRefused(ValueError):
     """The folder only has pickle weights, which run code when loaded."""
 
 
-def resolve_component(path: str | Path, component: str, class_names: set[str]) -> Path:
+def resolve_component(
+    path: str | Path, component: str, class_names: set[str], *, variant: str | None = None
+) -> Path:
     """The folder of one component (`unet`, `vae`, ...).
 
     `path` is the component's own folder (its `config.json` names one of `class_names`), a
     diffusers pipeline folder holding `component/`, or a model id on the Hugging Face hub,
-    downloaded (safetensors and configs only) into the local hub cache.
+    downloaded (configs and the `variant`'s safetensors only) into the local hub cache.
     """
     folder = Path(path)
     if not folder.exists():
         if str(path).count("/") != 1 or str(path).startswith((".", "/")):
             raise FileNotFoundError(f"no such folder: {path}")
-        folder = _download_from_hub(str(path), component)
+        folder = _download_from_hub(str(path), [component], variant)
     config = folder / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("_class_name") in class_names:
         return folder
@@ -45,11 +49,36 @@ def resolve_component(path: str | Path, component: str, class_names: set[str]) -
     )
 
 
-def _download_from_hub(repo_id: str, component: str) -> Path:
+def resolve_pipeline_folder(
+    path: str | Path, components: list[str], *, variant: str | None = None
+) -> Path:
+    """A diffusers pipeline folder holding every one of `components` (subfolders), or a model
+    id on the Hugging Face hub, downloaded (configs, tokenizer files and safetensors weights of
+    those components only) into the local hub cache. Raises FileNotFoundError naming every
+    missing component."""
+    folder = Path(path)
+    if not folder.exists():
+        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
+            raise FileNotFoundError(f"no such folder: {path}")
+        folder = _download_from_hub(str(path), components, variant)
+    missing = [name for name in components if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete pipeline folder: missing {', '.join(missing)}/ "
+            f"(needs {', '.join(components)})"
+        )
+    return folder
+
+
+def _download_from_hub(repo_id: str, components: list[str], variant: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{component}/*.json", f"{component}/*.safetensors", "model_index.json"]
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+    patterns = ["model_index.json"]
+    for name in components:
+        patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/{weights}"]
+    ignore = [] if variant else ["*.fp16.safetensors"]
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
 
 
 def weight_files(
@@ -198,6 +227,31 @@ def write_atomically(target: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staging_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `target`; when the block succeeds it becomes
+    `target` (replacing an existing one only with `overwrite`), when it fails it is deleted.
+    So a folder of several files appears whole or not at all."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; choose another path or allow overwriting it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        if target.exists():
+            old = Path(
+                tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
+            )
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_model_folder(

@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from convert.files import TensorReader, resolve_component, weight_files, write_model_folder
+from convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
 from convert.state_dict import load_state_dict, state_dict
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models.clip import (
@@ -49,12 +50,14 @@ def load_text_encoder(
       allow_pickle: also read `.bin` pickle files, which run code when loaded.
     """
     dtype = parse_dtype(dtype)
-    folder = _text_encoder_folder(path, subfolder)
+    folder = _text_encoder_folder(path, subfolder, variant)
     raw = json.loads((folder / "config.json").read_text())
     model_class = _model_class(raw, folder)
     config = CLIPTextConfig.from_transformers(raw)
-    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
     abstract = model_class.abstract(config, dtype=dtype)
+    if has_flax_params(folder):
+        return load_flax_params(abstract, folder, dtype)
+    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
     with TensorReader(files) as reader:
         prefixed = any(key.startswith(PREFIX) for key in list(reader.keys()))
         source = reader if prefixed else _Prefixed(reader)
@@ -62,22 +65,29 @@ def load_text_encoder(
 
 
 def save_text_encoder(
-    model: CLIPTextModel | CLIPTextModelWithProjection, path: str | Path, *, dtype=None
+    model: CLIPTextModel | CLIPTextModelWithProjection,
+    path: str | Path,
+    *,
+    dtype=None,
+    flax: bool = False,
 ) -> Path:
     """Writes `config.json` and `model.safetensors` into `path`, a folder that transformers'
     `from_pretrained` loads (keys under `text_model.`, as on the hub, which every
-    transformers version reads). Each file is written to a temporary name and renamed."""
+    transformers version reads); with `flax`, `flax_params/` (an orbax checkpoint) instead
+    of the safetensors file. Each file is written to a temporary name and renamed."""
     config = {"architectures": [type(model).__name__], **model.config.to_transformers()}
+    if flax:
+        return write_flax_folder(model, path, config, dtype)
     tensors = state_dict(model, None if dtype is None else parse_dtype(dtype))
     return write_model_folder(path, config, tensors, WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def _text_encoder_folder(path: str | Path, subfolder: str) -> Path:
+def _text_encoder_folder(path: str | Path, subfolder: str, variant: str | None) -> Path:
     """`path` itself when its config.json is a CLIP text model's, else its `subfolder`."""
     config = Path(path) / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE:
         return Path(path)
-    return resolve_component(path, subfolder, set(_CLASSES))
+    return resolve_component(path, subfolder, set(_CLASSES), variant=variant)
 
 
 def _model_class(config: dict[str, Any], folder: Path) -> type[CLIPTextModel]:

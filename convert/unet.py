@@ -14,6 +14,7 @@ from convert.files import (
     weight_files,
     write_model_folder,
 )
+from convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
 from convert.state_dict import load_state_dict, state_dict
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
@@ -41,17 +42,24 @@ def load_unet(
       allow_pickle: also read `.bin`/`.ckpt` pickle files, which run code when loaded.
     """
     dtype = parse_dtype(dtype)
-    folder = resolve_component(path, "unet", {"UNet2DConditionModel"})
+    folder = resolve_component(path, "unet", {"UNet2DConditionModel"}, variant=variant)
     config = UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
     abstract = UNet2DConditionModel.abstract(config, dtype=dtype)
+    if has_flax_params(folder):
+        return load_flax_params(abstract, folder, dtype)
+    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
     with TensorReader(files) as reader:
         return load_state_dict(abstract, reader, dtype)
 
 
-def save_unet(unet: UNet2DConditionModel, path: str | Path, *, dtype=None) -> Path:
+def save_unet(
+    unet: UNet2DConditionModel, path: str | Path, *, dtype=None, flax: bool = False
+) -> Path:
     """Writes `config.json` and `diffusion_pytorch_model.safetensors` into `path`, a folder
-    that diffusers' `UNet2DConditionModel.from_pretrained` loads. Each file is written to a
+    that diffusers' `UNet2DConditionModel.from_pretrained` loads; with `flax`, `flax_params/`
+    (an orbax checkpoint) instead of the safetensors file. Each file is written to a
     temporary name and renamed, so no half-written file is left behind."""
+    if flax:
+        return write_flax_folder(unet, path, unet.config.to_diffusers(), dtype)
     tensors = state_dict(unet, None if dtype is None else parse_dtype(dtype))
     return write_model_folder(path, unet.config.to_diffusers(), tensors, WEIGHTS_NAME)

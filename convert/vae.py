@@ -17,6 +17,7 @@ from convert.files import (
     weight_files,
     write_model_folder,
 )
+from convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
 from convert.state_dict import load_state_dict, state_dict
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models import AutoencoderKL, VAEConfig
@@ -76,18 +77,23 @@ def load_vae(
       variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
       allow_pickle: also read `.bin`/`.ckpt` pickle files, which run code when loaded.
     """
-    folder = resolve_component(path, "vae", {"AutoencoderKL"})
+    folder = resolve_component(path, "vae", {"AutoencoderKL"}, variant=variant)
     config = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
     dtype = config.compute_dtype(parse_dtype(dtype))
-    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
     abstract = AutoencoderKL.abstract(config, dtype=dtype)
+    if has_flax_params(folder):
+        return load_flax_params(abstract, folder, dtype)
+    files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
     with TensorReader(files) as reader:
         return load_state_dict(abstract, _CurrentNames(reader), dtype)
 
 
-def save_vae(vae: AutoencoderKL, path: str | Path, *, dtype=None) -> Path:
+def save_vae(vae: AutoencoderKL, path: str | Path, *, dtype=None, flax: bool = False) -> Path:
     """Writes `config.json` and `diffusion_pytorch_model.safetensors` (in `dtype`, default
     the parameters' own) into `path`, a folder that diffusers' `AutoencoderKL.from_pretrained`
-    loads. Each file is written to a temporary name and renamed into place."""
+    loads; with `flax`, `flax_params/` (an orbax checkpoint) instead of the safetensors file.
+    Each file is written to a temporary name and renamed into place."""
+    if flax:
+        return write_flax_folder(vae, path, vae.config.to_diffusers(), dtype)
     tensors = state_dict(vae, None if dtype is None else parse_dtype(dtype))
     return write_model_folder(path, vae.config.to_diffusers(), tensors, WEIGHTS_NAME)

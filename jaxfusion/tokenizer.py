@@ -4,8 +4,11 @@ tokenizes them."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import string
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,7 @@ def load_tokenizer(path: str | Path, subfolder: str = "tokenizer") -> CLIPTokeni
 
     Args:
       path: a diffusers pipeline folder (its `subfolder` is used) or a tokenizer folder
-        (`vocab.json`, `merges.txt`, `tokenizer_config.json`, `special_tokens_map.json`).
+        (`vocab.json` + `merges.txt`, or `tokenizer.json`; `tokenizer_config.json`).
       subfolder: "tokenizer" (SD, SDXL's first encoder) or "tokenizer_2" (SDXL's second,
         which pads with "!" instead of "<|endoftext|>").
     """
@@ -34,12 +37,12 @@ def load_tokenizer(path: str | Path, subfolder: str = "tokenizer") -> CLIPTokeni
             "tokenizing prompts needs the transformers package: pip install transformers"
         ) from error
     folder = Path(path)
-    if not (folder / "vocab.json").is_file():
+    if not _has_vocabulary(folder):
         folder = folder / subfolder
-    if not (folder / "vocab.json").is_file():
+    if not _has_vocabulary(folder):
         raise FileNotFoundError(
-            f"{path} is neither a tokenizer folder (vocab.json) nor a pipeline folder with a "
-            f"{subfolder}/ subfolder holding one"
+            f"{path} is neither a tokenizer folder (vocab.json or tokenizer.json) nor a "
+            f"pipeline folder with a {subfolder}/ subfolder holding one"
         )
     tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.model_max_length >= _UNSET_MAX_LENGTH:
@@ -47,6 +50,18 @@ def load_tokenizer(path: str | Path, subfolder: str = "tokenizer") -> CLIPTokeni
             f"{folder} sets no model_max_length (tokenizer_config.json); SD tokenizers have 77"
         )
     return tokenizer
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
+    """Writes the tokenizer as transformers does, plus `vocab.json` and `merges.txt`, which
+    transformers 5 no longer writes and earlier versions need."""
+    tokenizer.save_pretrained(folder)
+    if not (Path(folder) / "vocab.json").is_file():
+        tokenizer.backend_tokenizer.model.save(str(folder))
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
 def tokenize(
@@ -70,3 +85,50 @@ def tokenize(
                 stacklevel=2,
             )
     return ids.astype(np.int32)
+
+
+def write_tokenizer(
+    folder: str | Path,
+    words: Iterable[str],
+    *,
+    pad_token: str = "<|endoftext|>",
+    model_max_length: int = 77,
+) -> dict[str, int]:
+    """Writes a small CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json) that
+    transformers' CLIPTokenizer loads, and returns its vocabulary.
+
+    Every word of `words` (lower case) is one token; any other word made of lower-case
+    letters and digits is spelled letter by letter. Ids: 0 start of text, 1 end of text,
+    2 "!" (SDXL's second tokenizer pads with it: `pad_token="!"`), then letters, then words.
+    Each word gets, after the merges of the words before it, the merges it still needs.
+    """
+    words = list(dict.fromkeys(words))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "!</w>": 3}
+    for char in sorted(set(string.ascii_lowercase + string.digits + "".join(words))):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = _apply_merges([*word[:-1], word[-1] + "</w>"], merges)
+        while len(symbols) > 1:
+            merges.append((symbols[0], symbols[1]))
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+            vocab.setdefault(symbols[0], len(vocab))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {"model_max_length": model_max_length, "pad_token": pad_token}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return vocab
+
+
+def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding: merge the adjacent pair of lowest rank until none is left."""
+    while True:
+        pairs = [p for p in itertools.pairwise(symbols) if p in merges]
+        if not pairs:
+            return symbols
+        first, second = min(pairs, key=merges.index)
+        i = next(i for i in range(len(symbols) - 1) if symbols[i : i + 2] == [first, second])
+        symbols = [*symbols[:i], first + second, *symbols[i + 2 :]]

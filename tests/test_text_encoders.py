@@ -3,8 +3,6 @@ conversion both ways, and the tokenizer loading."""
 
 import copy
 import functools
-import itertools
-import json
 
 import jax
 import numpy as np
@@ -18,7 +16,7 @@ from safetensors.torch import load_file
 
 import convert
 from jaxfusion.models import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from jaxfusion.tokenizer import load_tokenizer, tokenize
+from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 
 VOCAB_SIZE = 99
 TINY = dict(
@@ -204,46 +202,12 @@ def test_config_refuses_unsupported_values():
 WORDS = "a photo of an astronaut riding horse on the moon cat dog red blue big painting".split()  # noqa: SIM905
 
 
-def apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
-    """Byte-pair encoding: merge the adjacent pair of lowest rank until none is left."""
-    while True:
-        pairs = [p for p in itertools.pairwise(symbols) if p in merges]
-        if not pairs:
-            return symbols
-        first, second = min(pairs, key=merges.index)
-        i = next(i for i in range(len(symbols) - 1) if symbols[i : i + 2] == [first, second])
-        symbols = [*symbols[:i], first + second, *symbols[i + 2 :]]
-
-
-def write_tokenizer(folder, pad_token: str = "<|endoftext|>") -> dict[str, int]:
-    """A tiny CLIP BPE vocabulary whose merges spell every word of WORDS whole: each word
-    gets, after the merges of the words before it, the merges it still needs."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "!</w>": 3}
-    for char in sorted(set("".join(WORDS))):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges = []
-    for word in WORDS:
-        symbols = apply_merges([*word[:-1], word[-1] + "</w>"], merges)
-        while len(symbols) > 1:
-            merges.append((symbols[0], symbols[1]))
-            symbols = [symbols[0] + symbols[1], *symbols[2:]]
-            vocab.setdefault(symbols[0], len(vocab))
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 77, "pad_token": pad_token})
-    )
-    return vocab
-
-
 @pytest.mark.parametrize(
     "subfolder, pad_token", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]
 )
 def test_tokenizer(tmp_path, monkeypatch, subfolder, pad_token):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    vocab = write_tokenizer(tmp_path / subfolder, pad_token)
+    vocab = write_tokenizer(tmp_path / subfolder, WORDS, pad_token=pad_token)
     tokenizer = load_tokenizer(tmp_path, subfolder)
     prompts = ["a photo of an astronaut riding a horse on the moon", "A red CAT,  big dog"]
     ids = tokenize(tokenizer, prompts)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -28,7 +29,10 @@ def uniform(bound: float) -> Initializer:
     bound = 1/sqrt(fan_in)."""
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        # Drawn by numpy from the key's bits: jax.random would compile once per shape,
+        # which made building a small random UNet take tens of seconds.
+        generator = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+        return jnp.asarray(generator.uniform(-bound, bound, shape), dtype)
 
     return init
 

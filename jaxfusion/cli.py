@@ -1,0 +1,254 @@
+"""The `jaxfusion` command: generate, convert, compare."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxfusion import schedulers
+from jaxfusion.display import StageDisplay
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_STEPS = 50
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    display = StageDisplay()
+    try:
+        return args.command(args, display)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        display.note(f"[red]error:[/red] {error}")
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxfusion", description="Stable Diffusion (XL) text-to-image in JAX."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate an image from a prompt")
+    add_generation_options(generate)
+    generate.add_argument(
+        "--out", required=True, help="output .png, or .npy (float32 (H, W, 3) in [0, 1])"
+    )
+    generate.set_defaults(command=run_generate)
+
+    compare = commands.add_parser(
+        "compare", help="run diffusers (PyTorch) and jaxfusion from the same initial latents"
+    )
+    add_generation_options(compare)
+    compare.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up run")
+    compare.add_argument(
+        "--out", help="a .png with jaxfusion's image, diffusers' and their difference (x10)"
+    )
+    compare.set_defaults(command=run_compare)
+
+    convert = commands.add_parser(
+        "convert", help="diffusers pipeline folder -> Flax checkpoint folder, or back"
+    )
+    convert.add_argument("source", help="pipeline folder (diffusers or Flax) or hub id")
+    convert.add_argument("destination", help="new folder to write")
+    convert.add_argument(
+        "--to-diffusers", action="store_true", help="write safetensors (diffusers) weights"
+    )
+    convert.add_argument("--dtype", choices=DTYPES, default="float32")
+    convert.add_argument("--overwrite", action="store_true", help="replace the destination")
+    add_loading_options(convert)
+    convert.set_defaults(command=run_convert)
+    return parser
+
+
+def add_loading_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", help='weight-file variant, e.g. "fp16"')
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (.bin, .ckpt); they run code when loaded",
+    )
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="diffusers pipeline folder or hub id (default: the built-in model)"
+    )
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scheduler", choices=schedulers.KINDS, help="default: the model folder's own"
+    )
+    parser.add_argument(
+        "--latents", help="initial noise .npy, NCHW (batch, channels, height/f, width/f)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_loading_options(parser)
+
+
+def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.images import check_output_path, save_image
+
+    out = check_output_path(args.out)
+    pipe, cache_hits = load(args, display)
+    images = pipe(**generation_kwargs(args), stage=display)
+    if cache_hits.count:
+        display.note("the compiled program came from the disk cache (no compilation)")
+    paths = output_paths(out, len(images))
+    for image, path in zip(images, paths, strict=True):
+        save_image(image, path)
+    display.note(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion import diffusers_backend
+    from jaxfusion.images import check_output_path, psnr, save_image, side_by_side
+
+    out = check_output_path(args.out) if args.out else None
+    if args.runs < 1:
+        raise ValueError("--runs must be at least 1")
+    pipe, _ = load(args, display)
+    kwargs = generation_kwargs(args)
+    height, width = pipe.size(args.height, args.width)
+    if kwargs["latents"] is None:
+        kwargs["latents"] = pipe.initial_latents(len(kwargs["prompt"]), height, width, args.seed)
+    with display("loading the diffusers (PyTorch) pipeline"):
+        torch_pipe = diffusers_backend.load_diffusers_pipeline(
+            model_path(args), dtype=args.dtype, scheduler=args.scheduler
+        )
+    torch_kwargs = dict(
+        prompt=kwargs["prompt"],
+        negative_prompt=kwargs["negative_prompt"],
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        guidance_scale=pipe.default_guidance_scale if args.guidance is None else args.guidance,
+        latents=kwargs["latents"],
+    )
+    with display("jaxfusion: warm-up run (compiles)"):
+        ours = pipe(**kwargs, stage=display)
+    jax_times = timed_runs(lambda: pipe(**kwargs), args.runs, "jaxfusion", display)
+    with display("diffusers: warm-up run"):
+        theirs = diffusers_backend.run_diffusers(torch_pipe, **torch_kwargs)
+    torch_times = timed_runs(
+        lambda: diffusers_backend.run_diffusers(torch_pipe, **torch_kwargs),
+        args.runs,
+        "diffusers",
+        display,
+    )
+    jax_median, torch_median = statistics.median(jax_times), statistics.median(torch_times)
+    display.note(
+        f"PSNR {psnr(ours, theirs):.2f} dB, max abs difference "
+        f"{float(np.abs(ours - theirs).max()):.3g} (images in [0, 1])\n"
+        f"median wall time per call ({len(ours)} image(s), {args.runs} runs after warm-up): "
+        f"jaxfusion {jax_median:.3f} s, diffusers {torch_median:.3f} s, "
+        f"diffusers / jaxfusion = {torch_median / jax_median:.2f}"
+    )
+    if out is not None:
+        difference = np.clip(np.abs(ours[0] - theirs[0]) * 10, 0, 1)
+        save_image(side_by_side([ours[0], theirs[0], difference]), out)
+        display.note(f"wrote {out} (jaxfusion | diffusers | difference x10)")
+    return 0
+
+
+def run_convert(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(
+        args.source,
+        dtype=args.dtype,
+        variant=args.variant,
+        allow_pickle=args.allow_pickle,
+        stage=display,
+    )
+    kind = "diffusers (safetensors)" if args.to_diffusers else "Flax (orbax)"
+    with display(f"writing {kind} folder {args.destination}"):
+        pipe.save_pretrained(args.destination, flax=not args.to_diffusers, overwrite=args.overwrite)
+    return 0
+
+
+def model_path(args: argparse.Namespace) -> str | Path:
+    if args.model is not None:
+        return args.model
+    from jaxfusion import builtin
+
+    return builtin.builtin_model_path(StageDisplay())
+
+
+def load(args: argparse.Namespace, display: StageDisplay) -> tuple[Any, Any]:
+    """(the pipeline --model names, the counter of programs served by the disk cache)."""
+    from jaxfusion import builtin
+    from jaxfusion.compilation_cache import enable_compilation_cache
+    from jaxfusion.pipelines import load_pipeline
+
+    if args.model is None:
+        display.note(f"model: {builtin.DESCRIPTION}")
+    cache_hits = enable_compilation_cache()
+    pipe = load_pipeline(
+        model_path(args),
+        dtype=args.dtype,
+        variant=args.variant,
+        allow_pickle=args.allow_pickle,
+        stage=display,
+    )
+    return pipe, cache_hits
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    latents = None
+    prompts = [args.prompt]
+    if args.latents is not None:
+        latents = np.load(args.latents)
+        if latents.ndim != 4:
+            raise ValueError(
+                f"--latents {args.latents} has shape {latents.shape}; expected NCHW "
+                "(batch, channels, height/f, width/f)"
+            )
+        prompts = prompts * latents.shape[0]
+    return dict(
+        prompt=prompts,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        latents=latents,
+        scheduler=args.scheduler,
+    )
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """`out` for one image; `name-0.png`, `name-1.png`, ... for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def timed_runs(
+    run: Callable[[], object], runs: int, name: str, display: StageDisplay
+) -> list[float]:
+    times = []
+    with display(f"{name}: {runs} timed run(s)"):
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The command line's progress display: a spinner per long stage on a terminal, and a line
+with its duration when it ends (also when the output is not a terminal)."""
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from rich.console import Console
+
+
+class StageDisplay:
+    """`with display("compiling"): ...` shows the stage while it runs, then "✓ compiling
+    (12.3 s)". `last_seconds` holds the duration of the stage that ended last."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.last_seconds = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.console.status(f"{name} ..."):
+            yield
+        self.last_seconds = time.perf_counter() - start
+        self.console.print(f"[green]✓[/green] {name} ({self.last_seconds:.1f} s)")
+
+    def note(self, text: str) -> None:
+        self.console.print(text)

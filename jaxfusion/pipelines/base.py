@@ -1,0 +1,420 @@
+"""What the SD and SDXL text-to-image pipelines share: loading a diffusers pipeline folder,
+checking a request before anything compiles, and running it as one compiled program (prompt
+encoding, the denoising loop, VAE decoding)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import convert
+from convert.files import resolve_pipeline_folder, staging_folder
+from jaxfusion import schedulers
+from jaxfusion.dtypes import parse_dtype
+from jaxfusion.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxfusion.pipelines.denoise import Conditioning, concat_batches, denoise
+from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
+
+# Wraps each long stage ("loading unet", "compiling", "denoising ..."): a progress display.
+Stage = Callable[[str], AbstractContextManager]
+
+
+def no_display(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+class Models(nnx.Module):
+    """The pipeline's networks, as one module so that they enter the program as one state."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoders: Sequence[CLIPTextModel],
+    ):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = nnx.List(text_encoders)
+
+
+class Request(NamedTuple):
+    """One generation's traced inputs (a pytree; the program's static options are `Options`).
+
+    prompt_ids, negative_ids: per tokenizer, (B, 77) int32; negative_ids None when the
+        negative embeddings are zeros or there is no guidance.
+    latents: (B, h, w, C) float32 NHWC initial noise, before init_noise_sigma.
+    time_ids, negative_time_ids: (B, 6) float32 SDXL micro-conditioning, else None.
+    schedule: the sampler's precomputed schedule.
+    guidance_scale: () float32.
+    """
+
+    prompt_ids: tuple[jax.Array, ...]
+    negative_ids: tuple[jax.Array, ...] | None
+    latents: jax.Array
+    time_ids: jax.Array | None
+    negative_time_ids: jax.Array | None
+    schedule: schedulers.Schedule
+    guidance_scale: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A program's static choices: with classifier-free guidance; negative embeddings all
+    zeros (SDXL's `force_zeros_for_empty_prompt` without a negative prompt); clip_skip."""
+
+    guidance: bool
+    zero_negative: bool
+    clip_skip: int | None
+
+
+class TextToImagePipeline:
+    """A diffusers text-to-image pipeline folder, run in JAX.
+
+    Subclasses say which diffusers pipeline class they mirror, which tokenizer and text
+    encoder subfolders they read, and how prompts become UNet conditioning.
+    """
+
+    pipeline_class: ClassVar[str]
+    text_components: ClassVar[tuple[tuple[str, str], ...]]  # (tokenizer, text encoder) folders
+    default_guidance_scale: ClassVar[float]
+
+    def __init__(
+        self,
+        models: Models,
+        tokenizers: Sequence[Any],
+        scheduler_config: dict[str, Any],
+        model_index: dict[str, Any] | None = None,
+    ):
+        """Args:
+        models: the networks, text encoders in the order of `text_components`.
+        tokenizers: transformers' CLIPTokenizer per text encoder.
+        scheduler_config: the folder's `scheduler/scheduler_config.json`.
+        model_index: the folder's `model_index.json` (its `force_zeros_for_empty_prompt`
+          is honoured; the rest is written back by `save_pretrained`).
+        """
+        self.models = models
+        self.tokenizers = tuple(tokenizers)
+        self.scheduler_config = dict(scheduler_config)
+        self.model_index = dict(model_index or {})
+        self.check_components()
+        self._graphdef, self._state = nnx.split(models)
+        self._programs: dict[Any, jax.stages.Compiled] = {}
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return bool(self.model_index.get("force_zeros_for_empty_prompt", False))
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.models.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.models.vae
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
+        return tuple(self.models.text_encoders)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.unet.dtype
+
+    @property
+    def downscale_factor(self) -> int:
+        """Image pixels per UNet latent pixel along each side."""
+        return self.vae.config.downscale_factor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: Any = jnp.float32,
+        variant: str | None = None,
+        allow_pickle: bool = False,
+        stage: Stage = no_display,
+    ) -> TextToImagePipeline:
+        """Loads a diffusers pipeline folder (or a hub id, downloaded on first use).
+
+        Args:
+          path: a folder with `model_index.json` and the component subfolders.
+          dtype: float32, bfloat16 or float16: weights and activations (the VAE runs in
+            float32 for float16 when its config sets force_upcast, as in diffusers).
+          variant: weight-file variant, e.g. "fp16".
+          allow_pickle: also read pickle weights (`.bin`), which run code when loaded.
+          stage: progress display around each component's loading.
+        """
+        dtype = parse_dtype(dtype)
+        weights = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+        subfolders = [
+            "unet",
+            "vae",
+            "scheduler",
+            *(name for pair in cls.text_components for name in pair),
+        ]
+        folder = resolve_pipeline_folder(path, subfolders, variant=variant)
+        index = _read_json(folder / "model_index.json")
+        if index.get("_class_name") not in (None, cls.pipeline_class):
+            raise ValueError(
+                f"{folder} holds a {index['_class_name']}; {cls.__name__} loads a "
+                f"{cls.pipeline_class} (jaxfusion.load_pipeline picks the class for you)"
+            )
+        tokenizers, text_encoders = [], []
+        for tokenizer_folder, encoder_folder in cls.text_components:
+            with stage(f"loading {encoder_folder}"):
+                tokenizers.append(load_tokenizer(folder, tokenizer_folder))
+                text_encoders.append(convert.load_text_encoder(folder, encoder_folder, **weights))
+        with stage("loading unet"):
+            unet = convert.load_unet(folder, **weights)
+        with stage("loading vae"):
+            vae = convert.load_vae(folder, **weights)
+        scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+        return cls(Models(unet, vae, text_encoders), tokenizers, scheduler_config, index)
+
+    def save_pretrained(
+        self, path: str | Path, *, dtype: Any = None, flax: bool = False, overwrite: bool = False
+    ) -> Path:
+        """Writes a diffusers pipeline folder (safetensors weights in `dtype`, default the
+        parameters' own) that diffusers' `from_pretrained` and `from_pretrained` here load.
+        With `flax`, each network's weights are an orbax checkpoint (`flax_params/`) instead,
+        which only jaxfusion loads. The folder is built beside `path` and renamed into place
+        when complete."""
+        with staging_folder(path, overwrite=overwrite) as folder:
+            index = {
+                **self.model_index,
+                "_class_name": self.pipeline_class,
+                "_diffusers_version": self.model_index.get("_diffusers_version", "0.30.0"),
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", self.scheduler_config["_class_name"]],
+            }
+            weights = dict(dtype=dtype, flax=flax)
+            convert.save_unet(self.unet, folder / "unet", **weights)
+            convert.save_vae(self.vae, folder / "vae", **weights)
+            pairs = zip(self.text_components, self.tokenizers, self.text_encoders, strict=True)
+            for (tokenizer_folder, encoder_folder), tokenizer, encoder in pairs:
+                save_tokenizer(tokenizer, folder / tokenizer_folder)
+                convert.save_text_encoder(encoder, folder / encoder_folder, **weights)
+                index[tokenizer_folder] = ["transformers", type(tokenizer).__name__]
+                index[encoder_folder] = ["transformers", type(encoder).__name__]
+            (folder / "scheduler").mkdir()
+            _write_json(folder / "scheduler" / "scheduler_config.json", self.scheduler_config)
+            _write_json(folder / "model_index.json", index)
+        return Path(path)
+
+    def check_components(self) -> None:
+        """Refuses components that do not fit together (raises ValueError)."""
+        unet = self.unet.config
+        width = sum(encoder.config.hidden_size for encoder in self.text_encoders)
+        if unet.cross_attention_dim != width:
+            raise ValueError(
+                f"the unet's cross_attention_dim is {unet.cross_attention_dim} but the text "
+                f"encoders give {width} features per token"
+            )
+        if unet.in_channels != self.vae.config.latent_channels:
+            raise ValueError(
+                f"the unet takes {unet.in_channels} channels but the vae's latents have "
+                f"{self.vae.config.latent_channels}"
+            )
+
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels when none is given: the UNet's sample_size, as diffusers."""
+        size = self.unet.config.sample_size * self.downscale_factor
+        return size, size
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuses an image size the VAE and UNet cannot take, with the nearest valid ones."""
+        multiple = self.downscale_factor * 2 ** (self.unet.config.num_levels - 1)
+        for name, size in (("height", height), ("width", width)):
+            if size <= 0 or size % multiple:
+                lower = max(multiple, size // multiple * multiple)
+                raise ValueError(
+                    f"{name}={size} is not a positive multiple of {multiple} (the VAE "
+                    f"downscales by {self.downscale_factor} and the UNet halves the latent "
+                    f"{self.unet.config.num_levels - 1} times); use {lower} or {lower + multiple}"
+                )
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
+        stage: Stage = no_display,
+        **conditioning: Any,
+    ) -> np.ndarray:
+        """Generates one image per prompt.
+
+        Args:
+          prompt: a prompt or a batch of B prompts.
+          negative_prompt: one for all prompts, or B; None: "" (SD) or all-zero negative
+            embeddings where the folder says `force_zeros_for_empty_prompt` (SDXL base).
+          height, width: in pixels; default the model's native size.
+          num_inference_steps: sampler steps.
+          guidance_scale: classifier-free guidance; <= 1 turns it off. Default as diffusers.
+          seed: initial noise `jax.random.normal(jax.random.key(seed), ...)`.
+          latents: explicit initial noise instead, as diffusers' `latents`: (B, C, h, w)
+            NCHW, before scaling by the scheduler's init_noise_sigma.
+          scheduler: "euler", "ddim" or "dpmpp" on the folder's noise schedule; None: the
+            folder's own scheduler.
+          clip_skip: skip this many final CLIP layers, as diffusers' `clip_skip`.
+          stage: progress display around compiling and denoising.
+          conditioning: pipeline-specific extras (SDXL: original_size, crops_coords_top_left,
+            target_size).
+        Returns:
+          (B, height, width, 3) float32 in [0, 1], as diffusers' `output_type="np"`.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        height, width = self.size(height, width)
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        config = schedulers.SchedulerConfig.from_diffusers(self.scheduler_config, scheduler)
+        schedule = schedulers.make_schedule(config, num_inference_steps)
+        noise = self._noise(len(prompts), height, width, seed, latents)
+        negatives = self._negative_prompts(negative_prompt, len(prompts))
+        guidance = guidance_scale > 1.0
+        zero_negative = guidance and negative_prompt is None and self.force_zeros_for_empty_prompt
+        time_ids, negative_time_ids = self.added_conditioning(
+            len(prompts), height, width, **conditioning
+        )
+        request = Request(
+            prompt_ids=self._tokenize(prompts),
+            negative_ids=self._tokenize(negatives) if guidance and not zero_negative else None,
+            latents=noise,
+            time_ids=time_ids,
+            negative_time_ids=negative_time_ids if guidance else None,
+            schedule=schedule,
+            guidance_scale=jnp.float32(guidance_scale),
+        )
+        options = Options(guidance, zero_negative, clip_skip)
+        program = self.compile(request, options, stage)
+        with stage(f"denoising {len(prompts)} image(s), {schedule.timesteps.shape[0]} steps"):
+            images = jax.block_until_ready(program(self._state, request))
+        return np.asarray(images)
+
+    def compile(self, request: Request, options: Options, stage: Stage = no_display):
+        """The compiled program for requests shaped as `request` (compiled once per shape
+        and options in this process; JAX's persistent cache, when enabled, keeps it across
+        runs)."""
+        key = (
+            options,
+            jax.tree.map(lambda x: (x.shape, x.dtype), request),
+            jax.tree.structure(request),
+        )
+        if key not in self._programs:
+            with stage("compiling"):
+                generate = jax.jit(self._generate, static_argnums=(0, 1))
+                lowered = generate.lower(self._graphdef, options, self._state, request)
+                self._programs[key] = lowered.compile()
+        return self._programs[key]
+
+    def _generate(
+        self, graphdef: nnx.GraphDef, options: Options, state: nnx.State, request: Request
+    ) -> jax.Array:
+        models: Models = nnx.merge(graphdef, state)
+        conditioning = self.encode_prompt(
+            models, request.prompt_ids, request.time_ids, options.clip_skip
+        )
+        if options.guidance and options.zero_negative:
+            negative = jax.tree.map(jnp.zeros_like, conditioning)._replace(
+                time_ids=request.negative_time_ids
+            )
+        elif options.guidance:
+            negative = self.encode_prompt(
+                models, request.negative_ids, request.negative_time_ids, options.clip_skip
+            )
+        unet = models.unet
+        if options.guidance:
+            conditioning = concat_batches(negative, conditioning)
+        schedule = request.schedule
+        latents = (request.latents * schedule.init_noise_sigma).astype(unet.dtype)
+        guidance_scale = request.guidance_scale if options.guidance else None
+        latents = denoise(unet, schedule, latents, conditioning, guidance_scale)
+        vae = models.vae
+        images = vae.decode(vae.unscale_latents(latents.astype(vae.dtype)))
+        return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    def encode_prompt(
+        self,
+        models: Models,
+        token_ids: tuple[jax.Array, ...],
+        time_ids: jax.Array | None,
+        clip_skip: int | None,
+    ) -> Conditioning:
+        """Token ids per tokenizer, (B, 77) each -> the UNet's conditioning (inside the program)."""
+        raise NotImplementedError
+
+    def added_conditioning(
+        self, batch: int, height: int, width: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(time_ids, negative_time_ids), each (B, 6) float32, or None where the UNet takes none."""
+        return None, None
+
+    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) with the defaults filled in, checked by `check_size`."""
+        default_height, default_width = self.default_size()
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+        self.check_size(height, width)
+        return height, width
+
+    def initial_latents(self, batch: int, height: int, width: int, seed: int) -> np.ndarray:
+        """The initial noise `seed` gives, as diffusers' `latents`: (B, C, h, w) float32 NCHW."""
+        return np.asarray(self._noise(batch, height, width, seed, None)).transpose(0, 3, 1, 2)
+
+    def _noise(
+        self, batch: int, height: int, width: int, seed: int, latents: np.ndarray | None
+    ) -> jax.Array:
+        """(B, h, w, C) float32 NHWC: `latents` (NCHW) transposed, or drawn from `seed`."""
+        f, channels = self.downscale_factor, self.unet.config.in_channels
+        if latents is None:
+            key = jax.random.key(seed)
+            return jax.random.normal(key, (batch, height // f, width // f, channels), jnp.float32)
+        latents = np.asarray(latents, np.float32)
+        expected = (batch, channels, height // f, width // f)
+        if latents.shape != expected:
+            raise ValueError(
+                f"latents have shape {latents.shape}; expected {expected} (NCHW, as diffusers: "
+                f"batch, channels, height/{f}, width/{f})"
+            )
+        return jnp.asarray(latents.transpose(0, 2, 3, 1))
+
+    @staticmethod
+    def _negative_prompts(negative_prompt: str | Sequence[str] | None, batch: int) -> list[str]:
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            return [negative_prompt or ""] * batch
+        if len(negative_prompt) != batch:
+            raise ValueError(
+                f"{len(negative_prompt)} negative prompts for {batch} prompts; give one or {batch}"
+            )
+        return list(negative_prompt)
+
+    def _tokenize(self, prompts: list[str]) -> tuple[jax.Array, ...]:
+        return tuple(jnp.asarray(tokenize(tokenizer, prompts)) for tokenizer in self.tokenizers)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing")
+    return json.loads(file.read_text())
+
+
+def _write_json(file: Path, data: dict[str, Any]) -> None:
+    file.write_text(json.dumps(data, indent=2) + "\n")

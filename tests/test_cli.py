@@ -1,0 +1,126 @@
+"""The installed `jaxfusion` console script, run as a user runs it (a subprocess), with one
+cache folder for the whole module: the built-in model is written once, and compiled programs
+are shared through JAX's persistent cache."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pipelines import SIZE, save_random_pipeline
+
+import jaxfusion
+from jaxfusion.builtin import NAME
+from jaxfusion.images import psnr
+
+SCRIPT = Path(sys.executable).with_name("jaxfusion")
+PROMPT = "a red circle at the top left"
+FAST = ["--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def jaxfusion_command(cache: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAXFUSION_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
+    png, npy = tmp_path / "image.png", tmp_path / "image.npy"
+    first = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(png))
+    assert "RANDOM weights" in first.stderr and "compiling" in first.stderr
+    assert "from the disk cache" not in first.stderr
+    second = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(npy))
+    assert "from the disk cache" in second.stderr
+    array = np.load(npy)
+    assert array.shape == (64, 64, 3) and array.dtype == np.float32
+    pixels = np.asarray(Image.open(png))
+    np.testing.assert_array_equal(pixels, np.round(array * 255).astype(np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy", "image.png"]
+
+    # The same request through the Python API gives the same image.
+    pipe = jaxfusion.load_pipeline(cache / NAME)
+    np.testing.assert_allclose(pipe(PROMPT, num_inference_steps=3)[0], array, atol=1e-6)
+
+
+def test_refusals_before_compiling(cache, tmp_path):
+    out = tmp_path / "image.png"
+    bad_height = jaxfusion_command(
+        cache, "generate", "--prompt", PROMPT, "--height", "60", "--out", str(out), expect=2
+    )
+    assert "height=60" in bad_height.stderr and "use 48 or 64" in bad_height.stderr
+    assert "compiling" not in bad_height.stderr
+    bad_suffix = jaxfusion_command(
+        cache, "generate", "--prompt", PROMPT, "--out", str(tmp_path / "x.jpg"), expect=2
+    )
+    assert ".png" in bad_suffix.stderr
+    missing = jaxfusion_command(
+        cache, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", PROMPT,
+        "--out", str(out), expect=2,
+    )  # fmt: skip
+    assert "no such folder" in missing.stderr
+    unknown = jaxfusion_command(
+        cache, "generate", "--prompt", PROMPT, "--scheduler", "pndm", "--out", str(out), expect=2
+    )
+    assert "euler" in unknown.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_latents_file_and_convert_round_trip(cache, tmp_path):
+    """A diffusers folder -> Flax (orbax) -> diffusers again; each generates the same image
+    from the same --latents file, and diffusers loads the last one."""
+    source = save_random_pipeline(tmp_path / "source", "sdxl")
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    flax_folder, back = tmp_path / "flax", tmp_path / "back"
+    jaxfusion_command(cache, "convert", str(source), str(flax_folder))
+    assert (flax_folder / "unet" / "flax_params").is_dir()
+    assert not list(flax_folder.glob("*/*.safetensors"))
+    jaxfusion_command(cache, "convert", str(flax_folder), str(back), "--to-diffusers")
+    refused = jaxfusion_command(cache, "convert", str(flax_folder), str(back), expect=2)
+    assert "exists" in refused.stderr
+
+    images = {}
+    for name, folder in (("source", source), ("flax", flax_folder), ("back", back)):
+        out = tmp_path / f"{name}.npy"
+        jaxfusion_command(
+            cache, "generate", "--model", str(folder), "--prompt", PROMPT, *FAST,
+            "--latents", str(tmp_path / "latents.npy"), "--out", str(out),
+        )  # fmt: skip
+        images[name] = np.load(out)
+    assert images["source"].shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(images["flax"], images["source"])
+    np.testing.assert_array_equal(images["back"], images["source"])
+    assert json.loads((back / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionXLPipeline"
+    )
+
+
+def test_compare_with_diffusers(cache, tmp_path):
+    source = save_random_pipeline(tmp_path / "source", "sd")
+    out = tmp_path / "compare.png"
+    result = jaxfusion_command(
+        cache, "compare", "--model", str(source), "--prompt", PROMPT, *FAST,
+        "--scheduler", "dpmpp", "--runs", "2", "--out", str(out),
+    )  # fmt: skip
+    match = re.search(r"PSNR ([\d.]+|inf) dB", result.stderr)
+    assert match, result.stderr
+    assert float(match.group(1)) >= 60
+    assert re.search(r"jaxfusion [\d.]+ s, diffusers [\d.]+ s", result.stderr)
+    image = np.asarray(Image.open(out))
+    assert image.shape == (SIZE, 3 * SIZE + 2 * 4, 3)
+    # The middle panel is diffusers' image: check it against the PSNR the command printed.
+    ours, theirs = image[:, :SIZE] / 255, image[:, SIZE + 4 : 2 * SIZE + 4] / 255
+    assert psnr(ours, theirs) > 40
