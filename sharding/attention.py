@@ -1,15 +1,34 @@
 """Self-attention keys and values of the whole image, seen from one patch."""
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from sharding.context import AXIS, PatchContext, read_and_refresh
 
 
 class KVExchange(nnx.Module):
     """Gives a patch's self-attention the keys and values of every patch.
 
-    On one device the patch is the image, so its own keys and values are returned.
+    On one device, and in naive patches, the patch's own keys and values. In the
+    patch-parallel program every patch's (all-gathered along tokens, patches in order): this
+    step's in a synchronous step; in a displaced step the previous step's of the other
+    patches with this patch's own fresh ones in their place, while this step's are gathered
+    for the next. Stale buffer (displaced steps): `kv` (2, B, P * tokens, heads, head_dim).
     """
 
+    def __init__(self):
+        self.patch: PatchContext | None = None
+
     def __call__(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """key, value: (B, tokens, heads, head_dim) of this patch -> of the whole image."""
-        return key, value
+        """key, value: (B, tokens, heads, head_dim) of this patch -> (B, P * tokens, heads,
+        head_dim) of the whole image."""
+        context = self.patch
+        if context is None or context.exchange == "none":
+            return key, value
+        kv = jax.lax.all_gather(jnp.stack([key, value]), AXIS, axis=2, tiled=True)
+        stale = read_and_refresh(self, "kv", kv, context)
+        if stale is not None:
+            start = context.index() * key.shape[1]
+            kv = jax.lax.dynamic_update_slice_in_dim(stale, jnp.stack([key, value]), start, axis=2)
+        return kv[0], kv[1]

@@ -5,16 +5,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxfusion.models.layers import parameter, uniform
+from sharding.context import AXIS, PatchContext, read_and_refresh
 
 
-def exchange_halo(x: jax.Array, above: int, below: int) -> jax.Array:
-    """Pads `x` (B, H, W, C) with `above` halo rows on top and `below` rows underneath.
-
-    On one device the halo is the image's zero padding.
-    """
-    if above == below == 0:
-        return x
-    return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))
+def neighbour_rows(x: jax.Array, above: int, below: int, patches: int) -> jax.Array:
+    """The halo this patch receives, (B, above + below, W, C): the last `above` rows of the
+    patch above, then the first `below` rows of the patch below; zeros at the image's top and
+    bottom edge (the conv's zero padding). Each device sends to its two neighbours only."""
+    down = [(i, i + 1) for i in range(patches - 1)]
+    up = [(i + 1, i) for i in range(patches - 1)]
+    parts = []
+    if above:
+        parts.append(jax.lax.ppermute(x[:, x.shape[1] - above :], AXIS, down))
+    if below:
+        parts.append(jax.lax.ppermute(x[:, :below], AXIS, up))
+    return jnp.concatenate(parts, axis=1)
 
 
 class Conv2d(nnx.Module):
@@ -22,10 +27,11 @@ class Conv2d(nnx.Module):
 
     The default `padding` is `kernel_size // 2` on every side (`torch.nn.Conv2d(padding=k//2)`);
     `(0, 1)` is diffusers' `Downsample2D(padding=0)`, which pads only the bottom and the right.
-    The rows come from the neighbouring patches: `before` rows from the patch above, `after`
-    rows from the patch below.
+    In the patch-parallel program the rows come from the neighbouring patches: `before` rows
+    from the patch above, `after` rows from the patch below (see `pad_rows`).
 
-    Parameters: `kernel` (kh, kw, in, out), `bias` (out,).
+    Parameters: `kernel` (kh, kw, in, out), `bias` (out,). Stale buffer (displaced steps):
+    `halo` (B, before + after, W, in), the rows received in the previous step.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class Conv2d(nnx.Module):
         self.stride = stride
         self.padding = (kernel_size // 2,) * 2 if padding is None else tuple(padding)
         self.dtype = dtype
+        self.patch: PatchContext | None = None
         init = uniform((in_channels * kernel_size * kernel_size) ** -0.5)
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         self.kernel = parameter(rngs, init, shape, dtype)
@@ -51,7 +58,7 @@ class Conv2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, in) -> (B, H', W', out), H' = (H + before + after - k) // stride + 1
         (H // stride for the default padding and even H)."""
-        x = exchange_halo(x.astype(self.dtype), *self.padding)
+        x = self.pad_rows(x.astype(self.dtype))
         y = jax.lax.conv_general_dilated(
             x,
             self.kernel[...],
@@ -61,3 +68,17 @@ class Conv2d(nnx.Module):
             preferred_element_type=jnp.float32,
         )
         return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+    def pad_rows(self, x: jax.Array) -> jax.Array:
+        """Pads `x` (B, H, W, C) with `before` rows on top and `after` underneath: zeros on
+        one device and in naive patches; the neighbours' current rows in a synchronous step;
+        in a displaced step the rows they sent in the previous step, while this step's rows
+        travel to them for the next."""
+        above, below = self.padding
+        context = self.patch
+        if context is None or context.exchange == "none" or above == below == 0:
+            return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))
+        halo = neighbour_rows(x, above, below, context.patches)
+        stale = read_and_refresh(self, "halo", halo, context)
+        halo = halo if stale is None else stale
+        return jnp.concatenate([halo[:, :above], x, halo[:, above:]], axis=1)

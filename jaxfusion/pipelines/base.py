@@ -22,8 +22,9 @@ from convert.files import resolve_pipeline_folder, staging_folder
 from jaxfusion import schedulers
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-from jaxfusion.pipelines.denoise import Conditioning, concat_batches, denoise
 from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
+from sharding.loops import Conditioning, Sampling, concat_batches, denoise
+from sharding.parallel import ParallelConfig
 
 # Wraps each long stage ("loading unet", "compiling", "denoising ..."): a progress display.
 Stage = Callable[[str], AbstractContextManager]
@@ -70,11 +71,13 @@ class Request(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Options:
     """A program's static choices: with classifier-free guidance; negative embeddings all
-    zeros (SDXL's `force_zeros_for_empty_prompt` without a negative prompt); clip_skip."""
+    zeros (SDXL's `force_zeros_for_empty_prompt` without a negative prompt); clip_skip; how
+    the loop is spread over devices."""
 
     guidance: bool
     zero_negative: bool
     clip_skip: int | None
+    parallel: ParallelConfig
 
 
 class TextToImagePipeline:
@@ -235,7 +238,7 @@ class TextToImagePipeline:
 
     def check_size(self, height: int, width: int) -> None:
         """Refuses an image size the VAE and UNet cannot take, with the nearest valid ones."""
-        multiple = self.downscale_factor * 2 ** (self.unet.config.num_levels - 1)
+        multiple = self.size_multiple()
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % multiple:
                 lower = max(multiple, size // multiple * multiple)
@@ -258,6 +261,7 @@ class TextToImagePipeline:
         latents: np.ndarray | None = None,
         scheduler: str | None = None,
         clip_skip: int | None = None,
+        parallel: ParallelConfig | None = None,
         stage: Stage = no_display,
         **conditioning: Any,
     ) -> np.ndarray:
@@ -276,6 +280,7 @@ class TextToImagePipeline:
           scheduler: "euler", "ddim" or "dpmpp" on the folder's noise schedule; None: the
             folder's own scheduler.
           clip_skip: skip this many final CLIP layers, as diffusers' `clip_skip`.
+          parallel: how the denoising loop runs over devices (default: one device).
           stage: progress display around compiling and denoising.
           conditioning: pipeline-specific extras (SDXL: original_size, crops_coords_top_left,
             target_size).
@@ -290,6 +295,8 @@ class TextToImagePipeline:
         noise = self._noise(len(prompts), height, width, seed, latents)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         guidance = guidance_scale > 1.0
+        parallel = parallel or ParallelConfig()
+        self.check_parallel(parallel, height, width, guidance)
         zero_negative = guidance and negative_prompt is None and self.force_zeros_for_empty_prompt
         time_ids, negative_time_ids = self.added_conditioning(
             len(prompts), height, width, **conditioning
@@ -303,7 +310,7 @@ class TextToImagePipeline:
             schedule=schedule,
             guidance_scale=jnp.float32(guidance_scale),
         )
-        options = Options(guidance, zero_negative, clip_skip)
+        options = Options(guidance, zero_negative, clip_skip, parallel)
         program = self.compile(request, options, stage)
         with stage(f"denoising {len(prompts)} image(s), {schedule.timesteps.shape[0]} steps"):
             images = jax.block_until_ready(program(self._state, request))
@@ -346,7 +353,8 @@ class TextToImagePipeline:
         schedule = request.schedule
         latents = (request.latents * schedule.init_noise_sigma).astype(unet.dtype)
         guidance_scale = request.guidance_scale if options.guidance else None
-        latents = denoise(unet, schedule, latents, conditioning, guidance_scale)
+        sampling = Sampling(schedule, conditioning, guidance_scale)
+        latents = denoise(unet, sampling, latents, options.parallel)
         vae = models.vae
         images = vae.decode(vae.unscale_latents(latents.astype(vae.dtype)))
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
@@ -366,6 +374,22 @@ class TextToImagePipeline:
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(time_ids, negative_time_ids), each (B, 6) float32, or None where the UNet takes none."""
         return None, None
+
+    def check_parallel(
+        self, parallel: ParallelConfig, height: int, width: int, guidance: bool
+    ) -> None:
+        """Refuses a parallel configuration this request cannot run with (before compiling)."""
+        parallel.check_size(height, width, self.size_multiple())
+        if parallel.cfg == 2 and not guidance:
+            raise ValueError(
+                "cfg=2 splits the two halves of classifier-free guidance over devices, but "
+                "guidance is off (guidance_scale <= 1): use cfg=1"
+            )
+        parallel.mesh()
+
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (VAE and UNet downscaling)."""
+        return self.downscale_factor * 2 ** (self.unet.config.num_levels - 1)
 
     def size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) with the defaults filled in, checked by `check_size`."""

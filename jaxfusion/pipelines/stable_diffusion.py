@@ -3,7 +3,7 @@
 import jax
 
 from jaxfusion.pipelines.base import Models, TextToImagePipeline
-from jaxfusion.pipelines.denoise import Conditioning
+from sharding.loops import Conditioning
 
 
 class SDPipeline(TextToImagePipeline):

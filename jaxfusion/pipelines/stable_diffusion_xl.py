@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfusion.pipelines.base import Models, TextToImagePipeline
-from jaxfusion.pipelines.denoise import Conditioning
+from sharding.loops import Conditioning
 
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 
