@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -14,6 +15,8 @@ import numpy as np
 
 from jaxfusion import schedulers
 from jaxfusion.display import StageDisplay
+from sharding.context import GROUP_NORM_RULES
+from sharding.parallel import MODES, NAIVE_SPLITS
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_STEPS = 50
@@ -22,6 +25,8 @@ DEFAULT_STEPS = 50
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "devices", 1) > 1:
+        simulate_cpu_devices(args.devices)
     display = StageDisplay()
     try:
         return args.command(args, display)
@@ -96,14 +101,61 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     add_loading_options(parser)
+    add_parallel_options(parser)
+
+
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("patch parallelism")
+    group.add_argument(
+        "--devices", type=int, default=1, help="devices for one image (CPU: simulated)"
+    )
+    group.add_argument(
+        "--parallel", choices=MODES, help="default: displaced with several devices, else single"
+    )
+    group.add_argument(
+        "--warmup-steps", type=int, default=4, help="displaced: steps 0..K run synchronously"
+    )
+    group.add_argument(
+        "--gn", choices=GROUP_NORM_RULES, default="corrected", help="GroupNorm in displaced steps"
+    )
+    group.add_argument(
+        "--cfg-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="put the two guidance halves on different devices (C = 2)",
+    )
+    group.add_argument("--naive-split", choices=NAIVE_SPLITS, default="row")
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Lets JAX's CPU backend offer `count` devices (it must run before JAX starts its
+    backends); accelerators are unaffected. Skipped when XLA_FLAGS already sets a count."""
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+def parallel_config(args: argparse.Namespace):
+    from sharding.parallel import ParallelConfig
+
+    return ParallelConfig(
+        devices=args.devices,
+        cfg=2 if args.cfg_parallel else 1,
+        mode=args.parallel,
+        warmup_steps=args.warmup_steps,
+        group_norm=args.gn,
+        naive_split=args.naive_split,
+    )
 
 
 def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.images import check_output_path, save_image
 
     out = check_output_path(args.out)
+    kwargs = generation_kwargs(args)
     pipe, cache_hits = load(args, display)
-    images = pipe(**generation_kwargs(args), stage=display)
+    images = pipe(**kwargs, stage=display)
     if cache_hits.count:
         display.note("the compiled program came from the disk cache (no compilation)")
     paths = output_paths(out, len(images))
@@ -120,8 +172,8 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
     out = check_output_path(args.out) if args.out else None
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
-    pipe, _ = load(args, display)
     kwargs = generation_kwargs(args)
+    pipe, _ = load(args, display)
     height, width = pipe.size(args.height, args.width)
     if kwargs["latents"] is None:
         kwargs["latents"] = pipe.initial_latents(len(kwargs["prompt"]), height, width, args.seed)
@@ -228,6 +280,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         latents=latents,
         scheduler=args.scheduler,
+        parallel=parallel_config(args),
     )
 
 

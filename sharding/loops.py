@@ -106,25 +106,22 @@ def denoise(
     """Runs every step of the schedule from `latents` (B, h, w, C) NHWC, already scaled by
     init_noise_sigma, and returns the final latents (same shape and dtype), on one device
     or patch parallel as `parallel` says."""
+    graphdef, weights = nnx.split(unet)
     if parallel.mode == "single":
-        steps = jnp.arange(sampling.schedule.timesteps.shape[0])
         state = schedulers.init_state(sampling.schedule, latents)
-        latents, _ = scan_steps(unet, None, sampling, latents, state, steps)
-        return latents
+        steps = jnp.arange(sampling.schedule.timesteps.shape[0])
+        loop = Loop(graphdef, weights, sampling, parallel)
+        return loop.scan(None, latents, state, NO_BUFFERS, steps)[0]
     mesh = parallel.mesh()
     slab = latent_spec(parallel)
-    conditioning = P(CFG_AXIS) if parallel.cfg == 2 else P()
-    sampling_spec = Sampling(P(), conditioning, P())
-    graphdef, weights = nnx.split(unet)
 
     def per_device(weights, sampling, latents):
-        unet = nnx.merge(graphdef, weights)
-        return patch_parallel_loop(unet, sampling, latents, parallel)
+        return patch_parallel_loop(Loop(graphdef, weights, sampling, parallel), latents)
 
     run = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), sampling_spec, slab),
+        in_specs=(P(), sampling_spec(parallel), slab),
         out_specs=slab,
         check_vma=False,
     )
@@ -140,64 +137,113 @@ def latent_spec(parallel: ParallelConfig) -> P:
     return P(None, AXIS)
 
 
-def patch_parallel_loop(
-    unet: UNet2DConditionModel, sampling: Sampling, latents: jax.Array, parallel: ParallelConfig
-) -> jax.Array:
-    """The loop on one device of the mesh (inside `shard_map`): latents is its slab."""
-    steps = sampling.schedule.timesteps.shape[0]
-    state = schedulers.init_state(sampling.schedule, latents)
+def sampling_spec(parallel: ParallelConfig) -> Sampling:
+    """Everything replicated, but the conditioning split over "cfg" with C = 2."""
+    return Sampling(P(), P(CFG_AXIS) if parallel.cfg == 2 else P(), P())
+
+
+NO_BUFFERS = nnx.State({})
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """What every step of one run shares: the UNet (graph and weights), the sampling inputs
+    and the parallel configuration."""
+
+    graphdef: nnx.GraphDef
+    weights: nnx.State
+    sampling: Sampling
+    parallel: ParallelConfig
+
+    def step(
+        self,
+        context: PatchContext | None,
+        latents: jax.Array,
+        state: schedulers.State,
+        buffers: nnx.State,
+        i: jax.Array,
+    ) -> tuple[jax.Array, schedulers.State, nnx.State]:
+        """Step i on this device: (latents, scheduler state, stale buffers) after it."""
+        model = nnx.merge(self.graphdef, self.weights)
+        nnx.update(model, buffers)
+        set_patch_context(model, context)
+        parallel = self.parallel
+
+        def step(latents, state):
+            return sampler_step(
+                model, self.sampling, latents, state, i, cfg_split=parallel.cfg == 2
+            )
+
+        if parallel.mode == "naive" and parallel.naive_split == "alternate":
+            latents, state = jax.lax.cond(i % 2, column_step(step), step, latents, state)
+        else:
+            latents, state = step(latents, state)
+        return latents, state, nnx.state(model, StaleBuffer)
+
+    def scan(
+        self,
+        context: PatchContext | None,
+        latents: jax.Array,
+        state: schedulers.State,
+        buffers: nnx.State,
+        steps: jax.Array,
+    ) -> tuple[jax.Array, schedulers.State, nnx.State]:
+        """`steps` (a range of step indices) as one scan whose carry holds the latent (slab),
+        the scheduler state and the stale buffers."""
+
+        def body(carry, i):
+            return self.step(context, *carry, i), None
+
+        if steps.shape[0] == 0:  # not even traced: one UNet fewer to compile
+            return latents, state, buffers
+        return jax.lax.scan(body, (latents, state, buffers), steps)[0]
+
+
+def patch_parallel_loop(loop: Loop, latents: jax.Array) -> jax.Array:
+    """The whole loop on one device of the mesh (inside `shard_map`): `latents` is its slab."""
+    parallel = loop.parallel
+    steps = loop.sampling.schedule.timesteps.shape[0]
+    state = schedulers.init_state(loop.sampling.schedule, latents)
     context = PatchContext(parallel.patches, "sync", parallel.group_norm)
-    if parallel.mode == "sync":
-        return scan_steps(unet, context, sampling, latents, state, jnp.arange(steps), parallel)[0]
-    if parallel.mode == "naive":
-        naive = dataclasses.replace(context, exchange="none")
-        return scan_steps(unet, naive, sampling, latents, state, jnp.arange(steps), parallel)[0]
+    if parallel.mode in ("sync", "naive"):
+        if parallel.mode == "naive":
+            context = dataclasses.replace(context, exchange="none")
+        return loop.scan(context, latents, state, NO_BUFFERS, jnp.arange(steps))[0]
     warm = min(parallel.warmup_steps + 1, steps)
     warmup = dataclasses.replace(context, keep_stale=True)
     # Step 0 runs outside the scans: it creates the stale buffers, whose shapes the scans'
     # carry needs.
-    set_patch_context(unet, warmup)
-    latents, state = sampler_step(unet, sampling, latents, state, 0, cfg_split=parallel.cfg == 2)
-    latents, state = scan_steps(
-        unet, warmup, sampling, latents, state, jnp.arange(1, warm), parallel
-    )
+    carry = loop.step(warmup, latents, state, NO_BUFFERS, jnp.int32(0))
+    carry = loop.scan(warmup, *carry, jnp.arange(1, warm))
     displaced = dataclasses.replace(context, exchange="displaced")
-    return scan_steps(unet, displaced, sampling, latents, state, jnp.arange(warm, steps), parallel)[
-        0
-    ]
+    return loop.scan(displaced, *carry, jnp.arange(warm, steps))[0]
 
 
-def scan_steps(
-    unet: UNet2DConditionModel,
-    context: PatchContext | None,
-    sampling: Sampling,
-    latents: jax.Array,
-    state: schedulers.State,
-    steps: jax.Array,
-    parallel: ParallelConfig = SINGLE,
-) -> tuple[jax.Array, schedulers.State]:
-    """`steps` (a range of step indices) as one scan whose carry holds the latent (slab),
-    the scheduler state and the UNet's stale buffers, which `unet` holds again afterwards."""
-    graphdef, params, buffers = nnx.split(unet, nnx.Param, StaleBuffer)
-    cfg_split = parallel.cfg == 2
-    by_columns = parallel.mode == "naive" and parallel.naive_split == "alternate"
+def step_function(unet: UNet2DConditionModel, parallel: ParallelConfig, context: PatchContext):
+    """One step of the patch-parallel program as a function of global arrays, for analysis
+    and tests (the loops run the same step inside their scans):
 
-    def body(carry, i):
-        latents, state, buffers = carry
-        model = nnx.merge(graphdef, params, buffers)
-        set_patch_context(model, context)
-        step = lambda latents, state: sampler_step(  # noqa: E731
-            model, sampling, latents, state, i, cfg_split=cfg_split
-        )
-        if by_columns:
-            latents, state = jax.lax.cond(i % 2, column_step(step), step, latents, state)
-        else:
-            latents, state = step(latents, state)
-        return (latents, state, nnx.state(model, StaleBuffer)), None
+        (weights, buffers, sampling, latents, state, i) -> (latents, state, buffers)
 
-    (latents, state, buffers), _ = jax.lax.scan(body, (latents, state, buffers), steps)
-    nnx.update(unet, buffers)
-    return latents, state
+    weights: `nnx.split(unet)[1]`. buffers: the `StaleBuffer` state of the UNet's primitives,
+    each leaf the per-device buffers concatenated along axis 0 in mesh order (an empty
+    `nnx.State({})` before the first step; `jax.eval_shape` of a step with
+    `context.keep_stale` gives their shapes). latents: (B, h, w, C), the whole latent.
+    """
+    graphdef, _ = nnx.split(unet)
+    slab, per_device = latent_spec(parallel), P((CFG_AXIS, AXIS))
+
+    def run(weights, buffers, sampling, latents, state, i):
+        loop = Loop(graphdef, weights, sampling, parallel)
+        return loop.step(context, latents, state, buffers, i)
+
+    return jax.shard_map(
+        run,
+        mesh=parallel.mesh(),
+        in_specs=(P(), per_device, sampling_spec(parallel), slab, slab, P()),
+        out_specs=(slab, slab, per_device),
+        check_vma=False,
+    )
 
 
 def column_step(step):

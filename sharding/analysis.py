@@ -1,0 +1,104 @@
+"""What one step of the patch-parallel program exchanges and keeps, read from its traced
+program: no devices, weights or compilation needed (works from `jax.ShapeDtypeStruct`s, so
+for a full-size SDXL UNet too)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxfusion import schedulers
+from jaxfusion.models import UNet2DConditionModel
+from sharding.context import Exchange, PatchContext
+from sharding.loops import Sampling, step_function
+from sharding.parallel import ParallelConfig
+
+COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of the per-device program: its kind, mesh axes, operand shape and
+    dtype on one device, and the bytes one device receives (an interior patch, which has
+    both neighbours): ppermute the operand; all_gather (n - 1) operands; all_to_all
+    (n - 1) / n of the operand; psum 2 (n - 1) / n of it (ring all-reduce)."""
+
+    kind: str
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    received_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedStep:
+    """The per-device program of one step (`jaxpr`, inside `shard_map`) and the stale
+    buffers it reads, as `jax.ShapeDtypeStruct`s of the whole mesh (see `step_function`)."""
+
+    jaxpr: jax.extend.core.Jaxpr
+    buffers: nnx.State
+    parallel: ParallelConfig
+
+    def collectives(self) -> list[Collective]:
+        """Every collective of the step, in program order (inner programs included)."""
+        axis_sizes = dict(zip(("cfg", "patch"), (self.parallel.cfg, self.parallel.patches)))
+        return [_collective(eqn, axis_sizes) for eqn in _nested_equations(self.jaxpr)]
+
+    def stale_bytes_per_device(self) -> int:
+        """Memory of the stale buffers on one device."""
+        devices = self.parallel.cfg * self.parallel.patches
+        leaves = jax.tree.leaves(self.buffers)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) // devices
+
+
+def trace_step(
+    unet: UNet2DConditionModel,
+    sampling: Sampling,
+    latents: jax.ShapeDtypeStruct | jax.Array,
+    parallel: ParallelConfig,
+    exchange: Exchange,
+) -> TracedStep:
+    """Traces one step (step 1) of `parallel` with `exchange` ("displaced", "sync" or
+    "none"). A displaced step reads the stale buffers that a synchronous warm-up step
+    leaves (traced too, for their shapes). `latents`: (B, h, w, C), the whole latent."""
+    _, weights = nnx.split(unet)
+    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+    buffers = nnx.State({})
+    context = PatchContext(parallel.patches, exchange, parallel.group_norm)
+    step = jnp.int32(1)
+    if exchange == "displaced":
+        warmup = dataclasses.replace(context, exchange="sync", keep_stale=True)
+        warmup_step = step_function(unet, parallel, warmup)
+        buffers = jax.eval_shape(warmup_step, weights, buffers, sampling, latents, state, step)[2]
+    traced = jax.make_jaxpr(step_function(unet, parallel, context))
+    closed = traced(weights, buffers, sampling, latents, state, step)
+    (shard_map,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "shard_map"]
+    return TracedStep(shard_map.params["jaxpr"], buffers, parallel)
+
+
+def _nested_equations(jaxpr) -> list:
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in COLLECTIVES:
+            found.append(eqn)
+        for param in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns")):
+            if hasattr(param, "eqns") or hasattr(param, "jaxpr"):
+                found += _nested_equations(getattr(param, "jaxpr", param))
+    return found
+
+
+def _collective(eqn, axis_sizes: dict[str, int]) -> Collective:
+    axes = eqn.params["axis_name"]
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    n = math.prod(axis_sizes[a] for a in axes)
+    operand = eqn.invars[0].aval
+    size = operand.size * operand.dtype.itemsize
+    received = {
+        "ppermute": size,
+        "all_gather": (n - 1) * size,
+        "all_to_all": (n - 1) * size // n,
+        "psum": 2 * (n - 1) * size // n,
+    }.get(eqn.primitive.name, size)
+    return Collective(eqn.primitive.name, axes, operand.shape, str(operand.dtype), received)

@@ -1,0 +1,450 @@
+"""A plain PyTorch reference of DistriFusion (displaced patch parallelism) on top of diffusers'
+`UNet2DConditionModel`: the oracle for jaxfusion's `displaced` mode. It shares only the weights
+with the JAX code. Everything runs sequentially on one device: a Python loop over patches with
+explicit stale buffers. Clarity over speed; the models in tests are tiny.
+
+The rule (P patches along height, steps t = 0..T-1 in sampling order, W = warmup_steps):
+
+* Every feature map of height h, at every UNet level, is split into P equal row slabs; patch i
+  owns rows [i*h/P, (i+1)*h/P).
+* Steps 0..W are synchronous: the UNet runs on the full latent, exactly as diffusers does, while
+  every layer below records what each patch would send (its slice of the full activation: the
+  "fresh" values). The last synchronous step thus fills the stale buffers of step W+1.
+* Steps t > W are displaced: for each patch i in turn, the UNet runs on patch i's latent slab;
+  every layer below combines patch i's own fresh activations of step t with the *stale* values
+  the other patches recorded at step t-1. Once all patches ran, the fresh values of step t become
+  the stale buffers of step t+1. The patch predictions are concatenated along height; guidance
+  and the scheduler step act on the full latent as usual.
+
+What is stale in a displaced step, per layer kind (module inside the UNet):
+
+* `nn.Conv2d` with kernel height > 1 (resnet 3x3 convs, Upsample2D's conv after the nearest
+  interpolation, Downsample2D's stride-2 conv with padding 1, `conv_out`), except `conv_in`:
+  patch i's input slab gets p = padding rows on top from the last p rows of patch i-1's input
+  to this conv *at step t-1*, and p rows below from the first p rows of patch i+1's input at
+  step t-1; zeros at the image's top and bottom edges. Columns are zero-padded as usual, and the
+  conv runs with row padding 0. Fresh value: the patch's own input slab.
+* `conv_in`: its halo rows are *current*: patch i's latent slab is padded with the neighbours'
+  rows of the current step's (scaled) latent. Nothing stale.
+* `nn.GroupNorm`: patch moments m1 = E[x], m2 = E[x^2] per (sample, group), in float32, shape
+  (2, B, G): the fresh value. Synchronous steps use the full image's moments. Displaced steps,
+  by rule `gn`:
+    - "corrected": m = mean_j(stale_j) + (fresh_i - stale_i) for both moments;
+      var = m2 - m1^2, and where that is negative (per sample and group) the fresh local
+      variance fresh_m2 - fresh_m1^2 (clamped at 0 against rounding) replaces it; the mean
+      stays the corrected one.
+    - "stale": m = (fresh_i + sum_{j != i} stale_j) / P; var = max(m2 - m1^2, 0).
+    - "separate": the fresh local moments only; var = max(m2 - m1^2, 0).
+    - "sync": the exact global moments of the current step (mean over patches of the fresh
+      moments). This needs every patch's fresh moments of the same layer in the same step, so
+      with "sync" the P patches run in lockstep: one thread per patch, meeting at a barrier at
+      every GroupNorm. Nothing stale.
+  In every case y = (x - m1) / sqrt(var + eps) * weight + bias, with the module's eps.
+  Synchronous steps use var = max(m2 - m1^2, 0) of the full image.
+* Self-attention (`Attention` modules with `is_cross_attention == False`, i.e. `attn1` of every
+  BasicTransformerBlock): queries from patch i's tokens; keys and values of all patches: patch
+  i's own fresh K, V and the other patches' K, V of step t-1, concatenated in patch order.
+  Fresh value: the patch's K and V (outputs of to_k / to_v, before the head split).
+* Everything else (cross-attention `attn2`, 1x1 convs, linear layers, LayerNorm, feed-forward,
+  nearest upsampling, time / text embeddings) is local and unchanged.
+
+Other modes of `reference_denoise`:
+
+* "naive": every step, every patch runs the unmodified UNet on its own latent slab, with no
+  context at all (zero row padding in every conv including conv_in, local GroupNorm moments,
+  self-attention over its own tokens). No warm-up. The split is always along rows.
+* "single": the ordinary diffusers denoising loop on the full latent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GN_RULES = ("corrected", "stale", "separate", "sync")
+MODES = ("displaced", "naive", "single")
+
+
+class _State:
+    """What the hooked layers share: the phase of the current UNet call, the patch being run
+    and the buffers, keyed by module name, each a list of P per-patch values."""
+
+    def __init__(self, patches: int, gn: str):
+        self.patches = patches
+        self.gn = gn
+        self.phase = "full"  # "full": synchronous step; "patch": one patch of a displaced step
+        self.stale: dict[str, list] = {}  # recorded at the previous step
+        self.fresh: dict[str, list] = {}  # recorded at the current step
+        self.conv_in_input: torch.Tensor | None = None  # the current full input of conv_in
+        self.barrier: threading.Barrier | None = None  # lockstep patches (gn="sync")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def index(self) -> int:
+        return self._local.index
+
+    @index.setter
+    def index(self, value: int) -> None:
+        self._local.index = value
+
+    def record(self, name: str, i: int, value) -> None:
+        with self._lock:
+            slots = self.fresh.setdefault(name, [None] * self.patches)
+            if slots[i] is not None:
+                raise RuntimeError(f"{name} ran twice for patch {i} in one step")
+            slots[i] = value
+
+    def record_full(self, name: str, full: torch.Tensor, dim: int) -> None:
+        """Records the P equal slices of a full-image activation along `dim`."""
+        if full.shape[dim] % self.patches:
+            raise ValueError(f"{name}: size {full.shape[dim]} does not divide by {self.patches}")
+        for i, part in enumerate(full.chunk(self.patches, dim)):
+            self.record(name, i, part)
+
+    def end_step(self) -> None:
+        for name, slots in self.fresh.items():
+            if any(slot is None for slot in slots):
+                raise RuntimeError(f"{name}: not every patch recorded a value")
+        self.stale, self.fresh = self.fresh, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions
+
+
+def _halo_conv(conv: nn.Conv2d, x, above, below) -> torch.Tensor:
+    """`conv` on slab `x` whose row padding comes from the neighbouring slabs `above` (its last
+    p rows) and `below` (its first p rows); None means the image edge (zeros)."""
+    p = conv.padding[0]
+    if p:
+        top = above[:, :, -p:] if above is not None else torch.zeros_like(x[:, :, :p])
+        bottom = below[:, :, :p] if below is not None else torch.zeros_like(x[:, :, :p])
+        x = torch.cat([top, x, bottom], dim=2)
+    return F.conv2d(
+        x, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups
+    )
+
+
+def _conv_forward(conv: nn.Conv2d, name: str, state: _State, x: torch.Tensor) -> torch.Tensor:
+    if state.phase == "full":
+        if name != "conv_in":
+            state.record_full(name, x, dim=2)
+        return nn.Conv2d.forward(conv, x)
+    i, last = state.index, state.patches - 1
+    if name == "conv_in":  # halo rows from the current latent
+        neighbours = state.conv_in_input.chunk(state.patches, dim=2)
+        if not torch.equal(neighbours[i], x):
+            raise RuntimeError("conv_in's input is not patch i's slab of the current latent")
+    else:
+        state.record(name, i, x)
+        neighbours = state.stale[name]
+    above = neighbours[i - 1] if i > 0 else None
+    below = neighbours[i + 1] if i < last else None
+    return _halo_conv(conv, x, above, below)
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupNorm
+
+
+def _moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(2, B, G): E[x] and E[x^2] per (sample, group), in float32."""
+    xg = x.float().reshape(x.shape[0], groups, -1)
+    return torch.stack([xg.mean(-1), (xg * xg).mean(-1)])
+
+
+def _variance(moments: torch.Tensor) -> torch.Tensor:
+    return (moments[1] - moments[0] ** 2).clamp(min=0)
+
+
+def _normalize(norm: nn.GroupNorm, x: torch.Tensor, mean, var) -> torch.Tensor:
+    xg = x.float().reshape(x.shape[0], norm.num_groups, -1)
+    y = (xg - mean[..., None]) / torch.sqrt(var[..., None] + norm.eps)
+    y = y.reshape(x.shape)
+    if norm.affine:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+    return y.to(x.dtype)
+
+
+def _group_norm_forward(norm: nn.GroupNorm, name: str, state: _State, x) -> torch.Tensor:
+    groups, count = norm.num_groups, state.patches
+    if state.phase == "full":
+        if x.shape[2] % count:
+            raise ValueError(f"{name}: height {x.shape[2]} does not divide by {count}")
+        for i, part in enumerate(x.chunk(count, dim=2)):
+            state.record(name, i, _moments(part, groups))
+        moments = _moments(x, groups)
+        return _normalize(norm, x, moments[0], _variance(moments))
+    i = state.index
+    fresh = _moments(x, groups)
+    state.record(name, i, fresh)
+    if state.gn == "sync":
+        state.barrier.wait()  # every patch has recorded its moments of this layer
+        moments = torch.stack(state.fresh[name]).mean(0)
+        return _normalize(norm, x, moments[0], _variance(moments))
+    if state.gn == "separate":
+        return _normalize(norm, x, fresh[0], _variance(fresh))
+    stale = state.stale[name]
+    if state.gn == "stale":
+        others = [stale[j] for j in range(count) if j != i]
+        moments = (fresh + sum(others)) / count
+        return _normalize(norm, x, moments[0], _variance(moments))
+    if state.gn == "corrected":
+        moments = torch.stack(stale).mean(0) + (fresh - stale[i])
+        var = moments[1] - moments[0] ** 2
+        var = torch.where(var < 0, _variance(fresh), var)
+        return _normalize(norm, x, moments[0], var)
+    raise ValueError(f"gn={state.gn!r}: use one of {GN_RULES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention
+
+
+class _SelfAttentionProcessor:
+    """diffusers' AttnProcessor2_0 for self-attention, with keys and values of all patches."""
+
+    def __init__(self, name: str, state: _State):
+        self.name = name
+        self.state = state
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        unsupported = (
+            encoder_hidden_states is not None,
+            attention_mask is not None,
+            attn.spatial_norm is not None,
+            attn.group_norm is not None,
+            hidden_states.ndim != 3,
+        )
+        if any(unsupported):
+            raise NotImplementedError(f"{self.name}: unsupported self-attention variant")
+        state, name = self.state, self.name
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        if state.phase == "full":
+            # Tokens are rows flattened row-major: P equal token chunks are the P row slabs.
+            state.record_full(name, torch.stack([key, value]), dim=2)
+        else:
+            i = state.index
+            state.record(name, i, torch.stack([key, value]))
+            kv = [
+                torch.stack([key, value]) if j == i else stale
+                for j, stale in enumerate(state.stale[name])
+            ]
+            key, value = torch.cat(kv, dim=2)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# The displaced UNet
+
+
+@contextlib.contextmanager
+def _hooked(unet, state: _State):
+    """Temporarily routes the UNet's convs (kernel height > 1), GroupNorms and self-attention
+    through the DistriFusion layers above."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+
+    patched, processors = [], []
+    try:
+        for name, module in unet.named_modules():
+            if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0:
+                # It pads (0, 1, 0, 1) itself before a padding-0 conv: not a halo conv.
+                raise NotImplementedError(f"{name}: Downsample2D with padding 0")
+            if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+                if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                    raise NotImplementedError(f"{name}: padding {module.padding!r}")
+                module.forward = lambda x, m=module, n=name: _conv_forward(m, n, state, x)
+                patched.append(module)
+            elif isinstance(module, nn.GroupNorm):
+                module.forward = lambda x, m=module, n=name: _group_norm_forward(m, n, state, x)
+                patched.append(module)
+            elif isinstance(module, Attention) and not module.is_cross_attention:
+                processors.append((module, module.processor))
+                module.set_processor(_SelfAttentionProcessor(name, state))
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+        for module, processor in processors:
+            module.set_processor(processor)
+
+
+class DisplacedUNet:
+    """The UNet of one DistriFusion run: `sync` and `displaced` predict the noise of one step
+    and record that step's fresh values, which the next `displaced` call reads as stale."""
+
+    def __init__(self, unet, patches: int, gn: str = "corrected"):
+        if gn not in GN_RULES:
+            raise ValueError(f"gn={gn!r}: use one of {GN_RULES}")
+        self.unet = unet
+        self.state = _State(patches, gn)
+
+    def _call(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        return self.unet(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        ).sample
+
+    def sync(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        """The exact full-image prediction; records every patch's fresh values."""
+        state = self.state
+        state.phase = "full"
+        with torch.no_grad(), _hooked(self.unet, state):
+            out = self._call(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        state.end_step()
+        return out
+
+    def displaced(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        """The prediction of a displaced step: one UNet call per patch slab, the other
+        patches' contributions from the buffers of the previous step."""
+        state, count = self.state, self.state.patches
+        if sample.shape[2] % count:
+            raise ValueError(f"latent height {sample.shape[2]} does not divide by {count}")
+        if not state.stale:
+            raise RuntimeError("a displaced step needs a previous step's buffers")
+        state.phase = "patch"
+        conv_in_input = sample
+        if self.unet.config.center_input_sample:
+            conv_in_input = 2 * sample - 1.0
+        state.conv_in_input = conv_in_input
+        slabs = sample.chunk(count, dim=2)
+        outs = [None] * count
+
+        def run(i):
+            state.index = i
+            with torch.no_grad():
+                outs[i] = self._call(slabs[i], timestep, encoder_hidden_states, added_cond_kwargs)
+
+        with _hooked(self.unet, state):
+            if state.gn == "sync":
+                _run_in_lockstep(state, run, count)
+            else:
+                for i in range(count):
+                    run(i)
+        state.end_step()
+        state.conv_in_input = None
+        return torch.cat(outs, dim=2)
+
+
+def _run_in_lockstep(state: _State, run, count: int) -> None:
+    """Runs `run(i)` for every patch in its own thread; the GroupNorms meet at a barrier."""
+    state.barrier = threading.Barrier(count, timeout=600)
+    errors = []
+
+    def target(i):
+        try:
+            run(i)
+        except BaseException as error:
+            errors.append(error)
+            state.barrier.abort()  # release the other patches
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    state.barrier = None
+    if errors:
+        # A BrokenBarrierError of a released patch is a consequence; report the cause.
+        errors.sort(key=lambda e: isinstance(e, threading.BrokenBarrierError))
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoising loop
+
+
+def reference_denoise(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    added_cond_kwargs: dict | None = None,
+    guidance_scale: float | None,
+    num_inference_steps: int,
+    patches: int,
+    warmup_steps: int,
+    gn: str = "corrected",
+    mode: str = "displaced",
+) -> torch.Tensor:
+    """The final latents (B, C, h, w), float32, of a denoising loop whose UNet predictions
+    follow `mode` ("displaced", "naive" or "single"; see the module docstring).
+
+    `latents` is the initial noise before `scheduler.init_noise_sigma` scaling. With
+    `guidance_scale` set, `encoder_hidden_states` (and `added_cond_kwargs`) hold the
+    unconditional half first, and the prediction is u + g * (c - u); otherwise they hold B rows.
+    `scheduler.set_timesteps(num_inference_steps)` is called here. Steps 0..warmup_steps are
+    synchronous in "displaced" mode; "naive" and "single" ignore `warmup_steps` and `gn`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {MODES}")
+    if warmup_steps < 0:
+        raise ValueError("warmup_steps must be >= 0 (step 0 is always synchronous)")
+    if latents.shape[2] % patches:
+        raise ValueError(f"latent height {latents.shape[2]} does not divide by {patches}")
+    displaced = DisplacedUNet(unet, patches, gn) if mode == "displaced" else None
+
+    def predict(step: int, sample, timestep):
+        if mode == "single":
+            with torch.no_grad():
+                return unet(
+                    sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+                ).sample
+        if mode == "naive":
+            with torch.no_grad():
+                outs = [
+                    unet(
+                        slab, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+                    ).sample
+                    for slab in sample.chunk(patches, dim=2)
+                ]
+            return torch.cat(outs, dim=2)
+        if step <= warmup_steps:
+            return displaced.sync(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        return displaced.displaced(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+
+    scheduler.set_timesteps(num_inference_steps)
+    latents = latents.float() * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for step, timestep in enumerate(scheduler.timesteps):
+            sample = latents if guidance_scale is None else torch.cat([latents, latents])
+            sample = scheduler.scale_model_input(sample, timestep)
+            noise = predict(step, sample, timestep)
+            if guidance_scale is not None:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, timestep, latents).prev_sample
+    return latents.float()
