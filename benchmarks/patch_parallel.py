@@ -49,14 +49,22 @@ def main() -> None:
     parallel = ParallelConfig(args.devices)
     f = pipe.downscale_factor
     latents = jax.ShapeDtypeStruct((1, args.size // f, args.size // f, 4), pipe.dtype)
-    traced = trace_step(pipe.unet, abstract_sampling(pipe, args.steps), latents, parallel, "displaced")
-    print(f"\ncollectives of one displaced step (CFG batch 2, C = 1), per device:")
+    traced = trace_step(
+        pipe.unet, abstract_sampling(pipe, args.steps), latents, parallel, "displaced"
+    )
+    print("\ncollectives of one displaced step (CFG batch 2, C = 1), per device:")
     total = 0
     for c in traced.collectives():
-        print(f"  {c.kind:11s} {'/'.join(c.axes):6s} {str(c.shape):22s} {c.dtype:8s} "
-              f"{c.received_bytes:>10,d} B received")
+        print(
+            f"  {c.kind:11s} {'/'.join(c.axes):6s} {c.shape!s:22s} {c.dtype:8s} "
+            f"{c.received_bytes:>10,d} B received"
+        )
         total += c.received_bytes
     print(f"  {len(traced.collectives())} collectives, {total:,d} bytes received per device")
+    for kind in sorted({c.kind for c in traced.collectives()}):
+        of_kind = [c for c in traced.collectives() if c.kind == kind]
+        received = sum(c.received_bytes for c in of_kind)
+        print(f"    {kind:11s} x{len(of_kind):3d} {received:>12,d} B")
     print(f"stale buffers: {traced.stale_bytes_per_device():,d} bytes per device")
 
 

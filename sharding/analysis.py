@@ -43,7 +43,7 @@ class TracedStep:
 
     def collectives(self) -> list[Collective]:
         """Every collective of the step, in program order (inner programs included)."""
-        axis_sizes = dict(zip(("cfg", "patch"), (self.parallel.cfg, self.parallel.patches)))
+        axis_sizes = {"cfg": self.parallel.cfg, "patch": self.parallel.patches}
         return [_collective(eqn, axis_sizes) for eqn in _nested_equations(self.jaxpr)]
 
     def stale_bytes_per_device(self) -> int:

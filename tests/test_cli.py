@@ -124,3 +124,23 @@ def test_compare_with_diffusers(cache, tmp_path):
     # The middle panel is diffusers' image: check it against the PSNR the command printed.
     ours, theirs = image[:, :SIZE] / 255, image[:, SIZE + 4 : 2 * SIZE + 4] / 255
     assert psnr(ours, theirs) > 40
+
+
+def test_generate_on_simulated_devices(cache, tmp_path):
+    """--devices 8 works on a CPU-only machine as it is: the command simulates the devices.
+    Synchronous patch parallelism (4 patches, CFG halves split) gives the single-device
+    image."""
+    images = {}
+    for mode, options in (("single", []), ("sync", ["--devices", "8", "--cfg-parallel"])):
+        out = tmp_path / f"{mode}.npy"
+        jaxfusion_command(
+            cache, "generate", "--prompt", PROMPT, *FAST, "--parallel", mode, *options,
+            "--out", str(out),
+        )  # fmt: skip
+        images[mode] = np.load(out)
+    np.testing.assert_allclose(images["sync"], images["single"], atol=1e-4)
+    refused = jaxfusion_command(
+        cache, "generate", "--prompt", PROMPT, "--devices", "3", "--cfg-parallel",
+        "--out", str(tmp_path / "x.png"), expect=2,
+    )  # fmt: skip
+    assert "3 devices do not factor into 2 (CFG) x P" in refused.stderr
