@@ -4,7 +4,8 @@ A component folder in this format holds the `config.json` diffusers/transformers
 `flax_params/`, an orbax PyTree checkpoint of `nnx.state(module, nnx.Param)` as a nested
 dict: the parameter at path (`down_blocks`, 0, `resnets`, 1, `conv1`, `kernel`) is stored
 under `down_blocks.0.resnets.1.conv1.kernel` in the Flax layout (convolution kernels
-(kh, kw, in, out), linear kernels (in, out)) and the module's dtype.
+(kh, kw, in, out), linear kernels (in, out)) and the module's dtype. orbax is imported only
+when a checkpoint is written or read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from convert.files import write_atomically
@@ -32,6 +32,8 @@ def save_flax_params(module: nnx.Module, folder: Path, dtype=None) -> Path:
     `folder/flax_params/`, replacing any there, and returns that directory. The checkpoint
     is written beside it and renamed into place, so no half-written directory is ever left
     at that name."""
+    import orbax.checkpoint as ocp
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / PARAMS_DIR
@@ -83,6 +85,8 @@ def load_flax_params(abstract: nnx.Module, folder: Path, dtype) -> nnx.Module:
     Every missing, unexpected or mis-shaped parameter is named in one `WeightMismatch`,
     raised from the checkpoint's metadata before any array is read.
     """
+    import orbax.checkpoint as ocp
+
     dtype = parse_dtype(dtype)
     directory = Path(folder) / PARAMS_DIR
     if not has_flax_params(folder):

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxfusion import schedulers
 from jaxfusion.models import UNet2DConditionModel
 from sharding.context import Exchange, PatchContext
-from sharding.loops import Sampling, step_function
+from sharding.loops import Loop, Sampling, step_function
 from sharding.parallel import ParallelConfig
 
 COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
@@ -61,21 +61,57 @@ def trace_step(
     exchange: Exchange,
 ) -> TracedStep:
     """Traces one step (step 1) of `parallel` with `exchange` ("displaced", "sync" or
-    "none"). A displaced step reads the stale buffers that a synchronous warm-up step
-    leaves (traced too, for their shapes). `latents`: (B, h, w, C), the whole latent."""
+    "none") on the mesh's shape, without devices. A displaced step reads the stale buffers
+    that a synchronous warm-up step leaves (traced too, for their shapes). `latents`:
+    (B, h, w, C), the whole latent."""
     _, weights = nnx.split(unet)
-    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+    mesh = parallel.mesh(abstract=True)
     buffers = nnx.State({})
-    context = PatchContext(parallel.patches, exchange, parallel.group_norm)
-    step = jnp.int32(1)
     if exchange == "displaced":
-        warmup = dataclasses.replace(context, exchange="sync", keep_stale=True)
-        warmup_step = step_function(unet, parallel, warmup)
-        buffers = jax.eval_shape(warmup_step, weights, buffers, sampling, latents, state, step)[2]
-    traced = jax.make_jaxpr(step_function(unet, parallel, context))
-    closed = traced(weights, buffers, sampling, latents, state, step)
+        buffers = stale_buffers(unet, sampling, latents, parallel)
+    context = PatchContext(parallel.patches, exchange, parallel.group_norm)
+    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+    traced = jax.make_jaxpr(step_function(unet, parallel, context, mesh))
+    closed = traced(weights, buffers, sampling, latents, state, jnp.int32(1))
     (shard_map,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "shard_map"]
     return TracedStep(shard_map.params["jaxpr"], buffers, parallel)
+
+
+def stale_buffers(
+    unet: UNet2DConditionModel,
+    sampling: Sampling,
+    latents: jax.ShapeDtypeStruct | jax.Array,
+    parallel: ParallelConfig,
+) -> nnx.State:
+    """The stale buffers of a displaced step as `jax.ShapeDtypeStruct`s, each the
+    per-device buffers of the whole mesh concatenated along axis 0 (see `step_function`)."""
+    _, weights = nnx.split(unet)
+    warmup = PatchContext(parallel.patches, "sync", parallel.group_norm, keep_stale=True)
+    step = step_function(unet, parallel, warmup, parallel.mesh(abstract=True))
+    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+    args = (weights, nnx.State({}), sampling, latents, state, jnp.int32(0))
+    return jax.eval_shape(step, *args)[2]
+
+
+def local_step(unet: UNet2DConditionModel, parallel: ParallelConfig, patch: int = 1):
+    """What device `patch` computes in a displaced step of `parallel` (C = 1), without the
+    exchanges (which only feed the next step), as a function for one device:
+
+        (weights, buffers, sampling, latents, state, i) -> (latents, state)
+
+    buffers: that device's stale buffers (`stale_buffers` with axis 0 divided by P);
+    latents: its (B, h / P, w, C) slab. For timing a device's work where the mesh is absent.
+    """
+    if parallel.cfg != 1:
+        raise ValueError("local_step times one patch device: use cfg=1")
+    graphdef, _ = nnx.split(unet)
+    context = PatchContext(parallel.patches, "local", parallel.group_norm, local_index=patch)
+
+    def run(weights, buffers, sampling, latents, state, i):
+        loop = Loop(graphdef, weights, sampling, parallel)
+        return loop.step(context, latents, state, buffers, i)[:2]
+
+    return run
 
 
 def _nested_equations(jaxpr) -> list:

@@ -26,9 +26,10 @@ class KVExchange(nnx.Module):
         context = self.patch
         if context is None or context.exchange == "none":
             return key, value
-        kv = jax.lax.all_gather(jnp.stack([key, value]), AXIS, axis=2, tiled=True)
+        own = jnp.stack([key, value])
+        kv = jax.lax.all_gather(own, AXIS, axis=2, tiled=True) if context.exchanges else None
         stale = read_and_refresh(self, "kv", kv, context)
         if stale is not None:
             start = context.index() * key.shape[1]
-            kv = jax.lax.dynamic_update_slice_in_dim(stale, jnp.stack([key, value]), start, axis=2)
+            kv = jax.lax.dynamic_update_slice_in_dim(stale, own, start, axis=2)
         return kv[0], kv[1]

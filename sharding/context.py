@@ -11,9 +11,10 @@ import dataclasses
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-Exchange = Literal["sync", "displaced", "none"]
+Exchange = Literal["sync", "displaced", "none", "local"]
 GroupNormRule = Literal["corrected", "stale", "separate", "sync"]
 GROUP_NORM_RULES: tuple[GroupNormRule, ...] = ("corrected", "stale", "separate", "sync")
 AXIS = "patch"
@@ -33,26 +34,41 @@ class PatchContext:
         `jax.lax.axis_index(AXIS)`, rows [i*h/P, (i+1)*h/P) of every feature map.
     exchange: "sync" (context from the other patches' current activations: exact),
         "displaced" (context from their previous-step activations, the stale buffers, while
-        this step's are exchanged for the next step), "none" (no context: naive patches).
+        this step's are exchanged for the next step), "none" (no context: naive patches),
+        "local" (a displaced step's computation without its exchanges, whose results only
+        feed the next step: what one device computes, run on one device to time it).
     group_norm: the GroupNorm rule of displaced steps (see `sharding.group_norm`).
     keep_stale: synchronous steps also store what they received as stale buffers (the
         warm-up steps before displaced ones).
+    local_index: the patch a "local" step computes (there is no mesh axis to ask).
     """
 
     patches: int
     exchange: Exchange
     group_norm: GroupNormRule = "corrected"
     keep_stale: bool = False
+    local_index: int = 1
 
     def index(self) -> jax.Array:
+        """This device's patch, i."""
+        if self.exchange == "local":
+            return jnp.int32(self.local_index)
         return jax.lax.axis_index(AXIS)
 
+    @property
+    def exchanges(self) -> bool:
+        """Whether collectives run (not in naive or local steps)."""
+        return self.exchange not in ("none", "local")
 
-def read_and_refresh(module: nnx.Module, name: str, fresh: jax.Array, context: PatchContext):
+
+def read_and_refresh(
+    module: nnx.Module, name: str, fresh: jax.Array | None, context: PatchContext
+) -> jax.Array | None:
     """The stale buffer `name` of `module` as it was (None in a synchronous step), after
     storing `fresh` there: in a displaced step, or a synchronous one that keeps stale
-    buffers (which creates them on the first step)."""
-    stale = getattr(module, name).get_value() if context.exchange == "displaced" else None
+    buffers (which creates them on the first step). A local step only reads it."""
+    displaced = context.exchange in ("displaced", "local")
+    stale = getattr(module, name).get_value() if displaced else None
     if context.exchange == "displaced" or context.keep_stale:
         if hasattr(module, name):
             getattr(module, name).set_value(fresh)

@@ -9,12 +9,17 @@ from sharding.context import AXIS, PatchContext, read_and_refresh
 
 
 def image_moments(
-    local: jax.Array, stale: jax.Array | None, rule: str, index: jax.Array, gathered: jax.Array
+    local: jax.Array,
+    stale: jax.Array | None,
+    rule: str,
+    index: jax.Array,
+    gathered: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
     """(mean, variance), each (B, G), of the whole image from this patch's view.
 
     local: (2, B, G) this patch's E[x] and E[x^2] in this step.
-    gathered: (P, 2, B, G) every patch's local moments of this step (all-gathered).
+    gathered: (P, 2, B, G) every patch's local moments of this step (all-gathered), or None
+        in a local step (which then stands in the stale ones for the "sync" rule).
     stale: (P, 2, B, G) every patch's moments of the previous step, or None in a
         synchronous step (exact: the mean of `gathered`).
     rule, for displaced steps:
@@ -25,7 +30,7 @@ def image_moments(
       sync: exact, as a synchronous step (`gathered` is then used in the same step).
     """
     if stale is None or rule == "sync":
-        moments = gathered.mean(axis=0)
+        moments = (stale if gathered is None else gathered).mean(axis=0)
     elif rule == "corrected":
         moments = stale.mean(axis=0) + local - stale[index]
     elif rule == "stale":
@@ -85,6 +90,6 @@ class GroupNorm(nnx.Module):
         context = self.patch
         if context is None or context.exchange == "none":
             return local[0], jnp.maximum(local[1] - jnp.square(local[0]), 0.0)
-        gathered = jax.lax.all_gather(local, AXIS)
+        gathered = jax.lax.all_gather(local, AXIS) if context.exchanges else None
         stale = read_and_refresh(self, "moments", gathered, context)
         return image_moments(local, stale, context.group_norm, context.index(), gathered)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfusion import schedulers
@@ -219,7 +219,12 @@ def patch_parallel_loop(loop: Loop, latents: jax.Array) -> jax.Array:
     return loop.scan(displaced, *carry, jnp.arange(warm, steps))[0]
 
 
-def step_function(unet: UNet2DConditionModel, parallel: ParallelConfig, context: PatchContext):
+def step_function(
+    unet: UNet2DConditionModel,
+    parallel: ParallelConfig,
+    context: PatchContext,
+    mesh: Mesh | AbstractMesh | None = None,
+):
     """One step of the patch-parallel program as a function of global arrays, for analysis
     and tests (the loops run the same step inside their scans):
 
@@ -229,6 +234,8 @@ def step_function(unet: UNet2DConditionModel, parallel: ParallelConfig, context:
     each leaf the per-device buffers concatenated along axis 0 in mesh order (an empty
     `nnx.State({})` before the first step; `jax.eval_shape` of a step with
     `context.keep_stale` gives their shapes). latents: (B, h, w, C), the whole latent.
+    mesh: default `parallel.mesh()`; `parallel.mesh(abstract=True)` to trace without the
+    devices.
     """
     graphdef, _ = nnx.split(unet)
     slab, per_device = latent_spec(parallel), P((CFG_AXIS, AXIS))
@@ -239,7 +246,7 @@ def step_function(unet: UNet2DConditionModel, parallel: ParallelConfig, context:
 
     return jax.shard_map(
         run,
-        mesh=parallel.mesh(),
+        mesh=parallel.mesh() if mesh is None else mesh,
         in_specs=(P(), per_device, sampling_spec(parallel), slab, slab, P()),
         out_specs=(slab, slab, per_device),
         check_vma=False,
@@ -266,8 +273,8 @@ def column_step(step):
 def set_patch_context(unet: UNet2DConditionModel, context: PatchContext | None) -> None:
     """Tells every patch-parallel primitive of `unet` how to behave in this step. `conv_in`
     always takes its halo from the current latent (4 channels: cheap) and keeps no stale
-    buffer; in naive patches it takes none."""
+    buffer; in naive and local steps it takes none."""
     unet.set_attributes(patch=context, raise_if_not_found=False)
     if context is not None:
-        exchange = "none" if context.exchange == "none" else "sync"
+        exchange = "sync" if context.exchanges else "none"
         unet.conv_in.patch = dataclasses.replace(context, exchange=exchange, keep_stale=False)

@@ -5,7 +5,7 @@ from typing import Literal
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from sharding.context import AXIS, GROUP_NORM_RULES, GroupNormRule
 
@@ -75,10 +75,13 @@ class ParallelConfig:
         """P, the patch devices along height (along width for naive column slabs)."""
         return 1 if self.mode == "single" else self.devices // self.cfg
 
-    def mesh(self) -> Mesh:
-        """The (cfg, patch) mesh over the first C x P of `jax.devices()`."""
-        available = jax.devices()
+    def mesh(self, abstract: bool = False) -> Mesh | AbstractMesh:
+        """The (cfg, patch) mesh over the first C x P of `jax.devices()`; with `abstract`,
+        its shape only, to trace programs without the devices."""
         needed = self.cfg * self.patches
+        if abstract:
+            return AbstractMesh((self.cfg, self.patches), (CFG_AXIS, AXIS))
+        available = jax.devices()
         if len(available) < needed:
             raise ValueError(
                 f"{needed} devices asked, {len(available)} available ({available[0].platform}); "
