@@ -76,16 +76,18 @@ def main() -> None:
         "errors": [],
         "start": time.perf_counter(),
         "budget_s": args.budget_s,
+        "out": Path(args.out),
     }
+    record["out"].mkdir(parents=True, exist_ok=True)
+    print(f"{record['device']}, jax {jax.__version__}", flush=True)
     unet = random_unet(UNetConfig.from_diffusers(config))
+    print(f"random weights ready ({time.perf_counter() - record['start']:.0f} s)", flush=True)
     sizes = [s // 4 for s in args.sizes] if args.tiny else args.sizes
     for size in sizes:
         attempt(record, f"jax single {size}", lambda s=size: jax_rows(unet, s, args, record))
     attempt(record, "torch", lambda: torch_rows(config, sizes, args, record))
-    record["seconds"] = round(time.perf_counter() - record.pop("start"), 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
+    record["seconds"] = round(time.perf_counter() - record["start"], 1)
+    save(record)
     print_table(record)
 
 
@@ -100,6 +102,13 @@ def attempt(record: dict, name: str, run) -> None:
     except Exception as error:  # one broken measurement must not stop the others
         traceback.print_exc()
         record["errors"].append(f"{name}: {type(error).__name__}: {error}")
+    save(record)
+
+
+def save(record: dict) -> None:
+    """Writes what is measured so far (a run cut short still leaves its results)."""
+    fields = {k: v for k, v in record.items() if k not in ("start", "out")}
+    (record["out"] / "gpu_check.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
 def random_unet(config: UNetConfig) -> UNet2DConditionModel:
