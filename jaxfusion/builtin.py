@@ -23,7 +23,7 @@ from jaxfusion.pipelines import SDXLPipeline
 from jaxfusion.pipelines.base import Models, Stage, no_display
 from jaxfusion.tokenizer import load_tokenizer, write_tokenizer
 
-NAME = "builtin-random-sdxl-v1"
+NAME = "builtin-random-sdxl-v2"
 DESCRIPTION = "built-in tiny SDXL-architecture model, RANDOM weights (draws noise)"
 WORDS = [
     "a",
@@ -144,5 +144,5 @@ def random_pipeline(seed: int, dtype=jnp.float32) -> SDXLPipeline:
     ]
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNET), dtype=dtype, rngs=rngs)
     vae = AutoencoderKL(VAEConfig.from_diffusers(VAE), dtype=dtype, rngs=rngs)
-    index = {"force_zeros_for_empty_prompt": True, "jaxfusion_description": DESCRIPTION}
+    index = {"force_zeros_for_empty_prompt": True}
     return SDXLPipeline(Models(unet, vae, text_encoders), tokenizers, SCHEDULER, index)

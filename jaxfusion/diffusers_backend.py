@@ -38,6 +38,7 @@ def load_diffusers_pipeline(
     try:
         import diffusers
         import torch
+        import transformers
     except ImportError as error:
         raise ImportError(
             "the diffusers backend needs torch and diffusers: pip install 'jaxfusion[test]'"
@@ -64,6 +65,8 @@ def load_diffusers_pipeline(
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     else:  # jaxfusion adds no invisible watermark
         kwargs.update(add_watermarker=False)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     with warnings.catch_warnings():
         # diffusers >= 0.42 renames torch_dtype to dtype, which older releases do not take.
         warnings.filterwarnings("ignore", message=".*use `dtype`", category=FutureWarning)
@@ -106,7 +109,7 @@ def run_diffusers(
 
     kwargs: dict[str, Any] = {}
     if latents is not None:
-        kwargs["latents"] = torch.from_numpy(np.asarray(latents, np.float32)).to(
+        kwargs["latents"] = torch.from_numpy(np.array(latents, np.float32)).to(
             device=pipe.device, dtype=pipe.dtype
         )
     else:
