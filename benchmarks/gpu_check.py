@@ -27,7 +27,7 @@ from jaxfusion import schedulers
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
 from sharding.analysis import local_step, stale_buffers, trace_step
-from sharding.loops import SINGLE, Conditioning, Loop, Sampling
+from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling
 from sharding.parallel import ParallelConfig
 
 TINY = dict(
@@ -165,7 +165,9 @@ def jax_rows(unet: UNet2DConditionModel, size: int, args, record: dict) -> None:
 
     @jax.jit
     def single(weights, sampling, latents, state):
-        return Loop(graphdef, weights, sampling, SINGLE).step(None, latents, state, {}, 10)[:2]
+        return Loop(graphdef, weights, sampling, SINGLE).step(None, latents, state, NO_BUFFERS, 10)[
+            :2
+        ]
 
     compile_s, step_s = timed(lambda: single(weights, sampling, latents, state), args.runs)
     record["rows"].append(
