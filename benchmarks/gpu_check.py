@@ -165,7 +165,7 @@ def jax_rows(unet: UNet2DConditionModel, size: int, args, record: dict) -> None:
 
     @jax.jit
     def single(weights, sampling, latents, state):
-        loop = Loop(graphdef, weights, sampling, SINGLE)
+        loop = Loop.start(graphdef, weights, sampling, SINGLE)
         return loop.step(None, latents, state, NO_BUFFERS, 10)[:2]
 
     compile_s, step_s = timed(lambda: single(weights, sampling, latents, state), args.runs)

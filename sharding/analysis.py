@@ -108,7 +108,7 @@ def local_step(unet: UNet2DConditionModel, parallel: ParallelConfig, patch: int 
     context = PatchContext(parallel.patches, "local", parallel.group_norm, local_index=patch)
 
     def run(weights, buffers, sampling, latents, state, i):
-        loop = Loop(graphdef, weights, sampling, parallel)
+        loop = Loop.start(graphdef, weights, sampling, parallel)
         return loop.step(context, latents, state, buffers, i)[:2]
 
     return run

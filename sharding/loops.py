@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfusion import schedulers
 from jaxfusion.models import UNet2DConditionModel
+from jaxfusion.models.attention import cache_text_kv
 from sharding.context import AXIS, PatchContext, StaleBuffer
 from sharding.parallel import CFG_AXIS, ParallelConfig
 
@@ -110,13 +111,13 @@ def denoise(
     if parallel.mode == "single":
         state = schedulers.init_state(sampling.schedule, latents)
         steps = jnp.arange(sampling.schedule.timesteps.shape[0])
-        loop = Loop(graphdef, weights, sampling, parallel)
+        loop = Loop.start(graphdef, weights, sampling, parallel)
         return loop.scan(None, latents, state, NO_BUFFERS, steps)[0]
     mesh = parallel.mesh()
     slab = latent_spec(parallel)
 
     def per_device(weights, sampling, latents):
-        return patch_parallel_loop(Loop(graphdef, weights, sampling, parallel), latents)
+        return patch_parallel_loop(Loop.start(graphdef, weights, sampling, parallel), latents)
 
     run = jax.shard_map(
         per_device,
@@ -147,13 +148,28 @@ NO_BUFFERS = nnx.State({})
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
-    """What every step of one run shares: the UNet (graph and weights), the sampling inputs
-    and the parallel configuration."""
+    """What every step of one run shares: the UNet (graph and weights, with the text keys
+    and values of its cross-attentions computed once), the sampling inputs and the parallel
+    configuration."""
 
     graphdef: nnx.GraphDef
     weights: nnx.State
     sampling: Sampling
     parallel: ParallelConfig
+
+    @classmethod
+    def start(
+        cls,
+        graphdef: nnx.GraphDef,
+        weights: nnx.State,
+        sampling: Sampling,
+        parallel: ParallelConfig,
+    ) -> "Loop":
+        """The run of the UNet `graphdef`/`weights`: stores the text keys and values (see
+        `cache_text_kv`) in a copy of it."""
+        unet = nnx.merge(graphdef, weights)
+        cache_text_kv(unet, sampling.conditioning.encoder_hidden_states)
+        return cls(*nnx.split(unet), sampling, parallel)
 
     def step(
         self,
@@ -241,7 +257,7 @@ def step_function(
     slab, per_device = latent_spec(parallel), P((CFG_AXIS, AXIS))
 
     def run(weights, buffers, sampling, latents, state, i):
-        loop = Loop(graphdef, weights, sampling, parallel)
+        loop = Loop.start(graphdef, weights, sampling, parallel)
         return loop.step(context, latents, state, buffers, i)
 
     return jax.shard_map(

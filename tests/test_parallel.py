@@ -19,6 +19,7 @@ import convert
 import jaxfusion
 from jaxfusion import schedulers
 from jaxfusion.builtin import builtin_model_path
+from jaxfusion.models.attention import Attention
 from sharding import GroupNorm, ParallelConfig
 from sharding.analysis import TracedStep, trace_step
 from sharding.context import AXIS, GROUP_NORM_RULES, PatchContext, StaleBuffer
@@ -288,3 +289,36 @@ def test_refusals():
     ParallelConfig(8, mode="naive", naive_split="col").check_size(96, 128, 16)
     with pytest.raises(ValueError, match="16 devices asked, 8 available"):
         ParallelConfig(16).mesh()
+
+
+def text_projections(jaxpr, tokens: int, width: int) -> int:
+    """Matrix products of (.., tokens, width) text states, in `jaxpr` and its inner programs
+    except scans."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            count += eqn.invars[0].aval.shape[-2:] == (tokens, width)
+        elif eqn.primitive.name != "scan":
+            for param in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns")):
+                if hasattr(param, "eqns") or hasattr(param, "jaxpr"):
+                    count += text_projections(getattr(param, "jaxpr", param), tokens, width)
+    return count
+
+
+def test_text_keys_values_are_computed_once(case):
+    """The cross-attentions project the text states before the loop, not at every step."""
+    graphdef, weights = nnx.split(case.unet)
+    sampling = Sampling(case.schedule, case.conditioning, jnp.float32(GUIDANCE))
+    latents = jnp.zeros((1, LATENT, LATENT, 4))
+    run = jax.make_jaxpr(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x))
+    jaxpr = run(weights, sampling, latents).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    tokens, width = case.conditioning.encoder_hidden_states.shape[1:]
+    before = text_projections(jaxpr, tokens, width)
+    assert text_projections(scan.params["jaxpr"].jaxpr, tokens, width) == 0
+    assert before == 2 * count_cross_attentions(case.unet) > 0
+
+
+def count_cross_attentions(unet) -> int:
+    modules = (m for _, m in nnx.iter_modules(unet))
+    return sum(isinstance(m, Attention) and not m.is_self_attention for m in modules)

@@ -9,11 +9,18 @@ import sharding
 from jaxfusion.models.layers import LayerNorm, Linear, attention
 
 
+class TextKV(nnx.Variable):
+    """A cross-attention's keys and values of the text tokens, (2, B, text_tokens, heads,
+    head_dim): constant over a sampling run, so computed once before the loop
+    (`cache_text_kv`) instead of at every step."""
+
+
 class Attention(nnx.Module):
     """Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0`.
 
     Self-attention (no `cross_attention_dim`) takes its keys and values from every patch of
-    the image through `sharding.KVExchange`; cross-attention reads the text tokens.
+    the image through `sharding.KVExchange`; cross-attention reads the text tokens, or their
+    keys and values from `text_kv` when `cache_text_kv` stored them.
     Softmax runs in float32 in every dtype, which also covers diffusers' `upcast_attention`.
     """
 
@@ -40,15 +47,31 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """x: (B, tokens, query_dim); context: (B, text_tokens, cross_attention_dim) or None."""
-        context = x if context is None else context
         b = x.shape[0]
         q = self.to_q(x).reshape(b, x.shape[1], self.heads, -1)
-        k = self.to_k(context).reshape(b, context.shape[1], self.heads, -1)
-        v = self.to_v(context).reshape(b, context.shape[1], self.heads, -1)
         if self.is_self_attention:
-            k, v = self.kv_exchange(k, v)
+            k, v = self.kv_exchange(*self.keys_values(x))
+        elif hasattr(self, "text_kv"):
+            k, v = self.text_kv[...]
+        else:
+            k, v = self.keys_values(context)
         out = attention(q, k, v)
         return self.to_out[0](out.reshape(b, x.shape[1], -1))
+
+    def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """context (B, T, D) -> keys, values, each (B, T, heads, head_dim)."""
+        b, t = context.shape[:2]
+        k = self.to_k(context).reshape(b, t, self.heads, -1)
+        return k, self.to_v(context).reshape(b, t, self.heads, -1)
+
+
+def cache_text_kv(model: nnx.Module, encoder_hidden_states: jax.Array) -> None:
+    """Stores every cross-attention's keys and values of `encoder_hidden_states` (B, T, D) in
+    its `text_kv`, so that calls with these text states skip the projections. For a sampling
+    loop, whose text states do not change."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Attention) and not module.is_self_attention:
+            module.text_kv = TextKV(jnp.stack(module.keys_values(encoder_hidden_states)))
 
 
 class GEGLU(nnx.Module):
