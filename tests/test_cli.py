@@ -49,6 +49,9 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     pixels = np.asarray(Image.open(png))
     np.testing.assert_array_equal(pixels, np.round(array * 255).astype(np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy", "image.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0o600
 
     # The same request through the Python API gives the same image.
     pipe = jaxfusion.load_pipeline(cache / NAME)
