@@ -25,7 +25,12 @@ DEFAULT_STEPS = 50
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "devices", 1) > 1:
+    if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+        simulate_cpu_devices(max(args.devices))
+    elif getattr(args, "devices", 1) > 1:
         simulate_cpu_devices(args.devices)
     display = StageDisplay()
     try:
@@ -70,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace the destination")
     add_loading_options(convert)
     convert.set_defaults(command=run_convert)
+
+    bench = commands.add_parser("bench", help="measurements").add_subparsers(
+        required=True, metavar="BENCHMARK"
+    )
+    analyze = bench.add_parser(
+        "analyze", help="per-device FLOPs, memory and traffic of one step, from shapes alone"
+    )
+    analyze.add_argument("--model", default="sdxl", help="sd15, sd21, sdxl, or a model folder")
+    analyze.add_argument("--height", type=int, nargs="+", default=[1024, 2048])
+    analyze.add_argument("--width", type=int, help="default: the height")
+    analyze.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    analyze.add_argument("--parallel", choices=MODES[1:], default="displaced")
+    analyze.add_argument("--gn", choices=GROUP_NORM_RULES, default="corrected")
+    analyze.add_argument("--cfg-parallel", action="store_true")
+    analyze.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    analyze.add_argument("--json", help="write one record per configuration")
+    analyze.add_argument("--plot", help="a .png of FLOPs and traffic per device")
+    analyze.set_defaults(command=run_analyze)
     return parser
 
 
@@ -230,6 +253,12 @@ def run_convert(args: argparse.Namespace, display: StageDisplay) -> int:
     with display(f"writing {kind} folder {args.destination}"):
         pipe.save_pretrained(args.destination, flax=not args.to_diffusers, overwrite=args.overwrite)
     return 0
+
+
+def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.bench import analyze
+
+    return analyze.run(args, display)
 
 
 def model_path(args: argparse.Namespace) -> str | Path:

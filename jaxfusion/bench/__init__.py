@@ -1,0 +1,1 @@
+"""Measurements: `jaxfusion bench analyze` (per-device cost from compiled shapes)."""

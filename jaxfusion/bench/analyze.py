@@ -1,0 +1,313 @@
+"""`jaxfusion bench analyze`: one denoising step of a configuration, compiled from shapes
+alone (no weights; simulated devices), read for its per-device cost: FLOPs and bytes
+accessed (`cost_analysis`), memory (`memory_analysis`), the collectives of the optimized
+HLO, and the traffic the reference PyTorch implementation would need for the same step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convert.files import write_atomically
+from jaxfusion import schedulers
+from jaxfusion.models import UNet2DConditionModel, UNetConfig
+from jaxfusion.models.configs import UNET_CONFIGS
+from sharding.analysis import stale_buffers, trace_step
+from sharding.context import PatchContext
+from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling, step_function
+from sharding.parallel import ParallelConfig
+
+SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
+TEXT_TOKENS = 77
+HLO_COLLECTIVES = ("all-gather", "collective-permute", "all-reduce", "all-to-all")
+HLO_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class HloCollective:
+    """A collective of the optimized per-device HLO: its op, result shape and dtype, the
+    devices in its group, and the bytes one device receives (see `received_bytes`)."""
+
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+    group_size: int
+
+    @property
+    def received_bytes(self) -> int:
+        """collective-permute: its result; all-gather: the result less the own part;
+        all-to-all: (n - 1) / n of it; all-reduce: 2 (n - 1) / n of it (ring)."""
+        size = HLO_BYTES[self.dtype]
+        for n in self.shape:
+            size *= n
+        n = self.group_size
+        return {
+            "collective-permute": size,
+            "all-gather": size * (n - 1) // n,
+            "all-to-all": size * (n - 1) // n,
+            "all-reduce": 2 * size * (n - 1) // n,
+        }[self.op]
+
+
+def hlo_collectives(hlo_text: str, devices: int) -> list[HloCollective]:
+    """The collectives of an optimized HLO module's text (synchronous or `-start` ops)."""
+    found = []
+    pattern = re.compile(
+        r"= (\(?[a-z0-9]+\[[^=]*?) (" + "|".join(HLO_COLLECTIVES) + r")(-start)?\((.*)"
+    )
+    for line in hlo_text.splitlines():
+        match = pattern.search(line)
+        if match is None:
+            continue
+        shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", match.group(1))
+        dtype, dims = shapes[1] if match.group(3) and len(shapes) > 1 else shapes[0]
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        found.append(HloCollective(match.group(2), dtype, shape, _group_size(line, devices)))
+    return found
+
+
+def _group_size(line: str, devices: int) -> int:
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if iota:
+        return int(iota.group(2))
+    groups = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
+    if groups:
+        return len(groups.group(1).split(","))
+    return devices
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAnalysis:
+    """One configuration's denoising step, per device (the JSON record of `bench analyze`).
+
+    comm_bytes_per_device_step: received per step, from the traced program (its dtype).
+    comm_bytes_hlo_per_device_step: the same from the optimized HLO's collectives; equal in
+        float32, larger in bfloat16/float16 because the CPU compiler widens them to float32.
+    comm_bytes_reference_per_device_step: the reference PyTorch scheme's (`reference_bytes`).
+    """
+
+    model: str
+    height: int
+    width: int
+    devices: int
+    patch: int
+    cfg: int
+    mode: str
+    dtype: str
+    flops_per_device_step: float
+    flops_single_step: float
+    bytes_accessed_per_device_step: float
+    comm_bytes_per_device_step: int
+    comm_bytes_hlo_per_device_step: int
+    comm_bytes_reference_per_device_step: int
+    memory_bytes_per_device: int
+    stale_bytes_per_device: int
+    collectives: dict[str, dict[str, int]]
+
+
+def abstract_inputs(config: UNetConfig, height: int, width: int, dtype) -> tuple:
+    """(UNet, sampling inputs, latents) as shapes: the CFG batch of 2 with 77 text tokens."""
+    unet = UNet2DConditionModel.abstract(config, dtype=dtype)
+    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), 50)
+    text = jax.ShapeDtypeStruct((2, TEXT_TOKENS, config.cross_attention_dim), dtype)
+    embeds = time_ids = None
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        embeds = jax.ShapeDtypeStruct((2, pooled), dtype)
+        time_ids = jax.ShapeDtypeStruct((2, 6), jnp.float32)
+    sampling = Sampling(schedule, Conditioning(text, embeds, time_ids), jnp.float32(5.0))
+    latents = jax.ShapeDtypeStruct((1, height // 8, width // 8, config.in_channels), dtype)
+    return unet, sampling, latents
+
+
+def single_step_cost(config: UNetConfig, height: int, width: int, dtype) -> dict:
+    """cost_analysis of one single-device step."""
+    unet, sampling, latents = abstract_inputs(config, height, width, dtype)
+    graphdef, weights = nnx.split(unet)
+    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+
+    def step(weights, sampling, latents, state):
+        loop = Loop.start(graphdef, weights, sampling, SINGLE)
+        return loop.step(None, latents, state, NO_BUFFERS, jnp.int32(10))[:2]
+
+    return _cost(jax.jit(step).lower(weights, sampling, latents, state).compile())
+
+
+def analyze(
+    model: str, config: UNetConfig, height: int, width: int, parallel: ParallelConfig, dtype
+) -> StepAnalysis:
+    """Compiles the steady-state step of `parallel` (a displaced step for displaced mode)
+    for the first C x P devices and reads it, with the single-device step for comparison."""
+    unet, sampling, latents = abstract_inputs(config, height, width, dtype)
+    single = single_step_cost(config, height, width, dtype)
+    record = dict(
+        model=model,
+        height=height,
+        width=width,
+        devices=parallel.cfg * parallel.patches,
+        patch=parallel.patches,
+        cfg=parallel.cfg,
+        mode=parallel.mode,
+        dtype=jnp.dtype(dtype).name,
+        flops_single_step=float(single["flops"]),
+    )
+    if parallel.mode == "single":
+        return StepAnalysis(
+            **record,
+            flops_per_device_step=float(single["flops"]),
+            bytes_accessed_per_device_step=float(single["bytes accessed"]),
+            comm_bytes_per_device_step=0,
+            comm_bytes_hlo_per_device_step=0,
+            comm_bytes_reference_per_device_step=0,
+            memory_bytes_per_device=0,
+            stale_bytes_per_device=0,
+            collectives={},
+        )
+    exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
+    _, weights = nnx.split(unet)
+    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+    buffers = nnx.State({})
+    if exchange == "displaced":
+        buffers = stale_buffers(unet, sampling, latents, parallel)
+    context = PatchContext(parallel.patches, exchange, parallel.group_norm)
+    step = jax.jit(step_function(unet, parallel, context))
+    compiled = step.lower(weights, buffers, sampling, latents, state, jnp.int32(10)).compile()
+    cost, memory = _cost(compiled), compiled.memory_analysis()
+    traced = trace_step(unet, sampling, latents, parallel, exchange)
+    hlo = hlo_collectives(compiled.as_text(), record["devices"])
+    by_op: dict[str, dict[str, int]] = {}
+    for c in hlo:
+        entry = by_op.setdefault(c.op, {"count": 0, "received_bytes": 0})
+        entry["count"] += 1
+        entry["received_bytes"] += c.received_bytes
+    return StepAnalysis(
+        **record,
+        flops_per_device_step=float(cost["flops"]),
+        bytes_accessed_per_device_step=float(cost["bytes accessed"]),
+        comm_bytes_per_device_step=sum(c.received_bytes for c in traced.collectives()),
+        comm_bytes_hlo_per_device_step=sum(c.received_bytes for c in hlo),
+        comm_bytes_reference_per_device_step=reference_bytes(traced, config, latents),
+        memory_bytes_per_device=memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes,
+        stale_bytes_per_device=traced.stale_bytes_per_device(),
+        collectives=by_op,
+    )
+
+
+def reference_bytes(traced, config: UNetConfig, latents: jax.ShapeDtypeStruct) -> int:
+    """What one device receives per step under the reference PyTorch scheme for the same
+    step: every other device's boundary rows of each k > 1 conv but conv_in (all-gathered,
+    where ours go to the two neighbours), K/V and GroupNorm moments (all-gathered, as ours),
+    and every other device's UNet output (all-gathered each step; ours stays sharded)."""
+    parallel = traced.parallel
+    patches = parallel.patches
+    total = 0
+    for c in traced.collectives():
+        if c.kind == "ppermute":
+            total += 0 if c.shape[-1] == config.in_channels else (patches - 1) * c.received_bytes
+        elif c.axes == ("patch",):
+            total += c.received_bytes
+    _, height, width, _ = latents.shape
+    output = (2 // parallel.cfg) * (height // patches) * width * config.out_channels
+    return total + (patches - 1) * output * jnp.dtype(latents.dtype).itemsize
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list) else cost
+
+
+def load_config(model: str) -> UNetConfig:
+    """A built-in configuration by name (sd15, sd21, sdxl, sdxl-refiner) or a folder's
+    UNet config.json (a UNet folder or a pipeline folder)."""
+    if model in UNET_CONFIGS:
+        return UNetConfig.from_diffusers(UNET_CONFIGS[model])
+    import convert
+
+    return convert.load_unet_config(model)
+
+
+def run(args, display) -> int:
+    """`jaxfusion bench analyze`: every (height, devices) asked, a table, JSON and a plot."""
+    from jaxfusion.images import check_output_path
+
+    config = load_config(args.model)
+    plot = check_output_path(args.plot) if args.plot else None
+    records = []
+    for height in args.height:
+        width = args.width or height
+        for devices in args.devices:
+            mode = "single" if devices == 1 else args.parallel
+            cfg = 2 if args.cfg_parallel and devices > 1 else 1
+            parallel = ParallelConfig(devices, cfg, mode=mode, group_norm=args.gn)
+            multiple = 8 * 2 ** (config.num_levels - 1)
+            parallel.check_size(height, width, multiple)
+            with display(f"{args.model} {height}x{width}, {devices} device(s), {mode}"):
+                records.append(analyze(args.model, config, height, width, parallel, args.dtype))
+    print_table(records, display)
+    if args.json:
+        text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
+        write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        display.note(f"wrote {args.json}")
+    if plot is not None:
+        plot_records(records, plot)
+        display.note(f"wrote {plot}")
+    return 0
+
+
+def print_table(records: list[StepAnalysis], display) -> None:
+    from rich.table import Table
+
+    table = Table(title="one denoising step, per device (CFG batch 2)")
+    for column in ("model", "size", "devices", "mode", "GFLOPs", "/ single", "traffic MB",
+                   "reference MB", "memory MB", "stale MB"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(
+            r.model,
+            f"{r.height}x{r.width}",
+            f"{r.devices} (C={r.cfg})",
+            r.mode,
+            f"{r.flops_per_device_step / 1e9:,.1f}",
+            f"{r.flops_per_device_step / r.flops_single_step:.3f}",
+            f"{r.comm_bytes_per_device_step / 1e6:,.1f}",
+            f"{r.comm_bytes_reference_per_device_step / 1e6:,.1f}",
+            f"{r.memory_bytes_per_device / 1e6:,.0f}",
+            f"{r.stale_bytes_per_device / 1e6:,.1f}",
+        )
+    display.console.print(table)
+
+
+def plot_records(records: list[StepAnalysis], path: Path) -> None:
+    """FLOPs and traffic per device against devices, one line per resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (flops, traffic) = plt.subplots(1, 2, figsize=(10, 4))
+    for height in sorted({r.height for r in records}):
+        rows = sorted((r for r in records if r.height == height), key=lambda r: r.devices)
+        devices = [r.devices for r in rows]
+        flops.plot(devices, [r.flops_per_device_step / 1e12 for r in rows], "o-", label=f"{height}")
+        traffic.plot(devices, [r.comm_bytes_per_device_step / 1e6 for r in rows], "o-",
+                     label=f"{height} jaxfusion")  # fmt: skip
+        traffic.plot(devices, [r.comm_bytes_reference_per_device_step / 1e6 for r in rows],
+                     "x--", label=f"{height} reference scheme")  # fmt: skip
+    flops.set(xlabel="devices", ylabel="TFLOPs per device per step", xscale="log", yscale="log")
+    traffic.set(xlabel="devices", ylabel="MB received per device per step", xscale="log")
+    for axes in (flops, traffic):
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"{records[0].model}, one denoising step, {records[0].dtype}")
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)
