@@ -2,6 +2,7 @@
 with its duration when it ends (also when the output is not a terminal)."""
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,9 @@ class StageDisplay:
     (12.3 s)". `last_seconds` holds the duration of the stage that ended last."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        # Off a terminal (logs, CI) rich would assume 80 columns and squeeze tables.
+        width = None if sys.stderr.isatty() else 160
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True, width=width)
         self.last_seconds = 0.0
 
     @contextlib.contextmanager
