@@ -241,6 +241,12 @@ def run(args, display) -> int:
 
     config = load_config(args.model)
     plot = check_output_path(args.plot) if args.plot else None
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ValueError(f"--plot {plot}: the file must end in .png")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise FileNotFoundError(
+            f"--json {args.json}: folder {Path(args.json).parent} does not exist"
+        )
     records = []
     for height in args.height:
         width = args.width or height
