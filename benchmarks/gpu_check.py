@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxfusion import schedulers
@@ -80,6 +81,7 @@ def main() -> None:
     }
     record["out"].mkdir(parents=True, exist_ok=True)
     print(f"{record['device']}, jax {jax.__version__}", flush=True)
+    print("drawing random weights ...", flush=True)
     unet = random_unet(UNetConfig.from_diffusers(config))
     print(f"random weights ready ({time.perf_counter() - record['start']:.0f} s)", flush=True)
     sizes = [s // 4 for s in args.sizes] if args.tiny else args.sizes
@@ -97,6 +99,8 @@ def attempt(record: dict, name: str, run) -> None:
     if time.perf_counter() - record["start"] > record["budget_s"]:
         record["errors"].append(f"{name}: skipped, over the time budget")
         return
+    elapsed = time.perf_counter() - record["start"]
+    print(f"[{elapsed:5.0f} s] {name} ...", flush=True)  # the log shows where time goes
     try:
         run()
     except Exception as error:  # one broken measurement must not stop the others
@@ -112,17 +116,20 @@ def save(record: dict) -> None:
 
 
 def random_unet(config: UNetConfig) -> UNet2DConditionModel:
-    """The UNet with N(0, 0.02) bfloat16 weights drawn on the device."""
+    """The UNet with N(0, 0.02) bfloat16 weights drawn on the device: one draw for all of
+    them, cut into the parameters (a draw per parameter would make a program of thousands
+    of random-number generators, slow to compile)."""
     abstract = UNet2DConditionModel.abstract(config, dtype=jnp.bfloat16)
     graphdef, shapes = nnx.split(abstract)
     leaves, treedef = jax.tree.flatten(shapes)
+    offsets = np.cumsum([0] + [leaf.size for leaf in leaves])
 
     @jax.jit
     def draw(key):
-        keys = jax.random.split(key, len(leaves))
+        flat = 0.02 * jax.random.normal(key, (int(offsets[-1]),), jnp.bfloat16)
         return [
-            (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
-            for k, leaf in zip(keys, leaves, strict=True)
+            flat[start:end].reshape(leaf.shape).astype(leaf.dtype)
+            for start, end, leaf in zip(offsets[:-1], offsets[1:], leaves, strict=True)
         ]
 
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, draw(jax.random.key(0))))
