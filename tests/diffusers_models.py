@@ -8,6 +8,14 @@ import numpy as np
 import torch
 from flax import nnx
 
+# The noise schedule of SD 1.x, SD 2.x and SDXL (diffusers scheduler arguments).
+SD_NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+)
 SDXL_LIKE = dict(
     sample_size=16,
     in_channels=4,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from diffusers_models import SD15_LIKE, SDXL_LIKE, randomize
+from diffusers_models import SD15_LIKE, SD_NOISE_SCHEDULE, SDXL_LIKE, randomize
 
 from jaxfusion.tokenizer import write_tokenizer
 
@@ -44,11 +44,7 @@ TEXT = dict(
 # The noise schedule of SD 1.x and SDXL; the extra keys are those of SDXL's published
 # scheduler_config.json (read when another scheduler class is built from it).
 SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
+    SD_NOISE_SCHEDULE,
     clip_sample=False,
     set_alpha_to_one=False,
     skip_prk_steps=True,

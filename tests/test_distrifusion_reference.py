@@ -8,17 +8,10 @@ import itertools
 import diffusers
 import pytest
 import torch
-from diffusers_models import SD15_LIKE, SDXL_LIKE, randomize
+from diffusers_models import SD15_LIKE, SD_NOISE_SCHEDULE, SDXL_LIKE, randomize
 from distrifusion_reference import GN_RULES, DisplacedUNet, _hooked, _State, reference_denoise
 
 STEPS = 4
-SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-)
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -45,14 +38,14 @@ class _Case:
                 time_ids=torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2),
             )
             self.scheduler = lambda: diffusers.EulerDiscreteScheduler(
-                **SCHEDULE, timestep_spacing="leading"
+                **SD_NOISE_SCHEDULE, timestep_spacing="leading"
             )
         else:  # no guidance, DDIM
             self.guidance_scale = None
             self.encoder_hidden_states = torch.randn(1, 7, cross, generator=generator)
             self.added_cond_kwargs = None
             self.scheduler = lambda: diffusers.DDIMScheduler(
-                **SCHEDULE, clip_sample=False, set_alpha_to_one=False
+                **SD_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False
             )
         self._single = None
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers_models import SDXL_LIKE, randomize, relative_l2
+from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIKE, randomize, relative_l2
 from distrifusion_reference import reference_denoise
 from flax import nnx
 from jax.extend.core import Literal
@@ -28,14 +28,7 @@ from sharding.loops import Conditioning, Sampling, denoise, set_patch_context
 STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
 LATENT = 32  # SDXL_LIKE has 3 levels: with P = 8 the smallest feature map is one row per patch
 ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may change
-SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-)
+SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
 COLLECTIVES = {"ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter"}
 
 
