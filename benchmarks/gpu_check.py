@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion import schedulers
+from jaxfusion import builtin, schedulers
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
-from sharding.analysis import local_step, stale_buffers, trace_step
+from sharding.analysis import local_step, trace_step
 from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling
 from sharding.parallel import ParallelConfig
 
@@ -39,14 +39,6 @@ TINY = dict(
     norm_num_groups=8,
     projection_class_embeddings_input_dim=32 + 6 * 256,
 )
-SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
 
 
 def main() -> None:
@@ -136,7 +128,9 @@ def random_unet(config: UNetConfig) -> UNet2DConditionModel:
 
 
 def sampling_inputs(config: UNetConfig) -> Sampling:
-    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), 50)
+    schedule = schedulers.make_schedule(
+        schedulers.SchedulerConfig.from_diffusers(builtin.SCHEDULER), 50
+    )
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     key = jax.random.key(1)
     conditioning = Conditioning(
@@ -200,7 +194,7 @@ def per_device_row(unet, sampling, latents, patches: int, single_s: float, args,
     received = sum(c.received_bytes for c in traced.collectives())
     per_device = jax.tree.map(
         lambda s: jnp.zeros((s.shape[0] // patches, *s.shape[1:]), s.dtype) + 0.01,
-        stale_buffers(unet, sampling, shapes, parallel),
+        traced.buffers,
     )
     slab = latents[:, : latents.shape[1] // patches]
     state = schedulers.init_state(sampling.schedule, slab)

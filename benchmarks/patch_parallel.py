@@ -14,14 +14,12 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import jax.numpy as jnp  # noqa: E402
-
+from jaxfusion.bench.analyze import abstract_inputs  # noqa: E402
 from jaxfusion.builtin import builtin_model_path  # noqa: E402
 from jaxfusion.images import psnr  # noqa: E402
 from jaxfusion.pipelines import load_pipeline  # noqa: E402
 from sharding.analysis import trace_step  # noqa: E402
 from sharding.context import GROUP_NORM_RULES  # noqa: E402
-from sharding.loops import Conditioning, Sampling  # noqa: E402
 from sharding.parallel import ParallelConfig  # noqa: E402
 
 PROMPT = "a red circle at the top left and a blue square"
@@ -46,12 +44,9 @@ def main() -> None:
     for name, parallel in configs.items():
         print(f"  {name:24s} {psnr(pipe(PROMPT, parallel=parallel, **options), single):7.2f} dB")
 
-    parallel = ParallelConfig(args.devices)
-    f = pipe.downscale_factor
-    latents = jax.ShapeDtypeStruct((1, args.size // f, args.size // f, 4), pipe.dtype)
-    traced = trace_step(
-        pipe.unet, abstract_sampling(pipe, args.steps), latents, parallel, "displaced"
-    )
+    latent = args.size // pipe.downscale_factor
+    unet, sampling, latents = abstract_inputs(pipe.unet.config, latent, latent, pipe.dtype)
+    traced = trace_step(unet, sampling, latents, ParallelConfig(args.devices), "displaced")
     print("\ncollectives of one displaced step (CFG batch 2, C = 1), per device:")
     total = 0
     for c in traced.collectives():
@@ -66,22 +61,6 @@ def main() -> None:
         received = sum(c.received_bytes for c in of_kind)
         print(f"    {kind:11s} x{len(of_kind):3d} {received:>12,d} B")
     print(f"stale buffers: {traced.stale_bytes_per_device():,d} bytes per device")
-
-
-def abstract_sampling(pipe, steps: int) -> Sampling:
-    """The sampling inputs of a CFG batch of 2, as shapes."""
-    from jaxfusion import schedulers
-
-    config = schedulers.SchedulerConfig.from_diffusers(pipe.scheduler_config)
-    unet = pipe.unet.config
-    text = jax.ShapeDtypeStruct((2, 77, unet.cross_attention_dim), pipe.dtype)
-    pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
-    conditioning = Conditioning(
-        text,
-        jax.ShapeDtypeStruct((2, pooled), pipe.dtype),
-        jax.ShapeDtypeStruct((2, 6), jnp.float32),
-    )
-    return Sampling(schedulers.make_schedule(config, steps), conditioning, jnp.float32(5.0))
 
 
 if __name__ == "__main__":

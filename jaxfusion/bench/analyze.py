@@ -18,7 +18,7 @@ from convert.files import write_atomically
 from jaxfusion import schedulers
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
-from sharding.analysis import stale_buffers, trace_step
+from sharding.analysis import trace_step
 from sharding.context import PatchContext
 from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling, step_function
 from sharding.parallel import ParallelConfig
@@ -111,8 +111,11 @@ class StepAnalysis:
     collectives: dict[str, dict[str, int]]
 
 
-def abstract_inputs(config: UNetConfig, height: int, width: int, dtype) -> tuple:
-    """(UNet, sampling inputs, latents) as shapes: the CFG batch of 2 with 77 text tokens."""
+def abstract_inputs(
+    config: UNetConfig, latent_height: int, latent_width: int, dtype
+) -> tuple[UNet2DConditionModel, Sampling, jax.ShapeDtypeStruct]:
+    """(UNet, sampling inputs, latents) as shapes: the CFG batch of 2 with 77 text tokens,
+    one (1, latent_height, latent_width, C) latent."""
     unet = UNet2DConditionModel.abstract(config, dtype=dtype)
     schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), 50)
     text = jax.ShapeDtypeStruct((2, TEXT_TOKENS, config.cross_attention_dim), dtype)
@@ -122,13 +125,13 @@ def abstract_inputs(config: UNetConfig, height: int, width: int, dtype) -> tuple
         embeds = jax.ShapeDtypeStruct((2, pooled), dtype)
         time_ids = jax.ShapeDtypeStruct((2, 6), jnp.float32)
     sampling = Sampling(schedule, Conditioning(text, embeds, time_ids), jnp.float32(5.0))
-    latents = jax.ShapeDtypeStruct((1, height // 8, width // 8, config.in_channels), dtype)
+    latents = jax.ShapeDtypeStruct((1, latent_height, latent_width, config.in_channels), dtype)
     return unet, sampling, latents
 
 
 def single_step_cost(config: UNetConfig, height: int, width: int, dtype) -> dict:
-    """cost_analysis of one single-device step."""
-    unet, sampling, latents = abstract_inputs(config, height, width, dtype)
+    """cost_analysis of one single-device step for a height x width image."""
+    unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
     graphdef, weights = nnx.split(unet)
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
 
@@ -140,12 +143,19 @@ def single_step_cost(config: UNetConfig, height: int, width: int, dtype) -> dict
 
 
 def analyze(
-    model: str, config: UNetConfig, height: int, width: int, parallel: ParallelConfig, dtype
+    model: str,
+    config: UNetConfig,
+    height: int,
+    width: int,
+    parallel: ParallelConfig,
+    dtype,
+    single: dict | None = None,
 ) -> StepAnalysis:
     """Compiles the steady-state step of `parallel` (a displaced step for displaced mode)
-    for the first C x P devices and reads it, with the single-device step for comparison."""
-    unet, sampling, latents = abstract_inputs(config, height, width, dtype)
-    single = single_step_cost(config, height, width, dtype)
+    for the first C x P devices and reads it, with the single-device step for comparison
+    (`single`: its `single_step_cost`, computed here when not given)."""
+    unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
+    single = single or single_step_cost(config, height, width, dtype)
     record = dict(
         model=model,
         height=height,
@@ -172,14 +182,12 @@ def analyze(
     exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
     _, weights = nnx.split(unet)
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
-    buffers = nnx.State({})
-    if exchange == "displaced":
-        buffers = stale_buffers(unet, sampling, latents, parallel)
+    traced = trace_step(unet, sampling, latents, parallel, exchange)
     context = PatchContext(parallel.patches, exchange, parallel.group_norm)
     step = jax.jit(step_function(unet, parallel, context))
-    compiled = step.lower(weights, buffers, sampling, latents, state, jnp.int32(10)).compile()
+    args = (weights, traced.buffers, sampling, latents, state, jnp.int32(10))
+    compiled = step.lower(*args).compile()
     cost, memory = _cost(compiled), compiled.memory_analysis()
-    traced = trace_step(unet, sampling, latents, parallel, exchange)
     hlo = hlo_collectives(compiled.as_text(), record["devices"])
     by_op: dict[str, dict[str, int]] = {}
     for c in hlo:
@@ -250,6 +258,7 @@ def run(args, display) -> int:
     records = []
     for height in args.height:
         width = args.width or height
+        single = None  # the single-device step, compiled once per size
         for devices in args.devices:
             mode = "single" if devices == 1 else args.parallel
             cfg = 2 if args.cfg_parallel and devices > 1 else 1
@@ -257,7 +266,9 @@ def run(args, display) -> int:
             multiple = 8 * 2 ** (config.num_levels - 1)
             parallel.check_size(height, width, multiple)
             with display(f"{args.model} {height}x{width}, {devices} device(s), {mode}"):
-                records.append(analyze(args.model, config, height, width, parallel, args.dtype))
+                single = single or single_step_cost(config, height, width, args.dtype)
+                record = analyze(args.model, config, height, width, parallel, args.dtype, single)
+                records.append(record)
     print_table(records, display)
     if args.json:
         text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
