@@ -54,7 +54,7 @@ class Request(NamedTuple):
     prompt_ids, negative_ids: per tokenizer, (B, 77) int32; negative_ids None when the
         negative embeddings are zeros or there is no guidance.
     latents: (B, h, w, C) float32 NHWC initial noise, before init_noise_sigma.
-    time_ids, negative_time_ids: (B, 6) float32 SDXL micro-conditioning, else None.
+    time_ids: (B, 6) float32 SDXL micro-conditioning (both guidance halves), else None.
     schedule: the sampler's precomputed schedule.
     guidance_scale: () float32.
     """
@@ -63,7 +63,6 @@ class Request(NamedTuple):
     negative_ids: tuple[jax.Array, ...] | None
     latents: jax.Array
     time_ids: jax.Array | None
-    negative_time_ids: jax.Array | None
     schedule: schedulers.Schedule
     guidance_scale: jax.Array
 
@@ -298,15 +297,11 @@ class TextToImagePipeline:
         parallel = parallel or ParallelConfig()
         self.check_parallel(parallel, height, width, guidance)
         zero_negative = guidance and negative_prompt is None and self.force_zeros_for_empty_prompt
-        time_ids, negative_time_ids = self.added_conditioning(
-            len(prompts), height, width, **conditioning
-        )
         request = Request(
             prompt_ids=self._tokenize(prompts),
             negative_ids=self._tokenize(negatives) if guidance and not zero_negative else None,
             latents=noise,
-            time_ids=time_ids,
-            negative_time_ids=negative_time_ids if guidance else None,
+            time_ids=self.added_conditioning(len(prompts), height, width, **conditioning),
             schedule=schedule,
             guidance_scale=jnp.float32(guidance_scale),
         )
@@ -339,17 +334,16 @@ class TextToImagePipeline:
         conditioning = self.encode_prompt(
             models, request.prompt_ids, request.time_ids, options.clip_skip
         )
-        if options.guidance and options.zero_negative:
-            negative = jax.tree.map(jnp.zeros_like, conditioning)._replace(
-                time_ids=request.negative_time_ids
-            )
-        elif options.guidance:
-            negative = self.encode_prompt(
-                models, request.negative_ids, request.negative_time_ids, options.clip_skip
-            )
-        unet = models.unet
         if options.guidance:
+            if options.zero_negative:
+                negative = jax.tree.map(jnp.zeros_like, conditioning)
+                negative = negative._replace(time_ids=request.time_ids)
+            else:
+                negative = self.encode_prompt(
+                    models, request.negative_ids, request.time_ids, options.clip_skip
+                )
             conditioning = concat_batches(negative, conditioning)
+        unet = models.unet
         schedule = request.schedule
         latents = (request.latents * schedule.init_noise_sigma).astype(unet.dtype)
         guidance_scale = request.guidance_scale if options.guidance else None
@@ -369,11 +363,10 @@ class TextToImagePipeline:
         """Token ids per tokenizer, (B, 77) each -> the UNet's conditioning (inside the program)."""
         raise NotImplementedError
 
-    def added_conditioning(
-        self, batch: int, height: int, width: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(time_ids, negative_time_ids), each (B, 6) float32, or None where the UNet takes none."""
-        return None, None
+    def added_conditioning(self, batch: int, height: int, width: int) -> np.ndarray | None:
+        """time_ids (B, 6) float32 for both guidance halves, or None where the UNet takes
+        none."""
+        return None
 
     def check_parallel(
         self, parallel: ParallelConfig, height: int, width: int, guidance: bool

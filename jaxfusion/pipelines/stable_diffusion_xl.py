@@ -62,7 +62,7 @@ class SDXLPipeline(TextToImagePipeline):
         original_size: Sequence[int] | None = None,
         crops_coords_top_left: Sequence[int] = (0, 0),
         target_size: Sequence[int] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> np.ndarray:
         """SDXL's micro-conditioning, (B, 6) float32 for both CFG halves: original_size and
         target_size default to (height, width), as in diffusers."""
         values = [
@@ -75,5 +75,4 @@ class SDXLPipeline(TextToImagePipeline):
                 "original_size, crops_coords_top_left and target_size are pairs (height, width), "
                 f"(top, left), (height, width); got {values}"
             )
-        time_ids = np.tile(np.asarray(values, np.float32), (batch, 1))
-        return time_ids, time_ids
+        return np.tile(np.asarray(values, np.float32), (batch, 1))
