@@ -1,4 +1,4 @@
-"""The `jaxfusion` command: generate, convert, compare."""
+"""The `jaxfusion` command: generate, compare, convert, bench analyze|time, profile, eval."""
 
 from __future__ import annotations
 
@@ -20,18 +20,20 @@ from sharding.parallel import MODES, NAIVE_SPLITS
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_STEPS = 50
+DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    devices = max(np.atleast_1d(getattr(args, "devices", 1)))
     if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
         import jax
 
         jax.config.update("jax_platforms", "cpu")
-        simulate_cpu_devices(max(args.devices))
-    elif getattr(args, "devices", 1) > 1:
-        simulate_cpu_devices(args.devices)
+        simulate_cpu_devices(devices)
+    elif devices > 1:
+        simulate_cpu_devices(devices)
     display = StageDisplay()
     try:
         return args.command(args, display)
@@ -93,6 +95,45 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", help="write one record per configuration")
     analyze.add_argument("--plot", help="a .png of FLOPs and traffic per device")
     analyze.set_defaults(command=run_analyze)
+
+    timing = bench.add_parser(
+        "time", help="median wall time per denoising step and per image, modes x devices"
+    )
+    add_measurement_options(timing, steps=10)
+    timing.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4], help="1 runs single")
+    timing.add_argument(
+        "--parallel", choices=MODES[1:], nargs="+", default=["sync", "displaced", "naive"]
+    )
+    timing.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up run")
+    timing.add_argument(
+        "--torch", action="store_true", help="also time diffusers (PyTorch) on the same config"
+    )
+    timing.add_argument("--json", help="write one record per configuration")
+    timing.set_defaults(command=run_time)
+
+    profile = commands.add_parser(
+        "profile",
+        help="a jax.profiler trace of a few steps, the optimized HLO, a collectives summary",
+    )
+    add_measurement_options(profile, steps=4)
+    add_parallel_options(profile)
+    profile.add_argument("--out", required=True, help="new folder for the trace and reports")
+    profile.set_defaults(command=run_profile)
+
+    evaluate = commands.add_parser(
+        "eval", help="PSNR/SSIM of displaced (each GroupNorm rule) and naive against single"
+    )
+    add_measurement_options(evaluate, steps=25)
+    evaluate.add_argument(
+        "--prompts", help="a text file, one prompt per line (default: a built-in list)"
+    )
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    evaluate.add_argument("--devices", type=int, default=4, help="patch devices (CPU: simulated)")
+    evaluate.add_argument("--gn", choices=GROUP_NORM_RULES, nargs="+", default=GROUP_NORM_RULES)
+    evaluate.add_argument("--warmup-steps", type=int, default=4)
+    evaluate.add_argument("--naive-split", choices=NAIVE_SPLITS, default="row")
+    evaluate.add_argument("--out", required=True, help="new folder: images, metrics.json, grid")
+    evaluate.set_defaults(command=run_eval)
     return parser
 
 
@@ -125,6 +166,21 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     add_loading_options(parser)
     add_parallel_options(parser)
+
+
+def add_measurement_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The model and request of `bench time`, `profile` and `eval`."""
+    parser.add_argument(
+        "--model", help="diffusers pipeline folder or hub id (default: the built-in model)"
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
+    parser.add_argument("--scheduler", choices=schedulers.KINDS, help="default: the folder's own")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_loading_options(parser)
 
 
 def add_parallel_options(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +315,24 @@ def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.bench import analyze
 
     return analyze.run(args, display)
+
+
+def run_time(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.bench import timing
+
+    return timing.run(args, display)
+
+
+def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.bench import profile
+
+    return profile.run(args, display)
+
+
+def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.bench import evaluate
+
+    return evaluate.run(args, display)
 
 
 def model_path(args: argparse.Namespace) -> str | Path:
