@@ -55,3 +55,32 @@ def side_by_side(images: list[np.ndarray], gap: int = 4) -> np.ndarray:
     spacer = np.ones((height, gap, 3), np.float32)
     parts = [part for image in images for part in (np.asarray(image, np.float32), spacer)]
     return np.concatenate(parts[:-1], axis=1)
+
+
+def grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
+    """Rows of (H, W, 3) images (the same count in each) -> one image: each row
+    `side_by_side`, the rows stacked with `gap` white pixels between.
+    Size: (r*H + (r-1)*gap, n*W + (n-1)*gap, 3) for r rows of n images."""
+    lines = [side_by_side(row, gap) for row in rows]
+    spacer = np.ones((gap, lines[0].shape[1], 3), np.float32)
+    parts = [part for line in lines for part in (line, spacer)]
+    return np.concatenate(parts[:-1], axis=0)
+
+
+def ssim(image: np.ndarray, reference: np.ndarray) -> float:
+    """Structural similarity (Wang et al. 2004) of (H, W, 3) images in [0, 1], by
+    scikit-image with the paper's settings: an 11 x 11 Gaussian window of sigma 1.5, the
+    population covariance, averaged over channels. 1 if equal."""
+    from skimage.metrics import structural_similarity
+
+    return float(
+        structural_similarity(
+            np.asarray(image, np.float64),
+            np.asarray(reference, np.float64),
+            channel_axis=-1,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+    )

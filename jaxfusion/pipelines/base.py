@@ -286,6 +286,44 @@ class TextToImagePipeline:
         Returns:
           (B, height, width, 3) float32 in [0, 1], as diffusers' `output_type="np"`.
         """
+        request, options = self.prepare(
+            prompt,
+            negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            latents=latents,
+            scheduler=scheduler,
+            clip_skip=clip_skip,
+            parallel=parallel,
+            **conditioning,
+        )
+        program = self.compile(request, options, stage)
+        batch, steps = request.latents.shape[0], request.schedule.timesteps.shape[0]
+        with stage(f"denoising {batch} image(s), {steps} steps"):
+            images = jax.block_until_ready(program(self._state, request))
+        return np.asarray(images)
+
+    def prepare(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
+        parallel: ParallelConfig | None = None,
+        **conditioning: Any,
+    ) -> tuple[Request, Options]:
+        """The checked request and options that `__call__` compiles and runs for the same
+        arguments (see there); nothing compiles here."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = self.size(height, width)
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -305,11 +343,7 @@ class TextToImagePipeline:
             schedule=schedule,
             guidance_scale=jnp.float32(guidance_scale),
         )
-        options = Options(guidance, zero_negative, clip_skip, parallel)
-        program = self.compile(request, options, stage)
-        with stage(f"denoising {len(prompts)} image(s), {schedule.timesteps.shape[0]} steps"):
-            images = jax.block_until_ready(program(self._state, request))
-        return np.asarray(images)
+        return request, Options(guidance, zero_negative, clip_skip, parallel)
 
     def compile(self, request: Request, options: Options, stage: Stage = no_display):
         """The compiled program for requests shaped as `request` (compiled once per shape

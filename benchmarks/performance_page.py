@@ -1,0 +1,456 @@
+"""Regenerates docs/performance.md, the results page (never edit it by hand), from the raw
+results in docs/results/; `--run` first runs the measurements that write them.
+
+    python benchmarks/performance_page.py --run                 # measure everything, render
+    python benchmarks/performance_page.py --run --only eval     # remeasure some parts, render
+    python benchmarks/performance_page.py                       # render from what exists
+
+Parts: analysis (bench analyze: the SDXL step's per-device cost, from shapes alone), time
+(bench time: the built-in model, and diffusers), eval (PSNR/SSIM on 4 and 8 devices), machine
+(machine.json, also written whenever another part runs). The GPU check's
+benchmarks/results/gpu_check.json is shown when present (`bash benchmarks/gpu_check.sh
+benchmarks/results` on a machine with an NVIDIA GPU writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from convert.files import write_atomically
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("analysis", "time", "eval", "machine")
+EVAL_DEVICES = (4, 8)
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+GPU_CHECK = "bash benchmarks/gpu_check.sh benchmarks/results"
+# DistriFusion's figures (../shared/DESIGN.md section 5), all SDXL with 50-step DDIM on A100s.
+PAPER_ELEMENTS_8 = {1024: 0.42, 2048: 1.48, 3840: 5.38}  # Table 2: patch parallel, G per step
+PAPER_PSNR = {(4, "displaced-corrected"): 23.0, (8, "displaced-corrected"): 22.0, (8, "naive"): 7.7}
+PAPER_LATENCY = """resolution | 1 GPU | 2 GPUs | 4 GPUs | 8 GPUs
+1024x1024 | 5.02 s | 3.35 s (1.5x) | 2.26 s (2.2x) | 1.77 s (2.8x)
+2048x2048 | 23.7 s | 13.3 s (1.8x) | 7.60 s (3.1x) | 4.81 s (4.9x)
+3840x3840 | 140 s | 76.6 s (1.8x) | 41.3 s (3.4x) | 22.9 s (6.1x)"""
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository root when inside it (the commands run from there)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def commands(results: Path) -> dict[str, list[tuple[str, list[Path]]]]:
+    """Per part: (the arguments of `jaxfusion`, the outputs they write) for each command."""
+    a, png, t = (results / name for name in ("analysis.json", "analysis.png", "time.json"))
+
+    def q(path: Path) -> str:
+        return shlex.quote(shown(path))
+
+    return {
+        "analysis": [
+            (
+                "bench analyze --model sdxl --height 1024 2048 3840 --devices 1 2 4 8 "
+                f"--dtype bfloat16 --json {q(a)} --plot {q(png)}",
+                [a, png],
+            )
+        ],
+        "time": [
+            (
+                "bench time --height 128 --width 128 --devices 1 2 4 --steps 10 --runs 3 "
+                f"--torch --json {q(t)}",
+                [t],
+            )
+        ],
+        "eval": [
+            (
+                f"eval --height 256 --width 256 --devices {n} --steps 25 "
+                f"--out {q(results / f'eval-{n}')}",
+                [results / f"eval-{n}"],
+            )
+            for n in EVAL_DEVICES
+        ],
+    }
+
+
+def command_text(arguments: str) -> str:
+    """The command line as the page shows it."""
+    return f"jaxfusion {arguments}"
+
+
+def run_parts(parts: list[str], results: Path) -> list[str]:
+    """Runs the commands of `parts` from the repository root, each printed first, after
+    removing its earlier outputs (the commands refuse to overwrite), then writes
+    machine.json; returns the commands that failed."""
+    results.mkdir(parents=True, exist_ok=True)
+    executable = Path(sys.executable).with_name("jaxfusion")
+    failed, finished = [], {}
+    for part, runs in commands(results).items():
+        if part not in parts:
+            continue
+        for arguments, outputs in runs:
+            for output in outputs:
+                if output.is_dir():
+                    shutil.rmtree(output)
+                else:
+                    output.unlink(missing_ok=True)
+            print(f"$ {command_text(arguments)}", flush=True)
+            if subprocess.run([executable, *shlex.split(arguments)], cwd=ROOT).returncode:
+                failed.append(command_text(arguments))
+        if not any(command_text(a) in failed for a, _ in runs):
+            finished[part] = utc_now()
+    write_machine(results / "machine.json", finished)
+    return failed
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def write_machine(path: Path, finished: dict[str, str]) -> None:
+    """machine.json: this machine, the software, the commit, and when each part last ran
+    successfully (`finished`, merged over the earlier file's)."""
+    earlier, _ = load_json(path)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    try:
+        commit = subprocess.run(git, cwd=ROOT, capture_output=True, text=True, check=True)
+        changed = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = bool(subprocess.run(changed, cwd=ROOT, capture_output=True, text=True).stdout)
+    except (OSError, subprocess.CalledProcessError):
+        commit = dirty = None
+    machine = dict(
+        date=utc_now(),
+        platform=platform.platform(),
+        processor=names[0] if names else platform.processor() or None,
+        cpu_count=os.cpu_count(),
+        python=platform.python_version(),
+        **{name: version(name) for name in ("jax", "jaxlib", "torch")},
+        commit=commit.stdout.strip() if commit else None,
+        uncommitted_changes=dirty,
+        parts={**((earlier or {}).get("parts") or {}), **finished},
+    )
+    text = json.dumps(machine, indent=2) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def version(package: str) -> str | None:
+    """An installed package's version, or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def load_json(path: Path) -> tuple[Any, str | None]:
+    """(the parsed file, None), or (None, why there is none)."""
+    if not path.is_file():
+        return None, f"`{shown(path)}` does not exist yet"
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as error:
+        return None, f"`{shown(path)}` could not be read ({error})"
+
+
+def table(header: str, rows: list[str]) -> str:
+    """A Markdown table from "a | b" strings, the columns right-aligned."""
+    columns = header.count("|") + 1
+    return "\n".join([f"| {header} |", "|" + "---:|" * columns, *(f"| {r} |" for r in rows)])
+
+
+def num(value: float | None, spec: str, scale: float = 1.0) -> str:
+    """`value * scale` formatted, or an em dash for None."""
+    return "—" if value is None else format(value * scale, spec)
+
+
+def code(lines: list[str]) -> str:
+    """A fenced code block."""
+    return "\n".join(["```", *lines, "```"])
+
+
+def produced_by(runs: list[tuple[str, list[Path]]], machine: dict, part: str) -> list[str]:
+    """The commands that produced a section, and when (from machine.json)."""
+    when = (machine.get("parts") or {}).get(part)
+    lines = [command_text(arguments) for arguments, _ in runs]
+    return [f"Produced{f' on {when}' if when else ''} by:", code(lines)]
+
+
+def missing(problem: str, lines: list[str], part: str | None = None) -> list[str]:
+    """The body of a section whose input is missing: what to run to produce it."""
+    rerun = f" (or `python benchmarks/performance_page.py --run --only {part}`)" if part else ""
+    return [f"_No results: {problem}._ To produce them, run{rerun}:", code(lines)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Where the page and its inputs are, and machine.json's contents ({} without one)."""
+
+    results: Path
+    page: Path
+    gpu_check: Path
+    machine: dict
+
+
+def link(target: Path, page: Path) -> str:
+    """`target` relative to the page's folder, for a Markdown link."""
+    return Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()
+
+
+def analysis_section(inputs: Inputs) -> list[str]:
+    """The per-device cost of one SDXL step, received elements beside the paper's Table 2."""
+    results, page, machine = inputs.results, inputs.page, inputs.machine
+    blocks: list[str] = []
+    runs = commands(results)["analysis"]
+    records, problem = load_json(results / "analysis.json")
+    if problem:
+        return blocks + missing(problem, [command_text(a) for a, _ in runs], "analysis")
+    rows = []
+    for r in records:
+        giga = ITEMSIZE.get(r["dtype"], 4) * 1e9  # bytes per G elements
+        ours, ref = r["comm_bytes_per_device_step"], r["comm_bytes_reference_per_device_step"]
+        paper = None
+        if (r["model"], r["devices"], r["cfg"], r["height"]) == ("sdxl", 8, 1, r["width"]):
+            paper = PAPER_ELEMENTS_8.get(r["height"])
+        rows.append(
+            f"{r['height']}x{r['width']} | {r['devices']} (C={r['cfg']}) | {r['mode']} | "
+            f"{num(r['flops_per_device_step'], '.2f', 1e-12)} | "
+            f"{num(r['flops_per_device_step'] / r['flops_single_step'], '.3f')} | "
+            f"{num(ours, ',.1f', 1e-6)} | {num(ref, ',.1f', 1e-6)} | "
+            f"{num(ours / ref if ref else None, '.3f')} | {num(ours / giga, '.3f')} | "
+            f"{num(ref / giga, '.3f')} | {num(paper, '.2f')} | "
+            f"{num(r['memory_bytes_per_device'] or None, '.2f', 1e-9)} | "
+            f"{num(r['stale_bytes_per_device'], '.2f', 1e-9)}"
+        )
+    first = records[0] if records else {}
+    blocks += produced_by(runs, machine, "analysis")
+    blocks.append(
+        f"Model {first.get('model')}, {first.get('dtype')}, the CFG batch of 2 on every device "
+        "(C=1), compiled from shapes alone for simulated devices. Received: the bytes one "
+        "device receives per step, ours from the traced program (halos to the neighbours "
+        "only, the latent stays sharded) and the reference PyTorch scheme's for the same step "
+        "(all-gathers); also in G elements (bytes over the dtype's size), the unit of the "
+        "paper's Table 2, whose patch-parallel figures on 8 A100s stand beside (**the "
+        "paper's numbers, not ours**). Memory: the compiled step's arguments, outputs and "
+        "temporaries per device (— on one device: not measured); stale: the buffers a "
+        "displaced step keeps from the step before."
+    )
+    header = (
+        "size | devices | mode | TFLOPs/device | ÷ single | received MB | reference MB | "
+        "ours ÷ ref | ours G elem | ref G elem | paper G elem (8 GPUs) | memory GB | stale GB"
+    )
+    blocks.append(table(header, rows))
+    if (results / "analysis.png").is_file():
+        blocks.append(f"![FLOPs and traffic per device]({link(results / 'analysis.png', page)})")
+    return blocks
+
+
+def time_section(inputs: Inputs) -> list[str]:
+    """Median times per image and per step, with the paper's A100 latencies beside."""
+    results, machine = inputs.results, inputs.machine
+    blocks: list[str] = []
+    runs = commands(results)["time"]
+    data, problem = load_json(results / "time.json")
+    if problem:
+        blocks += missing(problem, [command_text(a) for a, _ in runs], "time")
+    else:
+        records = data["records"]
+        if any(r["platform"] == "cpu" for r in records):
+            blocks.append(
+                "> **Measured on CPU: these are not speed-ups.** The simulated devices share "
+                "one host's cores, so the multi-device rows show the overhead of patch "
+                "parallelism. The paper's table below is what a GPU run should show."
+            )
+        first = records[0]
+        blocks += produced_by(runs, machine, "time")
+        blocks.append(
+            f"Model {first['model']}, {first['height']}x{first['width']}, {first['steps']} "
+            f"steps, {first['dtype']}, median of {first['runs']} timed runs. From the JSON:"
+        )
+        note = data.get("note", "").splitlines()  # less its ratio, given below
+        note = [line for line in note if not line.startswith("diffusers (PyTorch)")]
+        blocks.append("\n".join("> " + line for line in note))
+        rows = [
+            f"{'jaxfusion' if r['backend'] == 'jax' else 'diffusers (PyTorch)'} | {r['mode']} | "
+            f"{r['devices']} | {device(r['platform'], r['device_kind'])} | "
+            f"{num(r['median_image_s'], '.3f')} | {num(r['median_step_s'], '.1f', 1e3)} | "
+            f"{num(r['speedup_vs_single'], '.2f')} | {num(r['step_speedup_vs_single'], '.2f')}"
+            for r in records
+        ]
+        header = "backend | mode | devices | device | per image s | per step ms | image speed-up"
+        blocks.append(table(header + " | step speed-up", rows))
+        single = next((r for r in records if r["backend"] == "jax" and r["mode"] == "single"), None)
+        torch = next((r for r in records if r["backend"] == "torch"), None)
+        if single and torch:
+            step = None
+            if single["median_step_s"] and torch["median_step_s"]:
+                step = torch["median_step_s"] / single["median_step_s"]
+            blocks.append(
+                "diffusers (PyTorch) ÷ jaxfusion single (torch/jax time): "
+                f"{torch['median_image_s'] / single['median_image_s']:.2f} per image, "
+                f"{num(step, '.2f')} per step."
+            )
+    blocks.append(
+        "**The paper's numbers, not ours** (DistriFusion: SDXL, 50-step DDIM, one image, A100s "
+        "with NVLink, CUDA graphs, no CFG split; seconds per image, speed-up over 1 GPU):"
+    )
+    lines = PAPER_LATENCY.splitlines()
+    return [*blocks, table(lines[0], lines[1:])]
+
+
+def device(name: str, kind: str) -> str:
+    """The device column: "cpu", or "cuda (NVIDIA H100 ...)"."""
+    return name if kind == name else f"{name} ({kind})"
+
+
+def eval_section(inputs: Inputs) -> list[str]:
+    """Mean PSNR/SSIM per mode against single on 4 and 8 devices, beside the paper's PSNR."""
+    results, page, machine = inputs.results, inputs.page, inputs.machine
+    blocks = [
+        "The paper's PSNR (**their numbers, not ours**) is for SDXL at 1024x1024 with 50 steps "
+        "against the 1-GPU image: 23.0 dB on 4 GPUs and 22.0 dB on 8 (DistriFusion, corrected "
+        "GroupNorm), naive patches on 8 GPUs 7.7 dB. Ours are for the built-in model at "
+        "256x256 with 25 steps: compare the trends, not the values.",
+    ]
+    for n, run in zip(EVAL_DEVICES, commands(results)["eval"], strict=True):
+        blocks.append(f"### {n} devices")
+        folder = run[1][0]
+        data, problem = load_json(folder / "metrics.json")
+        if problem:
+            blocks += missing(problem, [command_text(run[0])], "eval")
+            continue
+        config = data["config"]
+        blocks += produced_by([run], machine, "eval")
+        blocks.append(
+            f"Model {config['model']}, {config['height']}x{config['width']}, {config['steps']} "
+            f"steps, {config['dtype']}, {len(config['prompts'])} prompt(s) x seeds "
+            f"{', '.join(map(str, config['seeds']))}; mean over the images (PSNR —: identical)."
+        )
+        rows = [
+            f"{name} | {num(m['psnr_db'], '.2f')} | {num(m['ssim'], '.4f')} | "
+            f"{num(PAPER_PSNR.get((n, name)), '.1f')}"
+            for name, m in data["mean"].items()
+        ]
+        blocks.append(table("mode | PSNR dB | SSIM | paper PSNR dB (SDXL 1024, 50 steps)", rows))
+        if (folder / "grid.png").is_file():
+            columns = ", ".join(data.get("grid", {}).get("columns", []))
+            grid = link(folder / "grid.png", page)
+            blocks.append(f"[Grid]({grid}), one row per prompt and seed; columns: {columns}")
+            blocks.append(f"![{n}-device grid]({grid})")
+    return blocks
+
+
+def gpu_section(inputs: Inputs) -> list[str]:
+    """The GPU check: the SDXL UNet step in JAX and PyTorch, and projected P-device steps."""
+    path = inputs.gpu_check
+    blocks: list[str] = []
+    data, problem = load_json(path)
+    if problem:
+        return blocks + missing(f"no GPU run is recorded yet ({problem})", [GPU_CHECK])
+    blocks += ["Produced by:", code([GPU_CHECK])]
+    blocks.append(
+        f"{data['device']}, {data['date']}, jax {data['jax']}, {data['unet']} UNet with random "
+        f"weights, {data['dtype']}, batch {data['batch']}. Projected: the measured per-device "
+        f"compute plus the received bytes at {data['link_gbs']:g} GB/s, assuming no overlap: "
+        "**projected, not measured on P devices**."
+    )
+    rows = [
+        f"{row['kind']} | {row['size']} | {row['devices']} | {num(row['step_s'], '.1f', 1e3)} | "
+        f"{num(row['compile_s'], '.1f')} | {num(row.get('received_bytes'), ',.1f', 1e-6)} | "
+        f"{num(row.get('projected_step_s'), '.1f', 1e3)} | "
+        f"{num(row.get('projected_speedup'), '.2f')}"
+        for row in data["rows"]
+    ]
+    header = "what | size | P | step ms | first call s | received MB | projected ms"
+    blocks.append(table(header + " | projected speed-up", rows))
+    jax = {row["size"]: row["step_s"] for row in data["rows"] if row["kind"] == "jax"}
+    ratios = [
+        f"{row['kind']} ÷ jax at {row['size']}: {row['step_s'] / jax[row['size']]:.2f}"
+        for row in data["rows"]
+        if row["kind"].startswith("torch") and row["size"] in jax
+    ]
+    if ratios:
+        blocks.append("Step time, PyTorch over JAX (one device): " + "; ".join(ratios) + ".")
+    errors = data.get("errors", [])
+    return blocks + (["\n".join(f"- error: {error}" for error in errors)] if errors else [])
+
+
+def render(results: Path, page: Path, gpu_check: Path) -> str:
+    """The whole page, from whatever results exist."""
+    machine, _ = load_json(results / "machine.json")
+    machine = machine or {}
+    inputs = Inputs(results, page, gpu_check, machine)
+    blocks = [
+        "# Performance",
+        "<!-- Generated by `python benchmarks/performance_page.py --run`: do not edit. -->",
+        "_This page is generated by `python benchmarks/performance_page.py --run` from the raw "
+        f"results in `{shown(results)}/` (without `--run` it re-renders them). Do not edit it "
+        "by hand._",
+    ]
+    if machine:
+        m = {key: machine.get(key) for key in ("jax", "jaxlib", "torch", "commit", "date")}
+        blocks.append(
+            f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
+            f"{machine.get('platform')}; Python {machine.get('python')}, jax {m['jax']}, "
+            f"jaxlib {m['jaxlib']}, torch {m['torch']}; commit {m['commit']}"
+            f"{' with uncommitted changes' if machine.get('uncommitted_changes') else ''}; "
+            f"last run {m['date']}."
+        )
+    else:
+        blocks.append("Machine: not recorded (`--run` writes machine.json).")
+    sections = [
+        ("Per-device cost of one SDXL denoising step (`bench analyze`)", analysis_section),
+        ("Timing (`bench time`)", time_section),
+        ("Quality against the single-device image (`eval`)", eval_section),
+        ("GPU check (`benchmarks/gpu_check.py`)", gpu_section),
+    ]
+    for title, body in sections:
+        blocks.append(f"## {title}")
+        try:
+            blocks += body(inputs)
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as error:
+            blocks.append(
+                f"_Not rendered: its input has an unexpected layout ({type(error).__name__}: "
+                f"{error}). Rerun the command that writes it._"
+            )
+    return "\n\n".join(blocks) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="store_true", help="measure first (slow), then render")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, default=list(PARTS), help="the parts --run measures"
+    )
+    results, page = ROOT / "docs" / "results", ROOT / "docs" / "performance.md"
+    gpu_check = ROOT / "benchmarks" / "results" / "gpu_check.json"
+    parser.add_argument("--results", type=Path, default=results, help="raw results folder")
+    parser.add_argument("--page", type=Path, default=page, help="the Markdown page to write")
+    parser.add_argument("--gpu-check", type=Path, default=gpu_check, help="gpu_check.py's JSON")
+    args = parser.parse_args()
+    failed = run_parts(args.only, args.results) if args.run else []
+    text = render(args.results, args.page, args.gpu_check)
+    args.page.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.page, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {shown(args.page)}")
+    for command in failed:
+        print(f"failed: {command}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

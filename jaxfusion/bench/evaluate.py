@@ -1,0 +1,210 @@
+"""`jaxfusion eval`: how close displaced patch parallelism (with each GroupNorm rule) and the
+naive split come to the single-device image, from the same initial noise: PSNR and SSIM per
+(prompt, seed) and their means, every image as a PNG, and a grid with difference maps."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.files import write_atomically
+from jaxfusion.display import StageDisplay
+from jaxfusion.images import grid, psnr, save_image, ssim
+from sharding.parallel import ParallelConfig
+
+PROMPTS = (
+    "a red circle at the top left",
+    "a blue square at the bottom right and a yellow triangle at the top",
+    "a green triangle in the center",
+    "a purple circle at the bottom left on a white background",
+)
+REFERENCE = "single"
+# The difference maps of the grid show |image - single| times this, clipped to [0, 1].
+DIFFERENCE_GAIN = 4
+
+
+def run(args: argparse.Namespace, display: StageDisplay) -> int:
+    """Generates every (prompt, seed) with each mode from the same latents, one batch (one
+    compiled program) per mode, and writes images, `metrics.json` and `grid.png` to --out."""
+    from jaxfusion.cli import load
+
+    out = check_out_folder(Path(args.out))
+    prompts = read_prompts(args.prompts) if args.prompts else list(PROMPTS)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
+    if args.devices < 2:
+        raise ValueError(f"--devices {args.devices}: eval compares 2 or more patch devices")
+    pipe, _ = load(args, display)
+    height, width = pipe.size(args.height, args.width)
+    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+    modes = mode_configs(args)
+    for parallel in modes.values():
+        pipe.check_parallel(parallel, height, width, guidance > 1.0)
+
+    # One row of the batch per (prompt, seed), its noise drawn alone: the same in every mode,
+    # and whatever else is in the batch.
+    pairs = [(i, seed) for i in range(len(prompts)) for seed in args.seeds]
+    latents = np.concatenate([pipe.initial_latents(1, height, width, s) for _, s in pairs])
+    images = {}
+    for name, parallel in modes.items():
+        display.note(f"[bold]{name}[/bold]: {len(pairs)} image(s) on {parallel.patches} device(s)")
+        images[name] = pipe(
+            [prompts[i] for i, _ in pairs],
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=guidance,
+            latents=latents,
+            scheduler=args.scheduler,
+            parallel=parallel,
+            stage=display,
+        )
+
+    compared = [name for name in modes if name != REFERENCE]
+    records = [
+        dict(
+            prompt_index=i,
+            prompt=prompts[i],
+            seed=seed,
+            files={name: f"images/p{i}-s{seed}-{name}.png" for name in modes},
+            metrics={name: compare(images[name][k], images[REFERENCE][k]) for name in compared},
+        )
+        for k, (i, seed) in enumerate(pairs)
+    ]
+    means = {
+        name: {
+            metric: float(np.mean([r["metrics"][name][metric] for r in records]))
+            for metric in ("psnr_db", "ssim")
+        }
+        for name in compared
+    }
+    metrics = dict(
+        config=dict(
+            model=args.model or "built-in",
+            height=height,
+            width=width,
+            steps=args.steps,
+            guidance_scale=guidance,
+            scheduler=args.scheduler or pipe.scheduler_config["_class_name"],
+            dtype=args.dtype,
+            prompts=prompts,
+            seeds=args.seeds,
+            modes={name: dataclasses.asdict(parallel) for name, parallel in modes.items()},
+        ),
+        reference=REFERENCE,
+        psnr_note="null: identical to the reference (infinite PSNR)",
+        mean=means,
+        images=records,
+        grid=dict(
+            rows=[f"p{i}-s{seed}" for i, seed in pairs],
+            columns=[*modes, *(difference_label(name) for name in compared)],
+            difference_gain=DIFFERENCE_GAIN,
+        ),
+    )
+    with display(f"writing {len(pairs) * len(modes)} images, metrics.json and grid.png to {out}"):
+        write_outputs(out, images, metrics)
+    print_table(means, modes, display)
+    columns = " | ".join(metrics["grid"]["columns"])
+    display.note(f"{out / 'grid.png'}: one row per (prompt, seed); columns: {columns}")
+    return 0
+
+
+def check_out_folder(out: Path) -> Path:
+    """Refuses an --out that exists and is not an empty folder, or whose parent is missing."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty folder: name a new one")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a text file, stripped."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt (one per line)")
+    return prompts
+
+
+def mode_configs(args: argparse.Namespace) -> dict[str, ParallelConfig]:
+    """The reference first: single; displaced-RULE per --gn rule; naive (--devices each)."""
+    modes = {REFERENCE: ParallelConfig(devices=1, mode="single")}
+    for rule in args.gn:
+        modes[f"displaced-{rule}"] = ParallelConfig(
+            devices=args.devices,
+            mode="displaced",
+            group_norm=rule,
+            warmup_steps=args.warmup_steps,
+        )
+    modes["naive"] = ParallelConfig(
+        devices=args.devices, mode="naive", naive_split=args.naive_split
+    )
+    return modes
+
+
+def compare(image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The metrics of one image against its reference."""
+    return dict(psnr_db=psnr(image, reference), ssim=ssim(image, reference))
+
+
+def difference_label(name: str) -> str:
+    """The grid's name for the difference map of mode `name`."""
+    return f"abs({name} - {REFERENCE}) x{DIFFERENCE_GAIN}"
+
+
+def difference(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|image - reference| per channel times DIFFERENCE_GAIN, clipped to [0, 1]."""
+    return np.clip(np.abs(image - reference) * DIFFERENCE_GAIN, 0.0, 1.0)
+
+
+def write_outputs(out: Path, images: dict[str, np.ndarray], metrics: dict) -> None:
+    """Every image (the files `metrics` names), `grid.png` (its rows and columns, as `metrics`
+    says) and `metrics.json` into `out`, each file written atomically."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for k, record in enumerate(metrics["images"]):
+        for name, file in record["files"].items():
+            save_image(images[name][k], out / file)
+    compared = list(metrics["mean"])
+    rows = [
+        [
+            *(images[name][k] for name in images),
+            *(difference(images[name][k], images[REFERENCE][k]) for name in compared),
+        ]
+        for k in range(len(metrics["images"]))
+    ]
+    save_image(grid(rows), out / "grid.png")
+    text = json.dumps(finite_or_null(metrics), indent=2) + "\n"
+    write_atomically(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` (nested dicts and lists) with every infinite float replaced by None, which
+    JSON can hold."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(item) for item in value]
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    return value
+
+
+def print_table(
+    means: dict[str, dict[str, float]], modes: dict[str, ParallelConfig], display: StageDisplay
+) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"mean quality against {REFERENCE} (PSNR: higher is closer, SSIM: 1 equal)")
+    for column in ("mode", "devices", "PSNR dB", "SSIM"):
+        table.add_column(column, justify="right")
+    for name, mean in means.items():
+        table.add_row(
+            name, str(modes[name].patches), f"{mean['psnr_db']:.2f}", f"{mean['ssim']:.4f}"
+        )
+    display.console.print(table)

@@ -1,0 +1,384 @@
+"""`jaxfusion profile`: one generation's compiled program (prompt encoding, the denoising
+scans, VAE decoding) run under `jax.profiler.trace` after a warm-up run, with its optimized
+HLO and a report of its collectives read from that HLO: what each kind of denoising step
+exchanges (the collectives of each while loop's body run once per step), and, where the
+platform makes collectives asynchronous, whether compute is scheduled between each `-start`
+and its `-done` (work the transfer can hide behind)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax
+
+from jaxfusion.bench.analyze import HLO_COLLECTIVES, HloCollective, hlo_collectives
+from jaxfusion.display import StageDisplay
+from sharding.parallel import ParallelConfig
+
+PERFETTO = "https://ui.perfetto.dev"
+COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][a-z0-9\-]*)\(%?([\w.\-]*)")
+CALLED = re.compile(
+    r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+)
+BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+# Instructions that do no work a transfer could overlap with: the rest (fusions, convolutions,
+# custom calls to cuBLAS/cuDNN, dots, loops, ...) is compute.
+BOOKKEEPING = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy", "copy-start",
+    "copy-done", "opt-barrier", "after-all", "add-dependency", "partition-id", "replica-id",
+}  # fmt: skip
+COMMUNICATION = re.compile(
+    r"^(?:all-gather|all-reduce|all-to-all|collective-permute|collective-broadcast|"
+    r"reduce-scatter|ragged-all-to-all|send|recv|async)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One instruction of an HLO computation: its name, opcode, first operand ("" for none)
+    and its whole line of text."""
+
+    name: str
+    opcode: str
+    operand: str
+    line: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HloModule:
+    """An HLO module's text, parsed: each computation's instructions in order (the schedule,
+    in a scheduled module); for each computation the entry calls, directly or not, the while
+    instruction whose body runs it (the innermost; None: run once, outside every loop); and
+    those while instructions in program order."""
+
+    computations: dict[str, list[Instruction]]
+    loop_of: dict[str, str | None]
+    loops: list[Instruction]
+
+    @classmethod
+    def parse(cls, hlo_text: str) -> HloModule:
+        computations: dict[str, list[Instruction]] = {}
+        entry, current = "", None
+        for line in hlo_text.splitlines():
+            if (header := COMPUTATION.match(line)) is not None:
+                current = computations.setdefault(header.group(1), [])
+                entry = header.group(1) if line.startswith("ENTRY") else entry
+            elif line.startswith("}"):
+                current = None
+            elif current is not None and (match := INSTRUCTION.match(line)) is not None:
+                current.append(Instruction(*match.groups(), line))
+        module = cls(computations, {}, [])
+        module._visit(entry, None)
+        return module
+
+    def _visit(self, name: str, loop: str | None) -> None:
+        self.loop_of[name] = loop
+        for instruction in self.computations.get(name, []):
+            is_loop = instruction.opcode == "while"
+            if is_loop:
+                self.loops.append(instruction)
+            for called in _called(instruction.line):
+                if called not in self.loop_of:
+                    self._visit(called, instruction.name if is_loop else loop)
+
+
+def _called(line: str) -> list[str]:
+    names = CALLED.findall(line)
+    for branches in BRANCHES.findall(line):
+        names += [b.strip().lstrip("%") for b in branches.split(",")]
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCollectives:
+    """The collectives of one part of the program, per device: outside every loop (`loop`
+    None: run once), or in the body of the while instruction `loop` (run once per iteration;
+    an iteration of a denoising scan is one step). trip_count: its iterations, where XLA
+    knows them (1 outside the loops). Every branch of a conditional counts, as if all ran."""
+
+    loop: str | None
+    trip_count: int | None
+    collectives: list[HloCollective]
+
+
+def loop_collectives(hlo_text: str, devices: int) -> list[LoopCollectives]:
+    """The collectives of an optimized HLO module (see `hlo_collectives`; `devices`: the
+    group size where the text gives none) by the innermost while loop whose body holds them:
+    the part outside every loop first, then one entry per while loop in program order (with
+    or without collectives)."""
+    module = HloModule.parse(hlo_text)
+    trips = {None: 1, **{loop.name: _trip_count(loop.line) for loop in module.loops}}
+    found: dict[str | None, list[HloCollective]] = {loop: [] for loop in trips}
+    for name, loop in module.loop_of.items():
+        text = "\n".join(i.line for i in module.computations.get(name, []))
+        found[loop] += hlo_collectives(text, devices)
+    return [LoopCollectives(loop, trips[loop], c) for loop, c in found.items()]
+
+
+def _trip_count(line: str) -> int | None:
+    match = TRIP_COUNT.search(line)
+    return int(match.group(1)) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncCollective:
+    """An asynchronous collective of a scheduled HLO module: its `-start` and `-done`
+    instructions in `computation` (the body of while instruction `loop`, or None outside
+    every loop) and the compute instructions scheduled between them."""
+
+    computation: str
+    loop: str | None
+    op: str
+    start: str
+    done: str
+    compute_between: int
+
+    @property
+    def overlapped(self) -> bool:
+        """At least one compute instruction runs while the transfer is in flight."""
+        return self.compute_between > 0
+
+
+def async_collectives(hlo_text: str) -> list[AsyncCollective]:
+    """Every `-start`/`-done` pair of the collectives in `HLO_COLLECTIVES` in a scheduled HLO
+    module's text (the `-done` takes its `-start` as operand), in program order, with the
+    compute instructions between them in the computation's schedule (not parameters,
+    constants, tuples, bitcasts, copies or communication). Synchronous collectives (CPU)
+    have no pairs."""
+    module = HloModule.parse(hlo_text)
+    found = []
+    for name, instructions in module.computations.items():
+        position = {instruction.name: i for i, instruction in enumerate(instructions)}
+        for end, done in enumerate(instructions):
+            op = done.opcode.removesuffix("-done")
+            if op == done.opcode or op not in HLO_COLLECTIVES or done.operand not in position:
+                continue
+            begin = position[done.operand]
+            between = instructions[begin + 1 : end]
+            compute = sum(_is_compute(i.opcode) for i in between)
+            loop = module.loop_of.get(name)
+            found.append(AsyncCollective(name, loop, op, done.operand, done.name, compute))
+    return found
+
+
+def _is_compute(opcode: str) -> bool:
+    return opcode not in BOOKKEEPING and COMMUNICATION.match(opcode) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramPart:
+    """A part of the program for the report: what it runs (`label`), the denoising steps it
+    holds (`steps`), its while loop (None: outside the loops), how many times its
+    collectives run (`iterations`), and its collectives per iteration."""
+
+    label: str
+    steps: list[int]
+    loop: str | None
+    iterations: int | None
+    collectives: list[HloCollective]
+
+    def by_op(self) -> dict[str, dict[str, int]]:
+        """{op: {"count", "received_bytes"}} per iteration, per device."""
+        found: dict[str, dict[str, int]] = {}
+        for c in self.collectives:
+            entry = found.setdefault(c.op, {"count": 0, "received_bytes": 0})
+            entry["count"] += 1
+            entry["received_bytes"] += c.received_bytes
+        return found
+
+
+def scans(parallel: ParallelConfig, steps: int) -> list[tuple[str, range]]:
+    """The scans of the denoising loop (see `sharding.loops.patch_parallel_loop`), in program
+    order: (their kind of step, their steps). Displaced mode runs step 0 outside them."""
+    if parallel.mode != "displaced":
+        return [(f"{parallel.mode} steps", range(steps))]
+    warm = min(parallel.warmup_steps + 1, steps)
+    return [("warm-up steps", range(1, warm)), ("displaced steps", range(warm, steps))]
+
+
+def program_parts(
+    loops: list[LoopCollectives], parallel: ParallelConfig, steps: int
+) -> list[ProgramPart]:
+    """`loop_collectives` labelled with the scans they run. XLA inlines a scan of one step,
+    so the while loops are matched to the scans of two steps or more, in order, when their
+    trip counts agree; otherwise they are reported as loops only. (A displaced step's
+    exchanges only feed the next step: XLA drops those of the last step when it is inlined.)"""
+    outside, *loops = loops
+    expected = [(label, r) for label, r in scans(parallel, steps) if len(r) > 1]
+    matched = [loop.trip_count for loop in loops] == [len(r) for _, r in expected]
+    parts, covered = [], set()
+    for index, loop in enumerate(loops):
+        label, r = expected[index] if matched else (f"while loop {loop.loop}", range(0))
+        parts.append(ProgramPart(label, list(r), loop.loop, loop.trip_count, loop.collectives))
+        covered |= set(r)
+    rest = [s for s in range(steps) if s not in covered]
+    if not matched:
+        label = "outside the loops (once)"
+    elif rest:
+        label = f"outside the loops (once): steps {_span(rest)}, the final gather"
+    else:
+        label = "outside the loops (once): the final gather"
+    return [ProgramPart(label, rest if matched else [], None, 1, outside.collectives), *parts]
+
+
+def steady_state(
+    parts: list[ProgramPart], parallel: ParallelConfig, steps: int
+) -> ProgramPart | None:
+    """The part running the last scan (the displaced steps in displaced mode) as a loop, or
+    None (no such loop: a one-step scan, or loops XLA reshaped)."""
+    label = scans(parallel, steps)[-1][0]
+    return next((p for p in parts if p.label == label and p.loop is not None), None)
+
+
+def _span(steps: list[int]) -> str:
+    if len(steps) > 1 and steps == list(range(steps[0], steps[-1] + 1)):
+        return f"{steps[0]}..{steps[-1]}"
+    return ", ".join(map(str, steps))
+
+
+def check_out_folder(out: str) -> Path:
+    """`out` as the folder to write: new or empty (raises ValueError otherwise)."""
+    folder = Path(out)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"--out {folder} exists and is not an empty folder: give a new one")
+    return folder
+
+
+def run(args: argparse.Namespace, display: StageDisplay) -> int:
+    """`jaxfusion profile`: compiles and warms up, traces a run, writes the optimized HLO
+    and the collectives report to --out, and prints the report."""
+    from jaxfusion.cli import load, parallel_config
+
+    out = check_out_folder(args.out)
+    parallel = parallel_config(args)
+    pipe, _ = load(args, display)
+    call = dict(
+        prompt=args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
+        parallel=parallel,
+    )
+    compiled = pipe.compile(*pipe.prepare(**call), display)
+    with display("warm-up run"):
+        pipe(**call)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = jax.profiler.trace(out / "trace", create_perfetto_trace=True)
+    with display(f"traced run ({args.steps} steps)"), trace:
+        pipe(**call)
+    hlo = compiled.as_text()
+    (out / "program.hlo.txt").write_text(hlo)
+    parts = program_parts(loop_collectives(hlo, parallel.devices), parallel, args.steps)
+    steady = steady_state(parts, parallel, args.steps)
+    pairs = async_collectives(hlo)
+    platform = jax.devices()[0].platform
+    report = dict(
+        platform=platform,
+        devices=parallel.devices,
+        mode=parallel.mode,
+        steps=args.steps,
+        warmup_steps=parallel.warmup_steps,
+        dtype=args.dtype,
+        parts=[
+            dict(
+                label=p.label,
+                steps=p.steps,
+                loop=p.loop,
+                iterations=p.iterations,
+                per_iteration=p.by_op(),
+            )
+            for p in parts
+        ],
+        steady_state=None if steady is None else dict(label=steady.label, per_step=steady.by_op()),
+        async_collectives=[dict(dataclasses.asdict(p), overlapped=p.overlapped) for p in pairs],
+    )
+    (out / "collectives.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_collectives(parts, display)
+    display.note(describe_steady_state(steady, parallel, args.steps))
+    print_overlap(parts, pairs, platform, display)
+    print_files(out, display)
+    return 0
+
+
+def print_collectives(parts: list[ProgramPart], display: StageDisplay) -> None:
+    from rich.table import Table
+
+    table = Table(title="collectives of the optimized HLO, per device")
+    for column in ("part of the program", "steps", "runs", "collective", "count / run",
+                   "received MB / run"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for part in parts:
+        runs = "?" if part.iterations is None else str(part.iterations)
+        for op, entry in sorted(part.by_op().items()):
+            table.add_row(
+                part.label,
+                _span(part.steps),
+                runs,
+                op,
+                str(entry["count"]),
+                f"{entry['received_bytes'] / 1e6:,.4f}",
+            )
+    display.console.print(table)
+
+
+def describe_steady_state(steady: ProgramPart | None, parallel: ParallelConfig, steps: int) -> str:
+    """A line on the steady-state step: its collectives and traffic, or why there is none."""
+    if steady is not None:
+        received = sum(c.received_bytes for c in steady.collectives)
+        return (
+            f"steady state ({steady.label} {_span(steady.steps)}): "
+            f"{len(steady.collectives)} collectives, {received / 1e6:,.4f} MB received per "
+            "device per step"
+        )
+    label, last = scans(parallel, steps)[-1]
+    if len(last) > 1:
+        return f"no steady-state figure: the program's loops do not match the {label}"
+    needed = 2 + (parallel.warmup_steps + 1 if parallel.mode == "displaced" else 0)
+    return (
+        f"no steady-state loop: this run's {label}: {_span(list(last)) or 'none'}; a loop needs "
+        f"two or more (XLA inlines a scan of one step): use --steps {needed} or more"
+    )
+
+
+def print_overlap(
+    parts: list[ProgramPart], pairs: list[AsyncCollective], platform: str, display: StageDisplay
+) -> None:
+    from rich.table import Table
+
+    if not any(part.collectives for part in parts):
+        display.note("no collectives: the program runs on one device")
+        return
+    if not pairs:
+        display.note(
+            f"collectives synchronous on this platform ({platform}): no overlap to analyse"
+        )
+        return
+    table = Table(title="async collectives: compute scheduled between start and done")
+    for column in ("part of the program", "collective", "overlapped", "back to back"):
+        table.add_column(column, justify="right")
+    labels = {part.loop: part.label for part in parts}
+    groups: dict[tuple[str, str], list[AsyncCollective]] = {}
+    for pair in pairs:
+        groups.setdefault((labels.get(pair.loop, str(pair.loop)), pair.op), []).append(pair)
+    for (label, op), group in groups.items():
+        overlapped = sum(pair.overlapped for pair in group)
+        table.add_row(label, op, str(overlapped), str(len(group) - overlapped))
+    display.console.print(table)
+
+
+def print_files(out: Path, display: StageDisplay) -> None:
+    traces = sorted((out / "trace").rglob("perfetto_trace.json.gz"))
+    trace = traces[0] if traces else out / "trace"
+    display.note(
+        f"wrote {out}: program.hlo.txt (the optimized HLO), collectives.json, trace/\n"
+        f"open the trace at {PERFETTO} ('Open trace file': {trace}), or with TensorBoard's "
+        f"profile plugin: tensorboard --logdir {out / 'trace'}"
+    )
