@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion import builtin, schedulers
+from jaxfusion import schedulers
+from jaxfusion.bench import analyze
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
 from sharding.analysis import local_step, trace_step
@@ -129,7 +130,7 @@ def random_unet(config: UNetConfig) -> UNet2DConditionModel:
 
 def sampling_inputs(config: UNetConfig) -> Sampling:
     schedule = schedulers.make_schedule(
-        schedulers.SchedulerConfig.from_diffusers(builtin.SCHEDULER), 50
+        schedulers.SchedulerConfig.from_diffusers(analyze.SCHEDULER), 50
     )
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     key = jax.random.key(1)

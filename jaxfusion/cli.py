@@ -15,18 +15,20 @@ import numpy as np
 
 from jaxfusion import schedulers
 from jaxfusion.display import StageDisplay
+from jaxfusion.train.config import TrainConfig
 from sharding.context import GROUP_NORM_RULES
 from sharding.parallel import MODES, NAIVE_SPLITS
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_STEPS = 50
+TRAIN_DEFAULTS = TrainConfig()
 DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    devices = max(np.atleast_1d(getattr(args, "devices", 1)))
+    devices = int(max(np.atleast_1d(getattr(args, "devices", 1))))
     if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
         import jax
 
@@ -78,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading_options(convert)
     convert.set_defaults(command=run_convert)
 
+    train = commands.add_parser(
+        "train", help="train the built-in model (coloured shapes) from scratch on this machine"
+    )
+    train.add_argument("--out", required=True, help="new pipeline folder (diffusers layout)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-steps", type=int, default=TRAIN_DEFAULTS.vae_steps)
+    train.add_argument("--unet-steps", type=int, default=TRAIN_DEFAULTS.unet_steps)
+    train.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    train.add_argument(
+        "--snapshots", help="also write the pipeline every 1000 UNet steps to DIR/step-N"
+    )
+    train.set_defaults(command=run_train)
+
     bench = commands.add_parser("bench", help="measurements").add_subparsers(
         required=True, metavar="BENCHMARK"
     )
@@ -123,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="PSNR/SSIM of displaced (each GroupNorm rule) and naive against single"
     )
-    add_measurement_options(evaluate, steps=25)
+    add_measurement_options(evaluate, steps=25, prompt=False)
     evaluate.add_argument(
         "--prompts", help="a text file, one prompt per line (default: a built-in list)"
     )
@@ -168,12 +183,15 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     add_parallel_options(parser)
 
 
-def add_measurement_options(parser: argparse.ArgumentParser, steps: int) -> None:
-    """The model and request of `bench time`, `profile` and `eval`."""
+def add_measurement_options(
+    parser: argparse.ArgumentParser, steps: int, prompt: bool = True
+) -> None:
+    """The model and request of `bench time`, `profile` and `eval` (which takes --prompts)."""
     parser.add_argument(
         "--model", help="diffusers pipeline folder or hub id (default: the built-in model)"
     )
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    if prompt:
+        parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=steps)
@@ -317,6 +335,12 @@ def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
     return analyze.run(args, display)
 
 
+def run_train(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.train import trainer
+
+    return trainer.run(args, display)
+
+
 def run_time(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.bench import timing
 
@@ -340,7 +364,7 @@ def model_path(args: argparse.Namespace) -> str | Path:
         return args.model
     from jaxfusion import builtin
 
-    return builtin.builtin_model_path(StageDisplay())
+    return builtin.builtin_model_path()
 
 
 def load(args: argparse.Namespace, display: StageDisplay) -> tuple[Any, Any]:

@@ -1,6 +1,6 @@
 """The installed `jaxfusion` console script, run as a user runs it (a subprocess), with one
-cache folder for the whole module: the built-in model is written once, and compiled programs
-are shared through JAX's persistent cache."""
+cache folder for the whole module: compiled programs are shared through JAX's persistent
+cache."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines import SIZE, save_random_pipeline
 
 import jaxfusion
-from jaxfusion.builtin import NAME
+from jaxfusion.builtin import builtin_model_path
 from jaxfusion.images import psnr
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
@@ -40,7 +40,7 @@ def jaxfusion_command(cache: Path, *args: str, expect: int = 0) -> subprocess.Co
 def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     png, npy = tmp_path / "image.png", tmp_path / "image.npy"
     first = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(png))
-    assert "RANDOM weights" in first.stderr and "compiling" in first.stderr
+    assert "trained on coloured shapes" in first.stderr and "compiling" in first.stderr
     assert "from the disk cache" not in first.stderr
     second = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(npy))
     assert "from the disk cache" in second.stderr
@@ -54,7 +54,7 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0o600
 
     # The same request through the Python API gives the same image.
-    pipe = jaxfusion.load_pipeline(cache / NAME)
+    pipe = jaxfusion.load_pipeline(builtin_model_path())
     np.testing.assert_allclose(pipe(PROMPT, num_inference_steps=3)[0], array, atol=1e-6)
 
 

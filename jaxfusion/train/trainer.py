@@ -1,0 +1,378 @@
+"""Training of the built-in model with optax, on the project's own modules: first the VAE as
+an autoencoder, then the UNet and both text encoders with the diffusion loss (epsilon
+prediction), on the shapes of `jaxfusion.train.shapes`. Deterministic given the seed.
+
+Each phase is one compiled training step (`jax.jit`, buffers donated) called in a Python
+loop, so the progress bar and the loss curve see every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from rich import progress as rich_progress
+
+from convert.files import staging_folder, write_atomically
+from jaxfusion import schedulers
+from jaxfusion.models import (
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+from jaxfusion.pipelines import SDXLPipeline
+from jaxfusion.pipelines.base import Models
+from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
+from jaxfusion.train import shapes
+from jaxfusion.train.config import TrainConfig
+
+TEXT_ENCODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+TEXT_ENCODER_2 = dict(TEXT_ENCODER, hidden_act="gelu", projection_dim=32, pad_token_id=2)
+UNET = dict(
+    sample_size=16,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(1, 2, 4),
+    cross_attention_dim=64,
+    norm_num_groups=8,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+)
+VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    norm_num_groups=4,  # 4+ channels a group: one-channel groups on flat images learn slowly
+    sample_size=64,
+)
+SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+SIZE_CONDITIONING = (64, 128, 256)  # time_ids sizes seen in training, so any of them works
+
+
+@dataclasses.dataclass
+class History:
+    """The loss of every step of each phase, and the phase's wall time in seconds."""
+
+    vae: list[float] = dataclasses.field(default_factory=list)
+    unet: list[float] = dataclasses.field(default_factory=list)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def initial_pipeline(seed: int) -> SDXLPipeline:
+    """The built-in architecture with PyTorch-style random initial weights drawn from `seed`."""
+    rngs = nnx.Rngs(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp, "tokenizer"), shapes.WORDS)
+        write_tokenizer(Path(tmp, "tokenizer_2"), shapes.WORDS, pad_token="!")
+        tokenizers = [load_tokenizer(tmp, "tokenizer"), load_tokenizer(tmp, "tokenizer_2")]
+    vocab_size = len(tokenizers[0])
+    text_encoders = [
+        CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **TEXT_ENCODER), rngs=rngs),
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(vocab_size=vocab_size, **TEXT_ENCODER_2), rngs=rngs
+        ),
+    ]
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNET), rngs=rngs)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(VAE, scaling_factor=1.0)), rngs=rngs)
+    index = {"force_zeros_for_empty_prompt": True}
+    return SDXLPipeline(Models(unet, vae, text_encoders), tokenizers, SCHEDULER, index)
+
+
+Progress = Callable[[str, int, list[float]], Iterator[int]]
+
+
+def no_progress(description: str, total: int, losses: list[float]) -> Iterator[int]:
+    return iter(range(total))
+
+
+Snapshot = Callable[[int, SDXLPipeline], None]
+
+
+def train(
+    config: TrainConfig,
+    progress: Progress = no_progress,
+    snapshot: Snapshot | None = None,
+    snapshot_every: int = 1000,
+) -> tuple[SDXLPipeline, History]:
+    """Trains the built-in model from scratch. `progress(description, total, losses)` yields
+    each phase's step indices (a progress bar, say) and may read its losses as they grow;
+    `snapshot(step, pipeline)` receives the pipeline with the averaged weights every
+    `snapshot_every` UNet steps."""
+    pipe = initial_pipeline(config.seed)
+    models, history = pipe.models, History()
+
+    start = time.perf_counter()
+    train_vae(models.vae, config, history.vae, progress)
+    history.seconds["vae"] = time.perf_counter() - start
+    scaling_factor = latent_scaling_factor(models.vae, config)
+    models.vae.config = dataclasses.replace(models.vae.config, scaling_factor=scaling_factor)
+
+    start = time.perf_counter()
+
+    def pipeline_with(weights: nnx.State) -> SDXLPipeline:
+        nnx.update(models, weights)
+        return SDXLPipeline(models, pipe.tokenizers, SCHEDULER, pipe.model_index)
+
+    def take_snapshot(step: int, weights: nnx.State) -> None:
+        if snapshot is not None and step % snapshot_every == 0:
+            snapshot(step, pipeline_with(weights))
+
+    weights = train_diffusion(pipe, config, history.unet, progress, take_snapshot)
+    history.seconds["unet"] = time.perf_counter() - start
+    return pipeline_with(weights), history
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    config: TrainConfig,
+    losses: list[float],
+    progress: Progress,
+) -> None:
+    """The VAE as an autoencoder: mean squared error of the reconstruction from a latent
+    sample, plus `kl_weight` x the KL divergence to N(0, 1). Updates `vae` in place."""
+
+    def loss_fn(vae: AutoencoderKL, images: jax.Array, key: jax.Array) -> jax.Array:
+        posterior = vae.encode(images)
+        reconstruction = vae.decode(posterior.sample(key))
+        kl = 0.5 * jnp.mean(
+            jnp.sum(posterior.mean**2 + posterior.std**2 - 1 - posterior.logvar, axis=(1, 2, 3))
+        )
+        return jnp.mean((reconstruction - images) ** 2) + config.kl_weight * kl
+
+    optimizer = optax.adamw(schedule(config.vae_learning_rate, config.vae_steps, config))
+    step = training_step(loss_fn, optimizer)
+    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
+    opt_state = optimizer.init(params)
+    key = jax.random.key(config.seed)
+    for i in progress("training the VAE", config.vae_steps, losses):
+        images, _ = shapes.batch(config.seed, i, config.vae_batch_size, config.image_size)
+        params, opt_state, loss = step(
+            graphdef, params, rest, opt_state, jax.random.fold_in(key, i), images
+        )
+        losses.append(float(loss))
+    nnx.update(vae, params)
+
+
+def latent_scaling_factor(vae: AutoencoderKL, config: TrainConfig) -> float:
+    """1 / the standard deviation of the VAE's latent means over 256 training images, so the
+    UNet sees unit-variance latents (how SD's 0.18215 was chosen)."""
+    images, _ = shapes.batch(config.seed + 2, 0, 256, config.image_size)
+    return float(1.0 / jnp.std(jax.jit(lambda x: vae.encode(x).mean)(images)))
+
+
+def train_diffusion(
+    pipe: SDXLPipeline,
+    config: TrainConfig,
+    losses: list[float],
+    progress: Progress,
+    snapshot: Callable[[int, nnx.State], None],
+) -> nnx.State:
+    """The UNet and both text encoders with the epsilon-prediction loss on the frozen VAE's
+    latents; the captions are encoded exactly as the pipeline encodes prompts. Returns the
+    exponential moving average of the trained weights; `snapshot(steps done, average)` sees
+    it after every step."""
+    alpha_bar = jnp.asarray(
+        schedulers.common.alphas_cumprod(schedulers.SchedulerConfig.from_diffusers(SCHEDULER))
+    )
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = jnp.minimum(snr, config.min_snr_gamma) / snr
+
+    def loss_fn(trainable: Models, batch: dict[str, Any], key: jax.Array) -> jax.Array:
+        models = trainable
+        vae = models.vae
+        latents = jax.lax.stop_gradient(vae.scale_latents(vae.encode(batch["images"]).mean))
+        conditioning = pipe.encode_prompt(models, batch["token_ids"], batch["time_ids"], None)
+        keys = jax.random.split(key, 3)
+        b = latents.shape[0]
+        keep = jax.random.uniform(keys[0], (b,)) >= config.unconditional_probability
+        states = conditioning.encoder_hidden_states * keep[:, None, None]
+        pooled = conditioning.text_embeds * keep[:, None]
+        t = jax.random.randint(keys[1], (b,), 0, alpha_bar.shape[0])
+        noise = jax.random.normal(keys[2], latents.shape)
+        a = alpha_bar[t][:, None, None, None]
+        noisy = jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise
+        prediction = models.unet(noisy, t, states, pooled, batch["time_ids"])
+        errors = jnp.mean((prediction - noise) ** 2, axis=(1, 2, 3))
+        return jnp.mean(weights[t] * errors)
+
+    is_trainable = nnx.All(nnx.Param, lambda path, _: path[0] in ("unet", "text_encoders"))
+    optimizer = optax.adamw(schedule(config.unet_learning_rate, config.unet_steps, config))
+    step = training_step(loss_fn, optimizer, ema_decay=config.ema_decay)
+    graphdef, params, rest = nnx.split(pipe.models, is_trainable, ...)
+    opt_state = (optimizer.init(params), jax.tree.map(jnp.copy, params), jnp.float32(0))
+    key = jax.random.key(config.seed + 1)
+    sizes = np.random.default_rng([config.seed, 1]).choice(
+        SIZE_CONDITIONING, size=(config.unet_steps, config.unet_batch_size)
+    )
+    for i in progress("training the UNet and text encoders", config.unet_steps, losses):
+        images, captions = shapes.batch(
+            config.seed + 1, i, config.unet_batch_size, config.image_size
+        )
+        size = sizes[i][:, None]
+        batch = dict(
+            images=images,
+            token_ids=tuple(tokenize(tokenizer, captions) for tokenizer in pipe.tokenizers),
+            time_ids=np.concatenate([size, size, 0 * size, 0 * size, size, size], 1).astype(
+                np.float32
+            ),
+        )
+        params, opt_state, loss = step(
+            graphdef, params, rest, opt_state, jax.random.fold_in(key, i), batch
+        )
+        losses.append(float(loss))
+        snapshot(i + 1, opt_state[1])
+    return opt_state[1]
+
+
+def schedule(peak: float, steps: int, config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to `peak`, then cosine decay to a tenth of it."""
+    warmup = min(config.warmup_steps, steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, 1), peak / 10)
+
+
+def training_step(
+    loss_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    ema_decay: float | None = None,
+) -> Callable:
+    """The compiled update `(graphdef, params, rest, opt_state, key, batch) -> (params,
+    opt_state, loss)` for `loss_fn(model, batch, key)`, where the model is
+    `nnx.merge(graphdef, params, rest)` and only `params` are trained. With `ema_decay`,
+    opt_state is (optax state, moving average of params, step count) and the average is
+    updated too, with the decay warming up as min(ema_decay, (1 + n) / (10 + n)) so that the
+    first, random weights leave it quickly."""
+
+    def step(graphdef, params, rest, opt_state, key, batch):
+        def loss_of(params):
+            return loss_fn(nnx.merge(graphdef, params, rest), batch, key)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        state = opt_state[0] if ema_decay is not None else opt_state
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        if ema_decay is None:
+            return params, state, loss
+        _, average, count = opt_state
+        decay = jnp.minimum(ema_decay, (1.0 + count) / (10.0 + count))
+        average = optax.incremental_update(params, average, 1 - decay)
+        return params, (state, average, count + 1), loss
+
+    return jax.jit(step, static_argnums=0, donate_argnums=(1, 3))
+
+
+def save_loss_curve(history: History, path: Path) -> None:
+    """A PNG of both phases' losses against steps (log scale), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    phases = (("VAE reconstruction", history.vae), ("diffusion (UNet)", history.unet))
+    for ax, (name, losses) in zip(axes, phases, strict=True):
+        ax.plot(losses, linewidth=0.5, alpha=0.4)
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window - 1, smooth, linewidth=1.5)
+        ax.set(title=f"{name} loss", xlabel="step", yscale="log")
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def final_losses(history: History) -> dict[str, float]:
+    """Each phase's loss, as the mean of its last 100 steps."""
+    phases = (("vae", history.vae), ("unet", history.unet))
+    return {name: float(np.mean(losses[-100:])) for name, losses in phases if losses}
+
+
+def save_record(config: TrainConfig, history: History, path: Path) -> None:
+    """`training.json`: the configuration, wall times and final losses."""
+    record = {
+        "config": dataclasses.asdict(config),
+        "seconds": history.seconds,
+        "final_loss": final_losses(history),
+        "jax": jax.__version__,
+        "platform": jax.devices()[0].device_kind,
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def run(args: Any, display: Any) -> int:
+    """`jaxfusion train`: trains, then writes the pipeline folder (diffusers layout,
+    safetensors), its loss curve `loss.png` and `training.json`."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+
+    def progress_bar(description: str, total: int, losses: list[float]) -> Iterator[int]:
+        columns = (
+            rich_progress.TextColumn("{task.description}"),
+            rich_progress.BarColumn(),
+            rich_progress.MofNCompleteColumn(),
+            rich_progress.TextColumn("loss {task.fields[loss]}"),
+            rich_progress.TimeElapsedColumn(),
+            rich_progress.TimeRemainingColumn(),
+        )
+        with rich_progress.Progress(*columns, console=display.console) as bar:
+            task = bar.add_task(description, total=total, loss="-")
+            for i in range(total):
+                yield i
+                loss = f"{np.mean(losses[-50:]):.4f}"
+                bar.update(task, advance=1, loss=loss)
+                if not display.console.is_terminal and (i + 1) % max(1, total // 20) == 0:
+                    display.note(f"{description}: step {i + 1}/{total}, loss {loss}")
+
+    def save_snapshot(step: int, pipe: SDXLPipeline) -> None:
+        pipe.save_pretrained(Path(args.snapshots) / f"step-{step}", overwrite=True)
+
+    pipe, history = train(config, progress_bar, save_snapshot if args.snapshots else None)
+    with display(f"writing {out}"), staging_folder(out, overwrite=args.overwrite) as folder:
+        pipe.save_pretrained(folder, overwrite=True)
+        save_loss_curve(history, folder / "loss.png")
+        save_record(config, history, folder / "training.json")
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in final_losses(history).items())
+    display.note(
+        f"trained in {sum(history.seconds.values()) / 60:.1f} min; final losses (mean of the "
+        f"last 100 steps): {losses}; wrote {out} (with loss.png and training.json)"
+    )
+    return 0
