@@ -98,7 +98,7 @@ def test_draws_the_asked_colour_and_place_at_256(pipe):
     images = generate(pipe, 256)
     score = accuracy(images)
     print(f"detector accuracy at 256x256: {score:.0%} of {len(CASES)}")
-    assert score >= 0.5
+    assert score >= 0.6  # shapes at the trained scale, repeated along the asked edges
 
 
 def test_diffusers_loads_the_shipped_model_and_draws_the_same(pipe):
