@@ -134,7 +134,7 @@ def train(
     """Trains the built-in model from scratch. `progress(description, total, losses)` yields
     each phase's step indices (a progress bar, say) and may read its losses as they grow;
     `snapshot(step, pipeline)` receives the pipeline with the averaged weights every
-    `snapshot_every` UNet steps."""
+    `snapshot_every` UNet steps, to use during the call only (training reuses its buffers)."""
     pipe = initial_pipeline(config.seed)
     models, history = pipe.models, History()
 
@@ -214,8 +214,7 @@ def train_diffusion(
     snr = alpha_bar / (1 - alpha_bar)
     weights = jnp.minimum(snr, config.min_snr_gamma) / snr
 
-    def loss_fn(trainable: Models, batch: dict[str, Any], key: jax.Array) -> jax.Array:
-        models = trainable
+    def loss_fn(models: Models, batch: dict[str, Any], key: jax.Array) -> jax.Array:
         vae = models.vae
         latents = jax.lax.stop_gradient(vae.scale_latents(vae.encode(batch["images"]).mean))
         conditioning = pipe.encode_prompt(models, batch["token_ids"], batch["time_ids"], None)
@@ -245,13 +244,11 @@ def train_diffusion(
         images, captions = shapes.batch(
             config.seed + 1, i, config.unet_batch_size, config.image_size
         )
-        size = sizes[i][:, None]
+        size, crop = sizes[i][:, None], np.zeros((config.unet_batch_size, 1))
         batch = dict(
             images=images,
             token_ids=tuple(tokenize(tokenizer, captions) for tokenizer in pipe.tokenizers),
-            time_ids=np.concatenate([size, size, 0 * size, 0 * size, size, size], 1).astype(
-                np.float32
-            ),
+            time_ids=np.concatenate([size, size, crop, crop, size, size], 1).astype(np.float32),
         )
         params, opt_state, loss = step(
             graphdef, params, rest, opt_state, jax.random.fold_in(key, i), batch
