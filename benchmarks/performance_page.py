@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from convert.files import write_atomically
+from convert.files import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("analysis", "time", "eval", "machine")
@@ -146,7 +146,7 @@ def write_machine(path: Path, finished: dict[str, str]) -> None:
         parts={**((earlier or {}).get("parts") or {}), **finished},
     )
     text = json.dumps(machine, indent=2) + "\n"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(path, text)
 
 
 def version(package: str) -> str | None:
@@ -445,7 +445,7 @@ def main() -> int:
     failed = run_parts(args.only, args.results) if args.run else []
     text = render(args.results, args.page, args.gpu_check)
     args.page.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.page, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(args.page, text)
     print(f"wrote {shown(args.page)}")
     for command in failed:
         print(f"failed: {command}", file=sys.stderr)

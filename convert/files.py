@@ -230,6 +230,22 @@ def write_atomically(target: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def write_text_atomically(target: Path, text: str) -> None:
+    """`write_atomically` for a text file."""
+    write_atomically(target, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """`out` as a folder a command may fill: new or empty, in a folder that exists (raises
+    FileExistsError or FileNotFoundError otherwise)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty folder: name a new one")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
 @contextlib.contextmanager
 def staging_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty temporary folder beside `target`; when the block succeeds it becomes
@@ -276,7 +292,7 @@ def write_model_folder(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2)
-    write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(folder / "config.json", text)
     write_atomically(
         folder / f"{weights_name}.safetensors",
         lambda tmp: save_file(tensors, tmp, metadata=metadata),

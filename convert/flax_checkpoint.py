@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.files import write_atomically
+from convert.files import write_text_atomically
 from convert.state_dict import _raise_mismatch
 from jaxfusion.dtypes import parse_dtype
 
@@ -67,7 +67,7 @@ def write_flax_folder(module: nnx.Module, path: str | Path, config: dict, dtype=
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2)
-    write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(folder / "config.json", text)
     save_flax_params(module, folder, dtype)
     return folder
 

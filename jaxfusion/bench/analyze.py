@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.files import write_atomically
+from convert.files import write_atomically, write_text_atomically
 from jaxfusion import schedulers
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
@@ -272,7 +272,7 @@ def run(args, display) -> int:
     print_table(records, display)
     if args.json:
         text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
-        write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        write_text_atomically(Path(args.json), text)
         display.note(f"wrote {args.json}")
     if plot is not None:
         plot_records(records, plot)

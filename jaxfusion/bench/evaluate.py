@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.files import write_atomically
+from convert.files import check_new_folder, write_text_atomically
 from jaxfusion.display import StageDisplay
 from jaxfusion.images import grid, psnr, save_image, ssim
 from sharding.parallel import ParallelConfig
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     compiled program) per mode, and writes images, `metrics.json` and `grid.png` to --out."""
     from jaxfusion.cli import load
 
-    out = check_out_folder(Path(args.out))
+    out = check_new_folder(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else list(PROMPTS)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
@@ -115,15 +115,6 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     return 0
 
 
-def check_out_folder(out: Path) -> Path:
-    """Refuses an --out that exists and is not an empty folder, or whose parent is missing."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty folder: name a new one")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    return out
-
-
 def read_prompts(path: str) -> list[str]:
     """The non-blank lines of a text file, stripped."""
     prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
@@ -180,7 +171,7 @@ def write_outputs(out: Path, images: dict[str, np.ndarray], metrics: dict) -> No
     ]
     save_image(grid(rows), out / "grid.png")
     text = json.dumps(finite_or_null(metrics), indent=2) + "\n"
-    write_atomically(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(out / "metrics.json", text)
 
 
 def finite_or_null(value: Any) -> Any:

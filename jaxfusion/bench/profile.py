@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 
+from convert.files import check_new_folder, write_text_atomically
 from jaxfusion.bench.analyze import HLO_COLLECTIVES, HloCollective, hlo_collectives
 from jaxfusion.display import StageDisplay
 from sharding.parallel import ParallelConfig
@@ -242,20 +243,12 @@ def _span(steps: list[int]) -> str:
     return ", ".join(map(str, steps))
 
 
-def check_out_folder(out: str) -> Path:
-    """`out` as the folder to write: new or empty (raises ValueError otherwise)."""
-    folder = Path(out)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ValueError(f"--out {folder} exists and is not an empty folder: give a new one")
-    return folder
-
-
 def run(args: argparse.Namespace, display: StageDisplay) -> int:
     """`jaxfusion profile`: compiles and warms up, traces a run, writes the optimized HLO
     and the collectives report to --out, and prints the report."""
     from jaxfusion.cli import load, parallel_config
 
-    out = check_out_folder(args.out)
+    out = check_new_folder(args.out)
     parallel = parallel_config(args)
     pipe, _ = load(args, display)
     call = dict(
@@ -275,7 +268,7 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     with display(f"traced run ({args.steps} steps)"), trace:
         pipe(**call)
     hlo = compiled.as_text()
-    (out / "program.hlo.txt").write_text(hlo)
+    write_text_atomically(out / "program.hlo.txt", hlo)
     parts = program_parts(loop_collectives(hlo, parallel.devices), parallel, args.steps)
     steady = steady_state(parts, parallel, args.steps)
     pairs = async_collectives(hlo)
@@ -300,7 +293,7 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         steady_state=None if steady is None else dict(label=steady.label, per_step=steady.by_op()),
         async_collectives=[dict(dataclasses.asdict(p), overlapped=p.overlapped) for p in pairs],
     )
-    (out / "collectives.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out / "collectives.json", json.dumps(report, indent=2) + "\n")
     print_collectives(parts, display)
     display.note(describe_steady_state(steady, parallel, args.steps))
     print_overlap(parts, pairs, platform, display)

@@ -34,7 +34,7 @@ from typing import Any
 
 import jax
 
-from convert.files import write_atomically
+from convert.files import write_text_atomically
 from jaxfusion import diffusers_backend
 from jaxfusion.display import StageDisplay
 from sharding.parallel import ParallelConfig
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         text = json.dumps(
             {"note": note, "records": [dataclasses.asdict(r) for r in records]}, indent=2
         )
-        write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(text + "\n"))
+        write_text_atomically(Path(args.json), text + "\n")
         display.note(f"wrote {args.json}")
     return 0
 

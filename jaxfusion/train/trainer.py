@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from rich import progress as rich_progress
 
-from convert.files import staging_folder, write_atomically
+from convert.files import staging_folder, write_atomically, write_text_atomically
 from jaxfusion import schedulers
 from jaxfusion.models import (
     AutoencoderKL,
@@ -330,7 +330,7 @@ def save_record(config: TrainConfig, history: History, path: Path) -> None:
         "platform": jax.devices()[0].device_kind,
     }
     text = json.dumps(record, indent=2) + "\n"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(path, text)
 
 
 def run(args: Any, display: Any) -> int:
