@@ -8,6 +8,7 @@ loop, so the progress bar and the loss curve see every step.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tempfile
@@ -25,6 +26,7 @@ from rich import progress as rich_progress
 
 from convert.files import staging_folder, write_atomically, write_text_atomically
 from jaxfusion import schedulers
+from jaxfusion.display import StageDisplay
 from jaxfusion.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -333,7 +335,7 @@ def save_record(config: TrainConfig, history: History, path: Path) -> None:
     write_text_atomically(path, text)
 
 
-def run(args: Any, display: Any) -> int:
+def run(args: argparse.Namespace, display: StageDisplay) -> int:
     """`jaxfusion train`: trains, then writes the pipeline folder (diffusers layout,
     safetensors), its loss curve `loss.png` and `training.json`."""
     out = Path(args.out)
