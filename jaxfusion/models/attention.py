@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
-from jaxfusion.models.layers import LayerNorm, Linear, attention
+from jaxfusion.models.layers import LayerNorm, Linear
+from jaxfusion.models.scaled_dot_product import DotProductAttention
 
 
 class TextKV(nnx.Variable):
@@ -42,6 +43,7 @@ class Attention(nnx.Module):
         self.to_k = Linear(context_dim, inner_dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.to_v = Linear(context_dim, inner_dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.to_out = nnx.List([Linear(inner_dim, query_dim, dtype=dtype, rngs=rngs)])
+        self.processor = DotProductAttention()
         if self.is_self_attention:
             self.kv_exchange = sharding.KVExchange()
 
@@ -55,7 +57,7 @@ class Attention(nnx.Module):
             k, v = self.text_kv[...]
         else:
             k, v = self.keys_values(context)
-        out = attention(q, k, v)
+        out = self.processor(q, k, v)
         return self.to_out[0](out.reshape(b, x.shape[1], -1))
 
     def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:

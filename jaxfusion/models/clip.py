@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxfusion.models.layers import Embed, LayerNorm, Linear, attention
+from jaxfusion.models.layers import Embed, LayerNorm, Linear
+from jaxfusion.models.scaled_dot_product import DotProductAttention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -194,6 +195,7 @@ class CLIPAttention(nnx.Module):
         self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.out_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.processor = DotProductAttention()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, T, D) -> (B, T, D); token t attends to tokens 0..t."""
@@ -202,7 +204,7 @@ class CLIPAttention(nnx.Module):
             proj(x).reshape(b, t, self.heads, -1)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        return self.out_proj(attention(q, k, v, causal=True).reshape(b, t, -1))
+        return self.out_proj(self.processor(q, k, v, causal=True).reshape(b, t, -1))
 
 
 class CLIPMLP(nnx.Module):

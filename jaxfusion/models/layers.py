@@ -96,23 +96,6 @@ class LayerNorm(nnx.Module):
         return out.astype(self.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
-    """Scaled dot-product attention.
-
-    q: (B, Tq, heads, head_dim); k, v: (B, Tk, heads, head_dim) -> (B, Tq, heads, head_dim).
-    Logits and softmax in float32, the weights then cast to v's dtype, as PyTorch does.
-    With `causal`, query t attends to keys 0..t.
-    """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * q.shape[-1] ** -0.5
-    if causal:
-        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype)
-
-
 class Embed(nnx.Module):
     """`torch.nn.Embedding`: `embedding` (rows, dim). Integer ids (...) -> (..., dim)."""
 

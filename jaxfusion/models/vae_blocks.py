@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
-from jaxfusion.models.layers import Linear, attention
+from jaxfusion.models.layers import Linear
 from jaxfusion.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from jaxfusion.models.scaled_dot_product import DotProductAttention
 
 EPS = 1e-6
 
@@ -58,6 +59,7 @@ class SpatialSelfAttention(nnx.Module):
         self.to_v = Linear(channels, channels, dtype=dtype, rngs=rngs)
         self.to_out = nnx.List([Linear(channels, channels, dtype=dtype, rngs=rngs)])
         self.kv_exchange = sharding.KVExchange()
+        self.processor = DotProductAttention()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -65,7 +67,7 @@ class SpatialSelfAttention(nnx.Module):
         tokens = self.group_norm(x).reshape(b, h * w, 1, c)
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
         k, v = self.kv_exchange(k, v)
-        out = self.to_out[0](attention(q, k, v))
+        out = self.to_out[0](self.processor(q, k, v))
         return out.reshape(b, h, w, c) + x
 
 
