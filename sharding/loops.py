@@ -2,8 +2,8 @@
 
 `single` is a `jax.lax.scan` over the sampler's steps on one device. The patch-parallel modes
 run the loop inside `jax.shard_map` over the (cfg, patch) mesh: the latent stays split into
-row slabs (one per patch device) for the whole loop, the scheduler and the guidance
-combination work on the slab, and the full latent is gathered once, at the end.
+row slabs (one per patch device) for the whole loop and after it (the VAE decodes it split,
+`sharding.rows`); the scheduler and the guidance combination work on the slab.
 
 `displaced` (DistriFusion) runs step 0 and the warm-up steps 1..W synchronously, then steps
 W+1..T-1 displaced; the carry of both scans holds the latent slab, the scheduler state and
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxfusion import schedulers
@@ -106,7 +106,8 @@ def denoise(
 ) -> jax.Array:
     """Runs every step of the schedule from `latents` (B, h, w, C) NHWC, already scaled by
     init_noise_sigma, and returns the final latents (same shape and dtype), on one device
-    or patch parallel as `parallel` says."""
+    or patch parallel as `parallel` says; patch parallel, they stay split over the mesh as
+    the loop leaves them (`latent_spec`), never gathered on one device."""
     graphdef, weights = nnx.split(unet)
     if parallel.mode == "single":
         state = schedulers.init_state(sampling.schedule, latents)
@@ -126,8 +127,7 @@ def denoise(
         out_specs=slab,
         check_vma=False,
     )
-    latents = run(weights, sampling, latents)
-    return jax.lax.with_sharding_constraint(latents, NamedSharding(mesh, P()))
+    return run(weights, sampling, latents)
 
 
 def latent_spec(parallel: ParallelConfig) -> P:

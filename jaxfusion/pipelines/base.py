@@ -22,9 +22,12 @@ from convert.files import resolve_pipeline_folder, staging_folder
 from jaxfusion import schedulers
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxfusion.models.scaled_dot_product import AttentionBackend, check_backend, set_attention
 from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
 from sharding.loops import Conditioning, Sampling, concat_batches, denoise
 from sharding.parallel import ParallelConfig
+from sharding.placement import Placement
+from sharding.rows import map_rows
 
 # Wraps each long stage ("loading unet", "compiling", "denoising ..."): a progress display.
 Stage = Callable[[str], AbstractContextManager]
@@ -71,12 +74,13 @@ class Request(NamedTuple):
 class Options:
     """A program's static choices: with classifier-free guidance; negative embeddings all
     zeros (SDXL's `force_zeros_for_empty_prompt` without a negative prompt); clip_skip; how
-    the loop is spread over devices."""
+    the loop and the VAE decode are spread over devices; the attention kernel."""
 
     guidance: bool
     zero_negative: bool
     clip_skip: int | None
     parallel: ParallelConfig
+    attention: AttentionBackend = "auto"
 
 
 class TextToImagePipeline:
@@ -96,6 +100,8 @@ class TextToImagePipeline:
         tokenizers: Sequence[Any],
         scheduler_config: dict[str, Any],
         model_index: dict[str, Any] | None = None,
+        *,
+        attention: AttentionBackend = "auto",
     ):
         """Args:
         models: the networks, text encoders in the order of `text_components`.
@@ -103,13 +109,18 @@ class TextToImagePipeline:
         scheduler_config: the folder's `scheduler/scheduler_config.json`.
         model_index: the folder's `model_index.json` (its `force_zeros_for_empty_prompt`
           is honoured; the rest is written back by `save_pretrained`).
+        attention: the attention kernel of calls that do not choose one ("auto", "xla",
+          "chunked", "cudnn"; see `jaxfusion.models.scaled_dot_product`).
         """
         self.models = models
         self.tokenizers = tuple(tokenizers)
         self.scheduler_config = dict(scheduler_config)
         self.model_index = dict(model_index or {})
+        self.attention = check_backend(attention)
         self.check_components()
-        self._graphdef, self._state = nnx.split(models)
+        self._graphdef, state = nnx.split(models)
+        # The weights, placed on each mesh once (replicated) and reused by every call there.
+        self._placement = Placement(state)
         self._programs: dict[Any, jax.stages.Compiled] = {}
 
     @property
@@ -145,6 +156,7 @@ class TextToImagePipeline:
         dtype: Any = jnp.float32,
         variant: str | None = None,
         allow_pickle: bool = False,
+        attention: AttentionBackend = "auto",
         stage: Stage = no_display,
     ) -> TextToImagePipeline:
         """Loads a diffusers pipeline folder (or a hub id, downloaded on first use).
@@ -155,9 +167,11 @@ class TextToImagePipeline:
             float32 for float16 when its config sets force_upcast, as in diffusers).
           variant: weight-file variant, e.g. "fp16".
           allow_pickle: also read pickle weights (`.bin`), which run code when loaded.
+          attention: the default attention kernel of calls (see `__init__`).
           stage: progress display around each component's loading.
         """
         dtype = parse_dtype(dtype)
+        check_backend(attention)
         weights = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
         subfolders = [
             "unet",
@@ -182,7 +196,8 @@ class TextToImagePipeline:
         with stage("loading vae"):
             vae = convert.load_vae(folder, **weights)
         scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(Models(unet, vae, text_encoders), tokenizers, scheduler_config, index)
+        models = Models(unet, vae, text_encoders)
+        return cls(models, tokenizers, scheduler_config, index, attention=attention)
 
     def save_pretrained(
         self, path: str | Path, *, dtype: Any = None, flax: bool = False, overwrite: bool = False
@@ -261,6 +276,7 @@ class TextToImagePipeline:
         scheduler: str | None = None,
         clip_skip: int | None = None,
         parallel: ParallelConfig | None = None,
+        attention: AttentionBackend | None = None,
         stage: Stage = no_display,
         **conditioning: Any,
     ) -> np.ndarray:
@@ -279,7 +295,10 @@ class TextToImagePipeline:
           scheduler: "euler", "ddim" or "dpmpp" on the folder's noise schedule; None: the
             folder's own scheduler.
           clip_skip: skip this many final CLIP layers, as diffusers' `clip_skip`.
-          parallel: how the denoising loop runs over devices (default: one device).
+          parallel: how the denoising loop and the VAE decode run over devices (default:
+            one device). The latent stays split by rows from the first step to the decoded
+            image; the weights are placed on the mesh once and reused by later calls.
+          attention: the attention kernel; None: the pipeline's (`attention` at loading).
           stage: progress display around compiling and denoising.
           conditioning: pipeline-specific extras (SDXL: original_size, crops_coords_top_left,
             target_size).
@@ -298,12 +317,15 @@ class TextToImagePipeline:
             scheduler=scheduler,
             clip_skip=clip_skip,
             parallel=parallel,
+            attention=attention,
             **conditioning,
         )
         program = self.compile(request, options, stage)
         batch, steps = request.latents.shape[0], request.schedule.timesteps.shape[0]
+        weights = self._placement.on(options.parallel)
         with stage(f"denoising {batch} image(s), {steps} steps"):
-            images = jax.block_until_ready(program(self._state, request))
+            # The request goes from the host to the devices that need it (no device copies).
+            images = jax.block_until_ready(program(weights, jax.device_get(request)))
         return np.asarray(images)
 
     def prepare(
@@ -320,6 +342,7 @@ class TextToImagePipeline:
         scheduler: str | None = None,
         clip_skip: int | None = None,
         parallel: ParallelConfig | None = None,
+        attention: AttentionBackend | None = None,
         **conditioning: Any,
     ) -> tuple[Request, Options]:
         """The checked request and options that `__call__` compiles and runs for the same
@@ -343,7 +366,8 @@ class TextToImagePipeline:
             schedule=schedule,
             guidance_scale=jnp.float32(guidance_scale),
         )
-        return request, Options(guidance, zero_negative, clip_skip, parallel)
+        attention = self.attention if attention is None else check_backend(attention)
+        return request, Options(guidance, zero_negative, clip_skip, parallel, attention)
 
     def compile(self, request: Request, options: Options, stage: Stage = no_display):
         """The compiled program for requests shaped as `request` (compiled once per shape
@@ -356,15 +380,30 @@ class TextToImagePipeline:
         )
         if key not in self._programs:
             with stage("compiling"):
-                generate = jax.jit(self._generate, static_argnums=(0, 1))
-                lowered = generate.lower(self._graphdef, options, self._state, request)
-                self._programs[key] = lowered.compile()
+                self._programs[key] = self.lower(request, options).compile()
         return self._programs[key]
+
+    def lower(self, request: Request, options: Options) -> jax.stages.Lowered:
+        """The generation program for requests shaped as `request` (arrays or
+        `jax.ShapeDtypeStruct`s; the weights may be shapes too, for an abstract pipeline),
+        with explicit shardings at its boundary: weights and request replicated on the
+        devices of `options.parallel`, the images (B, H, W, 3) split by rows over them."""
+        placement = self._placement
+        parallel = options.parallel
+        replicated = placement.replicated(parallel)
+        generate = jax.jit(
+            self._generate,
+            static_argnums=(0, 1),
+            in_shardings=(replicated, replicated),
+            out_shardings=placement.rows(parallel),
+        )
+        return generate.lower(self._graphdef, options, placement.state, request)
 
     def _generate(
         self, graphdef: nnx.GraphDef, options: Options, state: nnx.State, request: Request
     ) -> jax.Array:
         models: Models = nnx.merge(graphdef, state)
+        set_attention(models, options.attention)
         conditioning = self.encode_prompt(
             models, request.prompt_ids, request.time_ids, options.clip_skip
         )
@@ -384,7 +423,8 @@ class TextToImagePipeline:
         sampling = Sampling(schedule, conditioning, guidance_scale)
         latents = denoise(unet, sampling, latents, options.parallel)
         vae = models.vae
-        images = vae.decode(vae.unscale_latents(latents.astype(vae.dtype)))
+        latents = vae.unscale_latents(latents.astype(vae.dtype))
+        images = map_rows(vae, AutoencoderKL.decode, latents, options.parallel)
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     def encode_prompt(

@@ -1,0 +1,57 @@
+"""Where a model's weights live: placed on each mesh once, replicated, and reused.
+
+Without this every call of a patch-parallel program copied all weights from the first
+device to every other one (about 7 GB x P for SDXL), since the program wants them
+replicated and they lived on one device.
+"""
+
+import jax
+from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from sharding.context import AXIS
+from sharding.parallel import ParallelConfig
+
+
+class Placement:
+    """A pytree of weights (`state`: arrays, or `jax.ShapeDtypeStruct`s for programs built
+    from shapes) and its replicas on the meshes it has run on."""
+
+    def __init__(self, state):
+        self.state = state
+        self._replicas: dict[jax.sharding.Mesh, object] = {}
+
+    def replicated(self, parallel: ParallelConfig) -> Sharding:
+        """The sharding of weights and other replicated inputs under `parallel`."""
+        if parallel.mode == "single":
+            return SingleDeviceSharding(jax.devices()[0])
+        return NamedSharding(parallel.mesh(), P())
+
+    def rows(self, parallel: ParallelConfig) -> Sharding:
+        """Arrays (B, H, ...) split by rows over the patch axis (on one device: whole)."""
+        if parallel.mode == "single":
+            return SingleDeviceSharding(jax.devices()[0])
+        return NamedSharding(parallel.mesh(), P(None, AXIS))
+
+    def on(self, parallel: ParallelConfig):
+        """The weights replicated on the devices of `parallel`: placed on the first call for
+        a mesh, the same arrays on every later one."""
+        if parallel.mode == "single":
+            return self.state
+        mesh = parallel.mesh()
+        if mesh not in self._replicas:
+            self._replicas[mesh] = replicate(self.state, NamedSharding(mesh, P()))
+        return self._replicas[mesh]
+
+
+def replicate(tree, sharding: NamedSharding):
+    """Every array of `tree` replicated over `sharding`'s devices. An array's existing
+    buffer serves its own device, so the device it was on holds it once, not twice."""
+
+    def one(x: jax.Array) -> jax.Array:
+        (home,) = x.devices() if len(x.devices()) == 1 else (None,)
+        devices = sharding.addressable_devices_indices_map(x.shape)
+        shards = [x if device == home else jax.device_put(x, device) for device in devices]
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+    return jax.tree.map(one, tree)
