@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxfusion import schedulers
 from jaxfusion.display import StageDisplay
+from jaxfusion.models.scaled_dot_product import ATTENTION_BACKENDS
 from jaxfusion.train.config import TrainConfig
 from sharding.context import GROUP_NORM_RULES
 from sharding.parallel import MODES, NAIVE_SPLITS
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--gn", choices=GROUP_NORM_RULES, default="corrected")
     analyze.add_argument("--cfg-parallel", action="store_true")
     analyze.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    add_attention_option(analyze)
     analyze.add_argument("--json", help="write one record per configuration")
     analyze.add_argument("--plot", help="a .png of FLOPs and traffic per device")
     analyze.set_defaults(command=run_analyze)
@@ -152,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_attention_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
+        help="attention kernel: auto (xla for short sequences, else cudnn on NVIDIA GPUs in "
+        "bfloat16/float16, else chunked), xla, chunked (exact, memory-bounded), cudnn",
+    )
+
+
 def add_loading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", help='weight-file variant, e.g. "fp16"')
     parser.add_argument(
@@ -179,6 +191,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
         "--latents", help="initial noise .npy, NCHW (batch, channels, height/f, width/f)"
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_attention_option(parser)
     add_loading_options(parser)
     add_parallel_options(parser)
 
@@ -198,6 +211,7 @@ def add_measurement_options(
     parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
     parser.add_argument("--scheduler", choices=schedulers.KINDS, help="default: the folder's own")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_attention_option(parser)
     add_loading_options(parser)
 
 
@@ -381,6 +395,7 @@ def load(args: argparse.Namespace, display: StageDisplay) -> tuple[Any, Any]:
         dtype=args.dtype,
         variant=args.variant,
         allow_pickle=args.allow_pickle,
+        attention=args.attention,
         stage=display,
     )
     return pipe, cache_hits

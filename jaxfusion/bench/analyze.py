@@ -1,7 +1,8 @@
-"""`jaxfusion bench analyze`: one denoising step of a configuration, compiled from shapes
-alone (no weights; simulated devices), read for its per-device cost: FLOPs and bytes
-accessed (`cost_analysis`), memory (`memory_analysis`), the collectives of the optimized
-HLO, and the traffic the reference PyTorch implementation would need for the same step."""
+"""`jaxfusion bench analyze`: one denoising step of a configuration, and its whole generation
+(text encoders, denoising loop, VAE decode), compiled from shapes alone (no weights;
+simulated devices), read for their per-device cost: FLOPs and bytes accessed
+(`cost_analysis`), memory (`memory_analysis`), the collectives of the optimized HLO, and the
+traffic the reference PyTorch implementation would need for the same step."""
 
 from __future__ import annotations
 
@@ -16,8 +17,19 @@ from flax import nnx
 
 from convert.files import write_atomically, write_text_atomically
 from jaxfusion import schedulers
-from jaxfusion.models import UNet2DConditionModel, UNetConfig
-from jaxfusion.models.configs import UNET_CONFIGS
+from jaxfusion.models import (
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+from jaxfusion.models.configs import TEXT_ENCODER_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
+from jaxfusion.models.scaled_dot_product import AttentionBackend, set_attention
+from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImagePipeline
+from jaxfusion.pipelines.base import Models, Options, Request
 from sharding.analysis import trace_step
 from sharding.context import PatchContext
 from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling, step_function
@@ -90,6 +102,14 @@ class StepAnalysis:
     comm_bytes_hlo_per_device_step: the same from the optimized HLO's collectives; equal in
         float32, larger in bfloat16/float16 because the CPU compiler widens them to float32.
     comm_bytes_reference_per_device_step: the reference PyTorch scheme's (`reference_bytes`).
+    memory_bytes_per_device: the compiled step's arguments + outputs + temporaries.
+    memory_bytes_generation_per_device: the same of the whole generation's program (text
+        encoders, warm-up and displaced scans, VAE decode): `weights_bytes_per_device` (all
+        networks' weights, replicated) + `temp_bytes_generation_per_device` (every
+        intermediate, the stale buffers included) + the request and the image slab.
+    FLOPs come from the step with `xla` attention: `cost_analysis` counts a loop's body
+    once, and chunked attention is a loop. Memory comes from the programs with `attention`.
+    None: not measured (the whole generation of a model whose pipeline is not known).
     """
 
     model: str
@@ -109,6 +129,10 @@ class StepAnalysis:
     memory_bytes_per_device: int
     stale_bytes_per_device: int
     collectives: dict[str, dict[str, int]]
+    attention: str = "auto"
+    memory_bytes_generation_per_device: int | None = None
+    weights_bytes_per_device: int | None = None
+    temp_bytes_generation_per_device: int | None = None
 
 
 def abstract_inputs(
@@ -129,9 +153,13 @@ def abstract_inputs(
     return unet, sampling, latents
 
 
-def single_step_cost(config: UNetConfig, height: int, width: int, dtype) -> dict:
-    """cost_analysis of one single-device step for a height x width image."""
+def single_step_cost(
+    config: UNetConfig, height: int, width: int, dtype, attention: AttentionBackend = "xla"
+) -> dict:
+    """One single-device step for a height x width image with `attention`: its
+    `cost_analysis` and, under "memory", its memory (arguments + outputs + temporaries)."""
     unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
+    set_attention(unet, attention)
     graphdef, weights = nnx.split(unet)
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
 
@@ -139,7 +167,73 @@ def single_step_cost(config: UNetConfig, height: int, width: int, dtype) -> dict
         loop = Loop.start(graphdef, weights, sampling, SINGLE)
         return loop.step(None, latents, state, NO_BUFFERS, jnp.int32(10))[:2]
 
-    return _cost(jax.jit(step).lower(weights, sampling, latents, state).compile())
+    compiled = jax.jit(step).lower(weights, sampling, latents, state).compile()
+    return {**_cost(compiled), "memory": _memory_bytes(compiled.memory_analysis())}
+
+
+def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
+    """The whole pipeline `model` names (sd15, sd21, sdxl, or a diffusers pipeline folder)
+    with shapes for weights, or None when only its UNet is known (a UNet folder, the SDXL
+    refiner)."""
+    if model in VAE_CONFIGS:
+        cls = SDXLPipeline if model == "sdxl" else SDPipeline
+        unet = UNetConfig.from_diffusers(UNET_CONFIGS[model])
+        vae = VAEConfig.from_diffusers(VAE_CONFIGS[model])
+        texts = [CLIPTextConfig.from_transformers(c) for c in TEXT_ENCODER_CONFIGS[model]]
+    elif (Path(model) / "model_index.json").is_file():
+        import convert
+
+        index = json.loads((Path(model) / "model_index.json").read_text())
+        cls = PIPELINES[index["_class_name"]]
+        unet, vae = convert.load_unet_config(model), convert.load_vae_config(model)
+        texts = [
+            CLIPTextConfig.from_transformers(
+                json.loads((Path(model) / encoder / "config.json").read_text())
+            )
+            for _, encoder in cls.text_components
+        ]
+    else:
+        return None
+    # SDXL's second encoder has the projection; SD's only encoder has none.
+    classes = (CLIPTextModel, CLIPTextModelWithProjection)[-len(texts) :]
+    models = Models(
+        UNet2DConditionModel.abstract(unet, dtype=dtype),
+        AutoencoderKL.abstract(vae, dtype=vae.compute_dtype(dtype)),
+        [c.abstract(config, dtype=dtype) for c, config in zip(classes, texts, strict=True)],
+    )
+    return cls(models, (), SCHEDULER)
+
+
+def generation_memory(
+    pipe: TextToImagePipeline,
+    height: int,
+    width: int,
+    parallel: ParallelConfig,
+    attention: AttentionBackend,
+) -> dict[str, int]:
+    """The whole generation of one height x width image with classifier-free guidance (a
+    negative prompt encoded too), 50 steps, compiled from shapes for the devices of
+    `parallel`: its memory per device and the parts of it."""
+    f, channels = pipe.downscale_factor, pipe.unet.config.in_channels
+    ids = tuple(jax.ShapeDtypeStruct((1, TEXT_TOKENS), jnp.int32) for _ in pipe.text_components)
+    time_ids = pipe.added_conditioning(1, height, width)
+    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), 50)
+    request = Request(
+        prompt_ids=ids,
+        negative_ids=ids,
+        latents=jax.ShapeDtypeStruct((1, height // f, width // f, channels), jnp.float32),
+        time_ids=None if time_ids is None else jax.ShapeDtypeStruct(time_ids.shape, jnp.float32),
+        schedule=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), schedule),
+        guidance_scale=jax.ShapeDtypeStruct((), jnp.float32),
+    )
+    options = Options(True, False, None, parallel, attention)
+    memory = pipe.lower(request, options).compile().memory_analysis()
+    weights = jax.tree.leaves(nnx.state(pipe.models))
+    return dict(
+        memory_bytes_generation_per_device=_memory_bytes(memory),
+        weights_bytes_per_device=sum(w.size * w.dtype.itemsize for w in weights),
+        temp_bytes_generation_per_device=memory.temp_size_in_bytes,
+    )
 
 
 def analyze(
@@ -150,12 +244,18 @@ def analyze(
     parallel: ParallelConfig,
     dtype,
     single: dict | None = None,
+    attention: AttentionBackend = "auto",
+    pipeline: TextToImagePipeline | None = None,
 ) -> StepAnalysis:
     """Compiles the steady-state step of `parallel` (a displaced step for displaced mode)
     for the first C x P devices and reads it, with the single-device step for comparison
-    (`single`: its `single_step_cost`, computed here when not given)."""
+    (`single`: its `single_step_cost` with xla attention, computed here when not given),
+    and the whole generation of `pipeline` (an `abstract_pipeline`; None: not measured)."""
     unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
     single = single or single_step_cost(config, height, width, dtype)
+    generation = {}
+    if pipeline is not None:
+        generation = generation_memory(pipeline, height, width, parallel, attention)
     record = dict(
         model=model,
         height=height,
@@ -166,8 +266,11 @@ def analyze(
         mode=parallel.mode,
         dtype=jnp.dtype(dtype).name,
         flops_single_step=float(single["flops"]),
+        attention=attention,
+        **generation,
     )
     if parallel.mode == "single":
+        memory = single_step_cost(config, height, width, dtype, attention)["memory"]
         return StepAnalysis(
             **record,
             flops_per_device_step=float(single["flops"]),
@@ -175,19 +278,25 @@ def analyze(
             comm_bytes_per_device_step=0,
             comm_bytes_hlo_per_device_step=0,
             comm_bytes_reference_per_device_step=0,
-            memory_bytes_per_device=0,
+            memory_bytes_per_device=memory,
             stale_bytes_per_device=0,
             collectives={},
         )
     exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
-    _, weights = nnx.split(unet)
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
     traced = trace_step(unet, sampling, latents, parallel, exchange)
     context = PatchContext(parallel.patches, exchange, parallel.group_norm)
-    step = jax.jit(step_function(unet, parallel, context))
-    args = (weights, traced.buffers, sampling, latents, state, jnp.int32(10))
-    compiled = step.lower(*args).compile()
-    cost, memory = _cost(compiled), compiled.memory_analysis()
+
+    def compile_step(backend: AttentionBackend):
+        set_attention(unet, backend)
+        step = jax.jit(step_function(unet, parallel, context))
+        args = (nnx.state(unet), traced.buffers, sampling, latents, state, jnp.int32(10))
+        return step.lower(*args).compile()
+
+    compiled = compile_step("xla")
+    memory = compiled.memory_analysis() if attention == "xla" else None
+    memory = memory or compile_step(attention).memory_analysis()
+    cost = _cost(compiled)
     hlo = hlo_collectives(compiled.as_text(), record["devices"])
     by_op: dict[str, dict[str, int]] = {}
     for c in hlo:
@@ -201,10 +310,7 @@ def analyze(
         comm_bytes_per_device_step=sum(c.received_bytes for c in traced.collectives()),
         comm_bytes_hlo_per_device_step=sum(c.received_bytes for c in hlo),
         comm_bytes_reference_per_device_step=reference_bytes(traced, config, latents),
-        memory_bytes_per_device=memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes,
+        memory_bytes_per_device=_memory_bytes(memory),
         stale_bytes_per_device=traced.stale_bytes_per_device(),
         collectives=by_op,
     )
@@ -226,6 +332,16 @@ def reference_bytes(traced, config: UNetConfig, latents: jax.ShapeDtypeStruct) -
     _, height, width, _ = latents.shape
     output = (2 // parallel.cfg) * (height // patches) * width * config.out_channels
     return total + (patches - 1) * output * jnp.dtype(latents.dtype).itemsize
+
+
+def _memory_bytes(memory) -> int:
+    """Arguments + outputs + temporaries of a compiled program, aliased buffers once."""
+    return (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
 
 
 def _cost(compiled) -> dict:
@@ -255,6 +371,9 @@ def run(args, display) -> int:
         raise FileNotFoundError(
             f"--json {args.json}: folder {Path(args.json).parent} does not exist"
         )
+    pipeline = abstract_pipeline(args.model, args.dtype)
+    if pipeline is None:
+        display.note(f"{args.model}: only the UNet is known, the whole generation is not measured")
     records = []
     for height in args.height:
         width = args.width or height
@@ -267,7 +386,17 @@ def run(args, display) -> int:
             parallel.check_size(height, width, multiple)
             with display(f"{args.model} {height}x{width}, {devices} device(s), {mode}"):
                 single = single or single_step_cost(config, height, width, args.dtype)
-                record = analyze(args.model, config, height, width, parallel, args.dtype, single)
+                record = analyze(
+                    args.model,
+                    config,
+                    height,
+                    width,
+                    parallel,
+                    args.dtype,
+                    single,
+                    attention=args.attention,
+                    pipeline=pipeline,
+                )
                 records.append(record)
     print_table(records, display)
     if args.json:
@@ -283,9 +412,10 @@ def run(args, display) -> int:
 def print_table(records: list[StepAnalysis], display) -> None:
     from rich.table import Table
 
-    table = Table(title="one denoising step, per device (CFG batch 2)")
+    table = Table(title="one denoising step and the whole generation, per device (CFG batch 2)")
     for column in ("model", "size", "devices", "mode", "GFLOPs", "/ single", "traffic MB",
-                   "reference MB", "memory MB", "stale MB"):  # fmt: skip
+                   "reference MB", "step memory MB", "stale MB", "generation MB",
+                   "weights MB"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in records:
         table.add_row(
@@ -299,8 +429,14 @@ def print_table(records: list[StepAnalysis], display) -> None:
             f"{r.comm_bytes_reference_per_device_step / 1e6:,.1f}",
             f"{r.memory_bytes_per_device / 1e6:,.0f}",
             f"{r.stale_bytes_per_device / 1e6:,.1f}",
+            _megabytes(r.memory_bytes_generation_per_device),
+            _megabytes(r.weights_bytes_per_device),
         )
     display.console.print(table)
+
+
+def _megabytes(count: int | None) -> str:
+    return "—" if count is None else f"{count / 1e6:,.0f}"
 
 
 def plot_records(records: list[StepAnalysis], path: Path) -> None:

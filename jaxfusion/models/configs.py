@@ -1,6 +1,6 @@
-"""The UNet configurations of the public SD and SDXL checkpoints, as their `unet/config.json`
-files state them. They let the full-size models be built abstractly (no weights) for
-shape checks, compilation and cost analysis."""
+"""The configurations of the public SD and SDXL checkpoints, as their `unet/config.json`,
+`vae/config.json` and `text_encoder*/config.json` files state them. They let the full-size
+models be built abstractly (no weights) for shape checks, compilation and cost analysis."""
 
 _SD_UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -90,4 +90,57 @@ UNET_CONFIGS: dict[str, dict] = {
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         "use_linear_projection": True,
     },
+}
+
+_SD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+
+# The VAE of each pipeline of UNET_CONFIGS that jaxfusion runs whole.
+VAE_CONFIGS: dict[str, dict] = {
+    "sd15": {**_SD_VAE, "sample_size": 512, "scaling_factor": 0.18215},
+    "sd21": {**_SD_VAE, "sample_size": 768, "scaling_factor": 0.18215},
+    "sdxl": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+}
+
+_CLIP_L = {  # openai/clip-vit-large-patch14
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+
+# The text encoders of each pipeline, in the pipeline's order.
+TEXT_ENCODER_CONFIGS: dict[str, tuple[dict, ...]] = {
+    "sd15": (_CLIP_L,),
+    "sd21": (  # OpenCLIP ViT-H/14, the penultimate layer kept (23 of 24)
+        {
+            "hidden_act": "gelu",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 23,
+            "projection_dim": 512,
+        },
+    ),
+    "sdxl": (
+        {**_CLIP_L, "bos_token_id": 0, "eos_token_id": 2},
+        {  # OpenCLIP ViT-bigG/14, with its projection
+            "hidden_act": "gelu",
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_attention_heads": 20,
+            "num_hidden_layers": 32,
+            "projection_dim": 1280,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+    ),
 }
