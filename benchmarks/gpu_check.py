@@ -1,6 +1,9 @@
-"""GPU check for one NVIDIA GPU: the SDXL UNet denoising step in JAX and in diffusers
-(PyTorch), the work one device does in a displaced step for P = 2, 4, 8, and the P-device
-step time projected from it. Random weights, bfloat16, the CFG batch of 2.
+"""GPU check for one NVIDIA GPU: the SDXL UNet denoising step in JAX (with each attention
+kernel of --attention: cuDNN's flash attention and the portable chunked one by default) and
+in diffusers (PyTorch), the work one device does in a displaced step for P = 2, 4, 8, and
+the P-device step time projected from it. Random weights, bfloat16, the CFG batch of 2.
+A kernel that does not apply (cuDNN's compile failing on some CUDA and jax versions) is
+recorded with the kernel that ran instead.
 
     bash benchmarks/gpu_check.sh [OUT_DIR]      # on the GPU machine (installs the wheels)
     python benchmarks/gpu_check.py --tiny       # a small UNet on CPU, to try the script
@@ -28,6 +31,11 @@ from jaxfusion import schedulers
 from jaxfusion.bench import analyze
 from jaxfusion.models import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
+from jaxfusion.models.scaled_dot_product import (
+    ATTENTION_BACKENDS,
+    cudnn_problem,
+    set_attention,
+)
 from sharding.analysis import local_step, trace_step
 from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling
 from sharding.parallel import ParallelConfig
@@ -55,6 +63,9 @@ def main() -> None:
     parser.add_argument("--link-gbs", type=float, default=300.0, help="GB/s into each device")
     parser.add_argument("--torch-compile-size", type=int, default=1024)
     parser.add_argument("--tiny", action="store_true", help="a small UNet (CPU trial)")
+    parser.add_argument(
+        "--attention", nargs="+", choices=ATTENTION_BACKENDS, default=["cudnn", "chunked"]
+    )
     args = parser.parse_args()
     config = dict(UNET_CONFIGS["sdxl"], **(TINY if args.tiny else {}))
     record = {
@@ -79,7 +90,12 @@ def main() -> None:
     print(f"random weights ready ({time.perf_counter() - record['start']:.0f} s)", flush=True)
     sizes = [s // 4 for s in args.sizes] if args.tiny else args.sizes
     for size in sizes:
-        attempt(record, f"jax single {size}", lambda s=size: jax_rows(unet, s, args, record))
+        for backend in args.attention:
+            attempt(
+                record,
+                f"jax single {size} attention={backend}",
+                lambda s=size, b=backend: jax_rows(unet, s, b, args, record),
+            )
     attempt(record, "torch", lambda: torch_rows(config, sizes, args, record))
     record["seconds"] = round(time.perf_counter() - record["start"], 1)
     save(record)
@@ -157,12 +173,16 @@ def timed(run, runs: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def jax_rows(unet: UNet2DConditionModel, size: int, args, record: dict) -> None:
-    """The single-device step at `size` pixels, then one device's displaced step per P."""
+def jax_rows(unet: UNet2DConditionModel, size: int, attention: str, args, record: dict) -> None:
+    """The single-device step at `size` pixels with the `attention` kernel, then (for the
+    first kernel of --attention) one device's displaced step per P."""
+    set_attention(unet, attention)
     graphdef, weights = nnx.split(unet)
     sampling = sampling_inputs(unet.config)
     latent = size // 8
     latents = jax.random.normal(jax.random.key(2), (1, latent, latent, 4), jnp.bfloat16)
+    sdxl_heads = jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.bfloat16)  # head_dim 64 at every level
+    fallback = cudnn_problem(sdxl_heads) if attention == "cudnn" else None
     state = schedulers.init_state(sampling.schedule, latents)
 
     @jax.jit
@@ -171,10 +191,21 @@ def jax_rows(unet: UNet2DConditionModel, size: int, args, record: dict) -> None:
         return loop.step(None, latents, state, NO_BUFFERS, 10)[:2]
 
     compile_s, step_s = timed(lambda: single(weights, sampling, latents, state), args.runs)
+    kind = f"jax {attention}" + (" (fell back to chunked)" if fallback else "")
     record["rows"].append(
-        dict(kind="jax", size=size, devices=1, compile_s=compile_s, step_s=step_s)
+        dict(
+            kind=kind,
+            size=size,
+            devices=1,
+            compile_s=compile_s,
+            step_s=step_s,
+            attention=attention,
+            fallback=fallback,
+        )
     )
-    print(f"jax single {size}: {step_s * 1e3:.1f} ms (first call {compile_s:.1f} s)", flush=True)
+    print(f"{kind} {size}: {step_s * 1e3:.1f} ms (first call {compile_s:.1f} s)", flush=True)
+    if attention != args.attention[0]:
+        return
     per_device_sizes = (
         [s // 4 for s in args.per_device_sizes] if args.tiny else args.per_device_sizes
     )
@@ -278,12 +309,12 @@ def print_table(record: dict) -> None:
         f"\n{record['device']}, {record['unet']} UNet, bfloat16, CFG batch 2, jax {record['jax']}"
     )
     print(
-        f"{'what':28s} {'size':>5s} {'P':>2s} {'step ms':>9s} {'projected ms':>13s} {'speedup':>8s}"
+        f"{'what':34s} {'size':>5s} {'P':>2s} {'step ms':>9s} {'projected ms':>13s} {'speedup':>8s}"
     )
     for row in record["rows"]:
         projected = row.get("projected_step_s")
         print(
-            f"{row['kind']:28s} {row['size']:5d} {row['devices']:2d} {row['step_s'] * 1e3:9.1f} "
+            f"{row['kind']:34s} {row['size']:5d} {row['devices']:2d} {row['step_s'] * 1e3:9.1f} "
             + (f"{projected * 1e3:13.1f} {row['projected_speedup']:7.2f}x" if projected else "")
         )
     print(

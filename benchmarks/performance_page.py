@@ -234,7 +234,10 @@ def analysis_section(inputs: Inputs) -> list[str]:
             f"{num(ours / ref if ref else None, '.3f')} | {num(ours / giga, '.3f')} | "
             f"{num(ref / giga, '.3f')} | {num(paper, '.2f')} | "
             f"{num(r['memory_bytes_per_device'] or None, '.2f', 1e-9)} | "
-            f"{num(r['stale_bytes_per_device'], '.2f', 1e-9)}"
+            f"{num(r['stale_bytes_per_device'], '.2f', 1e-9)} | "
+            f"{num(r.get('memory_bytes_generation_per_device'), '.2f', 1e-9)} | "
+            f"{num(r.get('weights_bytes_per_device'), '.2f', 1e-9)} | "
+            f"{num(r.get('temp_bytes_generation_per_device'), '.2f', 1e-9)}"
         )
     first = records[0] if records else {}
     blocks += produced_by(runs, machine, "analysis")
@@ -245,13 +248,19 @@ def analysis_section(inputs: Inputs) -> list[str]:
         "only, the latent stays sharded) and the reference PyTorch scheme's for the same step "
         "(all-gathers); also in G elements (bytes over the dtype's size), the unit of the "
         "paper's Table 2, whose patch-parallel figures on 8 A100s stand beside (**the "
-        "paper's numbers, not ours**). Memory: the compiled step's arguments, outputs and "
-        "temporaries per device (— on one device: not measured); stale: the buffers a "
-        "displaced step keeps from the step before."
+        "paper's numbers, not ours**). TFLOPs: the step with `xla` attention (cost analysis "
+        "counts a loop's body once). Step memory: the compiled step's arguments, outputs and "
+        "temporaries per device, with the attention kernel `auto` picks (chunked for long "
+        "sequences on this CPU); stale: the buffers a displaced step keeps from the step "
+        "before. Generation: the whole program (text encoders, warm-up and displaced loops, "
+        "VAE decode split by rows) per device, = weights (every network, replicated) + "
+        "temporaries (the stale buffers among them) + the request and the image slab. "
+        f"{first.get('attention', 'xla')} attention; — where not measured."
     )
     header = (
         "size | devices | mode | TFLOPs/device | ÷ single | received MB | reference MB | "
-        "ours ÷ ref | ours G elem | ref G elem | paper G elem (8 GPUs) | memory GB | stale GB"
+        "ours ÷ ref | ours G elem | ref G elem | paper G elem (8 GPUs) | step memory GB | "
+        "stale GB | generation GB | weights GB | generation temp GB"
     )
     blocks.append(table(header, rows))
     if (results / "analysis.png").is_file():
@@ -377,7 +386,10 @@ def gpu_section(inputs: Inputs) -> list[str]:
     ]
     header = "what | size | P | step ms | first call s | received MB | projected ms"
     blocks.append(table(header + " | projected speed-up", rows))
-    jax = {row["size"]: row["step_s"] for row in data["rows"] if row["kind"] == "jax"}
+    jax = {}  # the first single-device JAX row per size (the first kernel of --attention)
+    for row in data["rows"]:
+        if row["kind"].startswith("jax") and row["devices"] == 1:
+            jax.setdefault(row["size"], row["step_s"])
     ratios = [
         f"{row['kind']} ÷ jax at {row['size']}: {row['step_s'] / jax[row['size']]:.2f}"
         for row in data["rows"]

@@ -5,10 +5,11 @@ run the loop inside `jax.shard_map` over the (cfg, patch) mesh: the latent stays
 row slabs (one per patch device) for the whole loop and after it (the VAE decodes it split,
 `sharding.rows`); the scheduler and the guidance combination work on the slab.
 
-`displaced` (DistriFusion) runs step 0 and the warm-up steps 1..W synchronously, then steps
-W+1..T-1 displaced; the carry of both scans holds the latent slab, the scheduler state and
-the primitives' stale buffers. The primitives learn the step's behaviour from a
-`PatchContext` set on a copy of the UNet inside the program; the UNet itself is unchanged.
+`displaced` (DistriFusion) runs step 0 and the warm-up steps 1..W synchronously (one scan),
+then steps W+1..T-1 displaced (a second scan); the carry of both scans holds the latent
+slab, the scheduler state and the primitives' stale buffers. The primitives learn the step's
+behaviour from a `PatchContext` set on a copy of the UNet inside the program; the UNet itself
+is unchanged.
 """
 
 import dataclasses
@@ -227,10 +228,15 @@ def patch_parallel_loop(loop: Loop, latents: jax.Array) -> jax.Array:
         return loop.scan(context, latents, state, NO_BUFFERS, jnp.arange(steps))[0]
     warm = min(parallel.warmup_steps + 1, steps)
     warmup = dataclasses.replace(context, keep_stale=True)
-    # Step 0 runs outside the scans: it creates the stale buffers, whose shapes the scans'
-    # carry needs.
-    carry = loop.step(warmup, latents, state, NO_BUFFERS, jnp.int32(0))
-    carry = loop.scan(warmup, *carry, jnp.arange(1, warm))
+    # The scans' carry needs the stale buffers from the start: zeros of the shapes a warm-up
+    # step gives them (traced, not compiled). Warm-up steps only write them.
+    shapes = jax.eval_shape(
+        lambda latents, state: loop.step(warmup, latents, state, NO_BUFFERS, jnp.int32(0))[2],
+        latents,
+        state,
+    )
+    buffers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    carry = loop.scan(warmup, latents, state, buffers, jnp.arange(warm))
     displaced = dataclasses.replace(context, exchange="displaced")
     return loop.scan(displaced, *carry, jnp.arange(warm, steps))[0]
 

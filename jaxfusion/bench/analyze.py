@@ -398,6 +398,10 @@ def run(args, display) -> int:
                     pipeline=pipeline,
                 )
                 records.append(record)
+            display.note(
+                f"  step {record.memory_bytes_per_device / 1e9:.2f} GB per device, whole "
+                f"generation {_megabytes(record.memory_bytes_generation_per_device)} MB"
+            )
     print_table(records, display)
     if args.json:
         text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
