@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 import convert
 from convert.state_dict import state_dict
 from jaxfusion.models import AutoencoderKL, LatentDistribution, VAEConfig
+from jaxfusion.models.scaled_dot_product import set_attention
 
 TINY = dict(
     in_channels=3,
@@ -28,6 +29,9 @@ TINY = dict(
     sample_size=32,
 )
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+# Chunks for the chunked attention kernel that divide neither mid-block length of
+# test_matches_diffusers (256 tokens encoding, 64 decoding; one head of 16 channels).
+CHUNKS = dict(query_chunk=24, key_chunk=40)
 
 
 def images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -99,10 +103,12 @@ def saved_vae(tmp_path_factory):
     return folder, vae
 
 
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_matches_diffusers(saved_vae, dtype):
+def test_matches_diffusers(saved_vae, dtype, backend):
     folder, torch_vae = saved_vae
     vae = convert.load_vae(folder, dtype=dtype)
+    set_attention(vae, backend, **CHUNKS)
     x, z = images(2, 32, 32), latents(2, 8, 8)
     expected_mean, expected_logvar = torch_encode(torch_vae, x)
     dist = jax_apply(vae, "encode", x)

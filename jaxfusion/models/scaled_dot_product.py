@@ -45,6 +45,12 @@ def check_backend(backend: str) -> AttentionBackend:
     return backend
 
 
+def check_chunks(query_chunk: int, key_chunk: int) -> None:
+    """Refuses chunk sizes the chunked kernel cannot use (ValueError)."""
+    if query_chunk < 1 or key_chunk < 1:
+        raise ValueError(f"chunk sizes must be positive, got {query_chunk} and {key_chunk}")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -208,6 +214,7 @@ class DotProductAttention(nnx.Module):
         key_chunk: int = KEY_CHUNK,
     ):
         self.backend = check_backend(backend)
+        check_chunks(query_chunk, key_chunk)
         self.query_chunk = query_chunk
         self.key_chunk = key_chunk
 
@@ -236,8 +243,7 @@ def set_attention(
     """Makes every attention layer of `model` run the kernel `backend` (chunked with these
     chunk sizes)."""
     backend = check_backend(backend)
-    if query_chunk < 1 or key_chunk < 1:
-        raise ValueError(f"chunk sizes must be positive, got {query_chunk} and {key_chunk}")
+    check_chunks(query_chunk, key_chunk)
     for _, module in nnx.iter_modules(model):
         if isinstance(module, DotProductAttention):
             module.backend = backend
