@@ -1,7 +1,8 @@
 """`jaxfusion bench analyze`: the HLO collective parser against hand-written HLO lines; the
 command on a small UNet config (its FLOPs split over the patches, and the traffic it reads
 from the compiled HLO equals the traffic of the traced program: two derivations); and the
-reference scheme's traffic for SDXL against the paper's figure."""
+reference scheme's traffic for SDXL against the paper's figure; the whole generation's
+memory of the built-in pipeline."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 from diffusers_models import SDXL_LIKE
+from safetensors.numpy import load_file
 
 from jaxfusion.bench.analyze import (
     HloCollective,
@@ -20,6 +22,7 @@ from jaxfusion.bench.analyze import (
     load_config,
     reference_bytes,
 )
+from jaxfusion.builtin import builtin_model_path
 from sharding.analysis import trace_step
 from sharding.parallel import ParallelConfig
 
@@ -95,3 +98,32 @@ def test_reference_scheme_reproduces_the_paper():
     assert abs(elements / 0.425e9 - 1) < 0.005, elements
     ours = sum(c.received_bytes for c in traced.collectives()) / 2
     assert 0.8 < ours / elements < 0.95  # halos to the two neighbours, latent kept sharded
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("generation") / "analysis.json"
+    result = subprocess.run(
+        [str(SCRIPT), "bench", "analyze", "--model", str(builtin_model_path()), "--height", "256",
+         "--devices", "1", "8", "--dtype", "float32", "--json", str(out)],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def test_analyze_measures_the_whole_generation(generation):
+    """Every row, the single device's too, has the whole generation's memory; the weights
+    are every tensor of the pipeline folder's safetensors files in float32, on every
+    device; split over 8 devices, loop and decode need fewer temporaries per device."""
+    files = builtin_model_path().glob("*/*.safetensors")
+    tensors = [t for f in files for t in load_file(f).values()]
+    weights = sum(t.size for t in tensors) * 4
+    single, eight = generation
+    for record in generation:
+        assert record["weights_bytes_per_device"] == weights
+        assert record["memory_bytes_per_device"] > 0
+        generation_bytes = record["memory_bytes_generation_per_device"]
+        assert generation_bytes >= weights + record["temp_bytes_generation_per_device"]
+    temp = "temp_bytes_generation_per_device"
+    assert 0 < eight[temp] < single[temp]

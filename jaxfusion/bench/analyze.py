@@ -105,8 +105,9 @@ class StepAnalysis:
     memory_bytes_per_device: the compiled step's arguments + outputs + temporaries.
     memory_bytes_generation_per_device: the same of the whole generation's program (text
         encoders, warm-up and displaced scans, VAE decode): `weights_bytes_per_device` (all
-        networks' weights, replicated) + `temp_bytes_generation_per_device` (every
-        intermediate, the stale buffers included) + the request and the image slab.
+        networks' weights, replicated, all of them held even where the program uses
+        fewer) + `temp_bytes_generation_per_device` (every intermediate, the stale buffers
+        included) + the request and the image slab.
     FLOPs come from the step with `xla` attention: `cost_analysis` counts a loop's body
     once, and chunked attention is a loop. Memory comes from the programs with `attention`.
     None: not measured (the whole generation of a model whose pipeline is not known).
@@ -228,10 +229,17 @@ def generation_memory(
     )
     options = Options(True, False, None, parallel, attention)
     memory = pipe.lower(request, options).compile().memory_analysis()
-    weights = jax.tree.leaves(nnx.state(pipe.models))
+
+    def size(tree) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    # Every weight counts: the pipeline holds them all on each device, also those the
+    # program leaves out of its arguments (unused: the text encoders' last layers).
+    weights = size(nnx.state(pipe.models))
+    held = weights + size(request) + memory.output_size_in_bytes + memory.temp_size_in_bytes
     return dict(
-        memory_bytes_generation_per_device=_memory_bytes(memory),
-        weights_bytes_per_device=sum(w.size * w.dtype.itemsize for w in weights),
+        memory_bytes_generation_per_device=held - memory.alias_size_in_bytes,
+        weights_bytes_per_device=weights,
         temp_bytes_generation_per_device=memory.temp_size_in_bytes,
     )
 
