@@ -268,6 +268,31 @@ def analysis_section(inputs: Inputs) -> list[str]:
     return blocks
 
 
+MEMORY_TABLE = "python benchmarks/memory_table.py"
+
+
+def memory_section(inputs: Inputs) -> list[str]:
+    """Temporaries of the SDXL UNet step and VAE decode on one device, per attention kernel."""
+    path = inputs.results / "memory_table.json"
+    data, problem = load_json(path)
+    if problem:
+        return missing(problem, [MEMORY_TABLE])
+    blocks = ["Produced by:", code([data.get("command", MEMORY_TABLE)])]
+    blocks.append(
+        f"{data['dtype']}, compiled from shapes for this CPU: `memory_analysis()` "
+        "temporaries on one device. `xla` stores the float32 attention logits, as every "
+        "attention did before the attention kernels; `auto` is the default now. The issue's "
+        "figures (measured before, with xla) stand beside."
+    )
+    rows = [
+        f"{r['model']} | {r['size']} | {r['attention']} | {num(r['temp_bytes'], '.1f', 1e-9)} | "
+        f"{num(r.get('issue_temp_gb'), '.1f')}"
+        for r in data["records"]
+    ]
+    blocks.append(table("program | size | attention | temporaries GB | issue's GB", rows))
+    return blocks
+
+
 def time_section(inputs: Inputs) -> list[str]:
     """Median times per image and per step, with the paper's A100 latencies beside."""
     results, machine = inputs.results, inputs.machine
@@ -426,6 +451,7 @@ def render(results: Path, page: Path, gpu_check: Path) -> str:
         blocks.append("Machine: not recorded (`--run` writes machine.json).")
     sections = [
         ("Per-device cost of one SDXL denoising step (`bench analyze`)", analysis_section),
+        ("Memory of the UNet step and the VAE decode per attention kernel", memory_section),
         ("Timing (`bench time`)", time_section),
         ("Quality against the single-device image (`eval`)", eval_section),
         ("GPU check (`benchmarks/gpu_check.py`)", gpu_section),
