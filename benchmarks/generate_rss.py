@@ -215,6 +215,8 @@ def main() -> None:
                 run.update(image_written=out.is_file())
             record = dict(
                 label=args.label,
+                commit=origin.get("commit"),
+                uncommitted_changes=origin.get("uncommitted_changes"),
                 height=height,
                 width=height,
                 devices=devices,
