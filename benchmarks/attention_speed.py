@@ -21,7 +21,6 @@ call of the pipeline. The point: auto must not make small sizes slower than xla.
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import psutil
+from machine_info import machine
 
 import jaxfusion
 from convert.files import write_text_atomically
@@ -162,18 +161,6 @@ def pipeline(sizes: list[int], steps: int, runs: int) -> list[dict]:
             )
         )
     return records
-
-
-def machine() -> dict:
-    return dict(
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=psutil.cpu_count(),
-        python=platform.python_version(),
-        jax=jax.__version__,
-        jax_backend=jax.default_backend(),
-        device=str(jax.devices()[0]),
-    )
 
 
 def main() -> None:

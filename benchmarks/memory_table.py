@@ -17,7 +17,6 @@ rewritten after every compile, so that an interrupted run keeps what it measured
 import argparse
 import datetime
 import json
-import platform
 import threading
 import time
 from pathlib import Path
@@ -26,14 +25,13 @@ import jax
 import jax.numpy as jnp
 import psutil
 from flax import nnx
+from machine_info import machine
 
 from convert.files import write_text_atomically
-from jaxfusion import schedulers
-from jaxfusion.bench.analyze import abstract_inputs
+from jaxfusion.bench.analyze import single_step
 from jaxfusion.models import AutoencoderKL, UNetConfig, VAEConfig
 from jaxfusion.models.configs import UNET_CONFIGS, VAE_CONFIGS
 from jaxfusion.models.scaled_dot_product import ATTENTION_BACKENDS, set_attention
-from sharding.loops import NO_BUFFERS, SINGLE, Loop
 
 # The issue's figures (GB of temporaries, xla attention): UNet step and VAE decode.
 ISSUE_GB = {
@@ -67,16 +65,7 @@ class PeakRSS:
 def unet_step(size: int, attention: str):
     """The lowered single-device step (CFG batch 2) of the SDXL UNet for size x size."""
     config = UNetConfig.from_diffusers(UNET_CONFIGS["sdxl"])
-    unet, sampling, latents = abstract_inputs(config, size // 8, size // 8, jnp.bfloat16)
-    set_attention(unet, attention)
-    graphdef, weights = nnx.split(unet)
-    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
-
-    def step(weights, sampling, latents, state):
-        loop = Loop.start(graphdef, weights, sampling, SINGLE)
-        return loop.step(None, latents, state, NO_BUFFERS, jnp.int32(10))[:2]
-
-    return jax.jit(step).lower(weights, sampling, latents, state)
+    return single_step(config, size, size, jnp.bfloat16, attention)
 
 
 def vae_decode(size: int, attention: str):
@@ -113,17 +102,6 @@ def measure(model: str, size: int, attention: str) -> dict:
         compile_seconds=round(compiled_at - lowered_at, 1),
         peak_rss_bytes_while_compiling=rss.peak,
         issue_temp_gb=ISSUE_GB[model].get(size) if attention == "xla" else None,
-    )
-
-
-def machine() -> dict:
-    return dict(
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=psutil.cpu_count(),
-        python=platform.python_version(),
-        jax=jax.__version__,
-        jax_backend=jax.default_backend(),
     )
 
 

@@ -40,11 +40,11 @@ class Placement:
             return self.state
         mesh = parallel.mesh()
         if mesh not in self._replicas:
-            self._replicas[mesh] = replicate(self.state, NamedSharding(mesh, P()))
+            self._replicas[mesh] = replicate(self.state, self.replicated(parallel))
         return self._replicas[mesh]
 
 
-def replicate(tree, sharding: NamedSharding):
+def replicate(tree, sharding: Sharding):
     """Every array of `tree` replicated over `sharding`'s devices. An array's existing
     buffer serves its own device, so the device it was on holds it once, not twice."""
 

@@ -154,11 +154,11 @@ def abstract_inputs(
     return unet, sampling, latents
 
 
-def single_step_cost(
+def single_step(
     config: UNetConfig, height: int, width: int, dtype, attention: AttentionBackend = "xla"
-) -> dict:
-    """One single-device step for a height x width image with `attention`: its
-    `cost_analysis` and, under "memory", its memory (arguments + outputs + temporaries)."""
+) -> jax.stages.Lowered:
+    """One single-device step (CFG batch 2) for a height x width image with `attention`,
+    lowered from shapes."""
     unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
     set_attention(unet, attention)
     graphdef, weights = nnx.split(unet)
@@ -168,7 +168,15 @@ def single_step_cost(
         loop = Loop.start(graphdef, weights, sampling, SINGLE)
         return loop.step(None, latents, state, NO_BUFFERS, jnp.int32(10))[:2]
 
-    compiled = jax.jit(step).lower(weights, sampling, latents, state).compile()
+    return jax.jit(step).lower(weights, sampling, latents, state)
+
+
+def single_step_cost(
+    config: UNetConfig, height: int, width: int, dtype, attention: AttentionBackend = "xla"
+) -> dict:
+    """`single_step`'s `cost_analysis` and, under "memory", its memory (arguments +
+    outputs + temporaries)."""
+    compiled = single_step(config, height, width, dtype, attention).compile()
     return {**_cost(compiled), "memory": _memory_bytes(compiled.memory_analysis())}
 
 
@@ -278,7 +286,9 @@ def analyze(
         **generation,
     )
     if parallel.mode == "single":
-        memory = single_step_cost(config, height, width, dtype, attention)["memory"]
+        memory = single["memory"]  # the xla step's: FLOPs stay its, memory is `attention`'s
+        if attention != "xla":
+            memory = single_step_cost(config, height, width, dtype, attention)["memory"]
         return StepAnalysis(
             **record,
             flops_per_device_step=float(single["flops"]),
@@ -302,9 +312,8 @@ def analyze(
         return step.lower(*args).compile()
 
     compiled = compile_step("xla")
-    memory = compiled.memory_analysis() if attention == "xla" else None
-    memory = memory or compile_step(attention).memory_analysis()
     cost = _cost(compiled)
+    memory = (compiled if attention == "xla" else compile_step(attention)).memory_analysis()
     hlo = hlo_collectives(compiled.as_text(), record["devices"])
     by_op: dict[str, dict[str, int]] = {}
     for c in hlo:
