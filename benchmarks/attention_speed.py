@@ -32,8 +32,8 @@ import numpy as np
 from machine_info import machine
 
 import jaxfusion
-from convert.files import write_text_atomically
 from jaxfusion.builtin import builtin_model_path
+from jaxfusion.files import write_text_atomically
 from jaxfusion.models import scaled_dot_product as sdp
 
 BATCH, HEADS, HEAD_DIM = 2, 10, 64

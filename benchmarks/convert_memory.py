@@ -22,7 +22,7 @@ import numpy as np
 
 LOAD = """
 import sys, time
-import convert
+from jaxfusion import convert
 start = time.perf_counter()
 unet = convert.load_unet(sys.argv[1], dtype=sys.argv[2])
 print(time.perf_counter() - start)
@@ -34,8 +34,8 @@ def write_synthetic_checkpoint(folder: Path, dtype: str) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from convert.state_dict import diffusers_key, to_diffusers_shape
     from jaxfusion import UNet2DConditionModel, UNetConfig
+    from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape
     from jaxfusion.models.configs import UNET_CONFIGS
 
     config = UNET_CONFIGS["sdxl"]

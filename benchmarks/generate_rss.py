@@ -44,7 +44,7 @@ from pathlib import Path
 
 import psutil
 
-from convert.files import write_text_atomically
+from jaxfusion.files import write_text_atomically
 
 PROMPT = "a red circle at the top left"
 GIB = 2**30

@@ -27,8 +27,8 @@ import psutil
 from flax import nnx
 from machine_info import machine
 
-from convert.files import write_text_atomically
 from jaxfusion.bench.analyze import single_step
+from jaxfusion.files import write_text_atomically
 from jaxfusion.models import AutoencoderKL, UNetConfig, VAEConfig
 from jaxfusion.models.configs import UNET_CONFIGS, VAE_CONFIGS
 from jaxfusion.models.scaled_dot_product import ATTENTION_BACKENDS, set_attention

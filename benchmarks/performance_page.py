@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from convert.files import write_text_atomically
+from jaxfusion.files import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("analysis", "time", "eval", "machine")

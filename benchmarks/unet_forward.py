@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
-import convert
+from jaxfusion import convert
 
 MID_SIZE = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

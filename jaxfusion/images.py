@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.files import write_atomically
+from jaxfusion.files import write_atomically
 
 SUFFIXES = (".png", ".npy")
 

@@ -16,8 +16,7 @@ import torch
 from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIKE, randomize, relative_l2
 from flax import nnx
 
-import convert
-from jaxfusion import schedulers
+from jaxfusion import convert, schedulers
 from jaxfusion.models import CLIPTextConfig, CLIPTextModel
 from jaxfusion.models import scaled_dot_product as sdp
 from jaxfusion.models.scaled_dot_product import (

@@ -15,9 +15,8 @@ from flax import nnx
 from jax.extend.core import Literal
 from jax.sharding import PartitionSpec as P
 
-import convert
 import jaxfusion
-from jaxfusion import schedulers
+from jaxfusion import convert, schedulers
 from jaxfusion.builtin import builtin_model_path
 from jaxfusion.models.attention import Attention
 from sharding import GroupNorm, ParallelConfig

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers_models import randomize, relative_l2
 
-import convert
 import jaxfusion
+from jaxfusion import convert
 from jaxfusion.bench.analyze import hlo_collectives
 from jaxfusion.builtin import builtin_model_path
 from jaxfusion.models import AutoencoderKL

@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-import convert
+from jaxfusion import convert
 from jaxfusion.models import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from jaxfusion.models.scaled_dot_product import set_attention
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer

@@ -12,9 +12,8 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers_models import SD15_LIKE, save_random_unet
 from flax import nnx
 
-import convert
-from convert.state_dict import diffusers_key, to_diffusers_shape
-from jaxfusion import UNet2DConditionModel, UNetConfig
+from jaxfusion import UNet2DConditionModel, UNetConfig, convert
+from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape
 from jaxfusion.models.configs import UNET_CONFIGS
 
 

@@ -16,8 +16,7 @@ from diffusers_models import (
 )
 from flax import nnx
 
-import convert
-from jaxfusion import UNet2DConditionModel, UNetConfig
+from jaxfusion import UNet2DConditionModel, UNetConfig, convert
 from jaxfusion.models.scaled_dot_product import set_attention
 
 CONFIGS = {"sdxl": SDXL_LIKE, "sd15": SD15_LIKE, "sd2": SD2_LIKE}

@@ -12,8 +12,8 @@ from diffusers_models import randomize, relative_l2
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import convert
-from convert.state_dict import state_dict
+from jaxfusion import convert
+from jaxfusion.convert.state_dict import state_dict
 from jaxfusion.models import AutoencoderKL, LatentDistribution, VAEConfig
 from jaxfusion.models.scaled_dot_product import set_attention
 

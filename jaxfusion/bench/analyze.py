@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.files import write_atomically, write_text_atomically
 from jaxfusion import schedulers
+from jaxfusion.files import write_atomically, write_text_atomically
 from jaxfusion.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -190,7 +190,7 @@ def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
         vae = VAEConfig.from_diffusers(VAE_CONFIGS[model])
         texts = [CLIPTextConfig.from_transformers(c) for c in TEXT_ENCODER_CONFIGS[model]]
     elif (Path(model) / "model_index.json").is_file():
-        import convert
+        from jaxfusion import convert
 
         index = json.loads((Path(model) / "model_index.json").read_text())
         cls = PIPELINES[index["_class_name"]]
@@ -371,7 +371,7 @@ def load_config(model: str) -> UNetConfig:
     UNet config.json (a UNet folder or a pipeline folder)."""
     if model in UNET_CONFIGS:
         return UNetConfig.from_diffusers(UNET_CONFIGS[model])
-    import convert
+    from jaxfusion import convert
 
     return convert.load_unet_config(model)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.files import check_new_folder, write_text_atomically
 from jaxfusion.display import StageDisplay
+from jaxfusion.files import check_new_folder, write_text_atomically
 from jaxfusion.images import grid, psnr, save_image, ssim
 from sharding.parallel import ParallelConfig
 

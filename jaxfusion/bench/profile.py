@@ -15,9 +15,9 @@ from pathlib import Path
 
 import jax
 
-from convert.files import check_new_folder, write_text_atomically
 from jaxfusion.bench.analyze import HLO_COLLECTIVES, HloCollective, hlo_collectives
 from jaxfusion.display import StageDisplay
+from jaxfusion.files import check_new_folder, write_text_atomically
 from sharding.parallel import ParallelConfig
 
 PERFETTO = "https://ui.perfetto.dev"

@@ -34,9 +34,9 @@ from typing import Any
 
 import jax
 
-from convert.files import write_text_atomically
 from jaxfusion import diffusers_backend
 from jaxfusion.display import StageDisplay
+from jaxfusion.files import write_text_atomically
 from sharding.parallel import ParallelConfig
 
 WARMUP_STEPS = ParallelConfig().warmup_steps

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import convert
-from convert.files import resolve_pipeline_folder, staging_folder
-from jaxfusion import schedulers
+from jaxfusion import convert, schedulers
+from jaxfusion.convert.files import resolve_pipeline_folder
 from jaxfusion.dtypes import parse_dtype
+from jaxfusion.files import staging_folder
 from jaxfusion.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from jaxfusion.models.scaled_dot_product import AttentionBackend, check_backend, set_attention
 from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize

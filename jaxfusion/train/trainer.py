@@ -24,9 +24,9 @@ import optax
 from flax import nnx
 from rich import progress as rich_progress
 
-from convert.files import staging_folder, write_atomically, write_text_atomically
 from jaxfusion import schedulers
 from jaxfusion.display import StageDisplay
+from jaxfusion.files import staging_folder, write_atomically, write_text_atomically
 from jaxfusion.models import (
     AutoencoderKL,
     CLIPTextConfig,

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from convert.files import TensorReader
+from jaxfusion.convert.files import TensorReader
 
 _TORCH_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.files import write_text_atomically
-from convert.state_dict import _raise_mismatch
+from jaxfusion.convert.state_dict import _raise_mismatch
 from jaxfusion.dtypes import parse_dtype
+from jaxfusion.files import write_text_atomically
 
 PARAMS_DIR = "flax_params"
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from convert.files import (
+from jaxfusion.convert.files import (
     WEIGHTS_NAME,
     TensorReader,
     resolve_component,
     weight_files,
     write_model_folder,
 )
-from convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
-from convert.state_dict import load_state_dict, state_dict
+from jaxfusion.convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
+from jaxfusion.convert.state_dict import load_state_dict, state_dict
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models import AutoencoderKL, VAEConfig
 

@@ -10,9 +10,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from convert.files import TensorReader, resolve_component, weight_files, write_model_folder
-from convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
-from convert.state_dict import load_state_dict, state_dict
+from jaxfusion.convert.files import (
+    TensorReader,
+    resolve_component,
+    weight_files,
+    write_model_folder,
+)
+from jaxfusion.convert.flax_checkpoint import has_flax_params, load_flax_params, write_flax_folder
+from jaxfusion.convert.state_dict import load_state_dict, state_dict
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.models.clip import (
     MODEL_TYPE,
