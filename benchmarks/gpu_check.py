@@ -29,15 +29,15 @@ from flax import nnx
 
 from jaxfusion import schedulers
 from jaxfusion.bench import analyze
-from jaxfusion.models import UNet2DConditionModel, UNetConfig
+from jaxfusion.models import Conditioning, UNet2DConditionModel, UNetConfig
 from jaxfusion.models.configs import UNET_CONFIGS
+from jaxfusion.models.names import ATTENTION_BACKENDS
 from jaxfusion.models.scaled_dot_product import (
-    ATTENTION_BACKENDS,
     cudnn_problem,
     set_attention,
 )
 from sharding.analysis import local_step, trace_step
-from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling
+from sharding.loops import NO_BUFFERS, SINGLE, Loop, Sampling
 from sharding.parallel import ParallelConfig
 
 TINY = dict(

@@ -31,7 +31,8 @@ from jaxfusion.bench.analyze import single_step
 from jaxfusion.files import write_text_atomically
 from jaxfusion.models import AutoencoderKL, UNetConfig, VAEConfig
 from jaxfusion.models.configs import UNET_CONFIGS, VAE_CONFIGS
-from jaxfusion.models.scaled_dot_product import ATTENTION_BACKENDS, set_attention
+from jaxfusion.models.names import ATTENTION_BACKENDS
+from jaxfusion.models.scaled_dot_product import set_attention
 
 # The issue's figures (GB of temporaries, xla attention): UNet step and VAE decode.
 ISSUE_GB = {

@@ -19,7 +19,7 @@ from jaxfusion.builtin import builtin_model_path  # noqa: E402
 from jaxfusion.images import psnr  # noqa: E402
 from jaxfusion.pipelines import load_pipeline  # noqa: E402
 from sharding.analysis import trace_step  # noqa: E402
-from sharding.context import GROUP_NORM_RULES  # noqa: E402
+from sharding.names import GROUP_NORM_RULES  # noqa: E402
 from sharding.parallel import ParallelConfig  # noqa: E402
 
 PROMPT = "a red circle at the top left and a blue square"

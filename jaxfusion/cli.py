@@ -1,4 +1,10 @@
-"""The `jaxfusion` command: generate, compare, convert, bench analyze|time, profile, eval."""
+"""The `jaxfusion` command: generate, compare, convert, bench analyze|time, profile, eval.
+
+It parses the arguments and calls the library: `jaxfusion.pipelines` loads, the pipeline
+generates, `jaxfusion.bench` measures (with the options of `jaxfusion.bench.options`). The
+parser imports no JAX, so that `--help` answers at once: its choices and defaults come from
+JAX-free modules, and each command imports what it runs.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +15,36 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from jaxfusion import schedulers
-from jaxfusion.display import StageDisplay
-from jaxfusion.models.scaled_dot_product import ATTENTION_BACKENDS
+from jaxfusion.bench.options import (
+    AnalyzeOptions,
+    EvalOptions,
+    ProfileOptions,
+    TimingOptions,
+    read_prompts,
+)
+from jaxfusion.models.names import ATTENTION_BACKENDS
+from jaxfusion.schedulers.config import KINDS
 from jaxfusion.train.config import TrainConfig
-from sharding.context import GROUP_NORM_RULES
-from sharding.parallel import MODES, NAIVE_SPLITS
+from sharding.names import GROUP_NORM_RULES, MODES, NAIVE_SPLITS
+
+if TYPE_CHECKING:
+    from jaxfusion.compilation_cache import CacheHits
+    from jaxfusion.display import StageDisplay
+    from jaxfusion.pipelines import TextToImagePipeline
+    from sharding.parallel import ParallelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_STEPS = 50
 TRAIN_DEFAULTS = TrainConfig()
-DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    devices = int(max(np.atleast_1d(getattr(args, "devices", 1))))
+    devices = getattr(args, "devices", 1)
+    devices = max(devices) if isinstance(devices, list) else devices
     if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
         import jax
 
@@ -37,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulate_cpu_devices(devices)
     elif devices > 1:
         simulate_cpu_devices(devices)
+    from jaxfusion.display import StageDisplay
+
     display = StageDisplay()
     try:
         return args.command(args, display)
@@ -100,14 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = bench.add_parser(
         "analyze", help="per-device FLOPs, memory and traffic of one step, from shapes alone"
     )
-    analyze.add_argument("--model", default="sdxl", help="sd15, sd21, sdxl, or a model folder")
-    analyze.add_argument("--height", type=int, nargs="+", default=[1024, 2048])
+    analyze.add_argument(
+        "--model", default=AnalyzeOptions.model, help="sd15, sd21, sdxl, or a model folder"
+    )
+    analyze.add_argument("--height", type=int, nargs="+", default=list(AnalyzeOptions.heights))
     analyze.add_argument("--width", type=int, help="default: the height")
-    analyze.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    analyze.add_argument("--parallel", choices=MODES[1:], default="displaced")
-    analyze.add_argument("--gn", choices=GROUP_NORM_RULES, default="corrected")
+    analyze.add_argument("--devices", type=int, nargs="+", default=list(AnalyzeOptions.devices))
+    analyze.add_argument("--parallel", choices=MODES[1:], default=AnalyzeOptions.mode)
+    analyze.add_argument("--gn", choices=GROUP_NORM_RULES, default=AnalyzeOptions.group_norm)
     analyze.add_argument("--cfg-parallel", action="store_true")
-    analyze.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    analyze.add_argument("--dtype", choices=DTYPES, default=AnalyzeOptions.dtype)
     add_attention_option(analyze)
     analyze.add_argument("--json", help="write one record per configuration")
     analyze.add_argument("--plot", help="a .png of FLOPs and traffic per device")
@@ -116,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     timing = bench.add_parser(
         "time", help="median wall time per denoising step and per image, modes x devices"
     )
-    add_measurement_options(timing, steps=10)
-    timing.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4], help="1 runs single")
+    add_measurement_options(timing, TimingOptions.steps, TimingOptions.prompt)
     timing.add_argument(
-        "--parallel", choices=MODES[1:], nargs="+", default=["sync", "displaced", "naive"]
+        "--devices", type=int, nargs="+", default=list(TimingOptions.devices), help="1 runs single"
     )
-    timing.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up run")
+    timing.add_argument(
+        "--parallel", choices=MODES[1:], nargs="+", default=list(TimingOptions.modes)
+    )
+    timing.add_argument(
+        "--runs", type=int, default=TimingOptions.runs, help="timed runs after a warm-up run"
+    )
     timing.add_argument(
         "--torch", action="store_true", help="also time diffusers (PyTorch) on the same config"
     )
@@ -132,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "profile",
         help="a jax.profiler trace of a few steps, the optimized HLO, a collectives summary",
     )
-    add_measurement_options(profile, steps=4)
+    add_measurement_options(profile, ProfileOptions.steps, ProfileOptions.prompt)
     add_parallel_options(profile)
     profile.add_argument("--out", required=True, help="new folder for the trace and reports")
     profile.set_defaults(command=run_profile)
@@ -140,15 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="PSNR/SSIM of displaced (each GroupNorm rule) and naive against single"
     )
-    add_measurement_options(evaluate, steps=25, prompt=False)
+    add_measurement_options(evaluate, EvalOptions.steps)
     evaluate.add_argument(
         "--prompts", help="a text file, one prompt per line (default: a built-in list)"
     )
-    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    evaluate.add_argument("--devices", type=int, default=4, help="patch devices (CPU: simulated)")
-    evaluate.add_argument("--gn", choices=GROUP_NORM_RULES, nargs="+", default=GROUP_NORM_RULES)
-    evaluate.add_argument("--warmup-steps", type=int, default=4)
-    evaluate.add_argument("--naive-split", choices=NAIVE_SPLITS, default="row")
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=list(EvalOptions.seeds))
+    evaluate.add_argument(
+        "--devices", type=int, default=EvalOptions.devices, help="patch devices (CPU: simulated)"
+    )
+    evaluate.add_argument(
+        "--gn", choices=GROUP_NORM_RULES, nargs="+", default=list(EvalOptions.group_norm)
+    )
+    evaluate.add_argument("--warmup-steps", type=int, default=EvalOptions.warmup_steps)
+    evaluate.add_argument("--naive-split", choices=NAIVE_SPLITS, default=EvalOptions.naive_split)
     evaluate.add_argument("--out", required=True, help="new folder: images, metrics.json, grid")
     evaluate.set_defaults(command=run_eval)
     return parser
@@ -184,9 +211,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--scheduler", choices=schedulers.KINDS, help="default: the model folder's own"
-    )
+    parser.add_argument("--scheduler", choices=KINDS, help="default: the model folder's own")
     parser.add_argument(
         "--latents", help="initial noise .npy, NCHW (batch, channels, height/f, width/f)"
     )
@@ -197,19 +222,20 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_measurement_options(
-    parser: argparse.ArgumentParser, steps: int, prompt: bool = True
+    parser: argparse.ArgumentParser, steps: int, prompt: str | None = None
 ) -> None:
-    """The model and request of `bench time`, `profile` and `eval` (which takes --prompts)."""
+    """The model and request of `bench time`, `profile` and `eval`: the --steps default, and
+    the --prompt default (None: no --prompt, as eval takes --prompts)."""
     parser.add_argument(
         "--model", help="diffusers pipeline folder or hub id (default: the built-in model)"
     )
-    if prompt:
-        parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    if prompt is not None:
+        parser.add_argument("--prompt", default=prompt)
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
-    parser.add_argument("--scheduler", choices=schedulers.KINDS, help="default: the folder's own")
+    parser.add_argument("--scheduler", choices=KINDS, help="default: the folder's own")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     add_attention_option(parser)
     add_loading_options(parser)
@@ -247,7 +273,8 @@ def simulate_cpu_devices(count: int) -> None:
         jax.config.update("jax_num_cpu_devices", count)
 
 
-def parallel_config(args: argparse.Namespace):
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """The `ParallelConfig` of the patch-parallelism options."""
     from sharding.parallel import ParallelConfig
 
     return ParallelConfig(
@@ -277,6 +304,8 @@ def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
 
 
 def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
+    import numpy as np
+
     from jaxfusion import diffusers_backend
     from jaxfusion.images import check_output_path, psnr, save_image, side_by_side
 
@@ -344,9 +373,23 @@ def run_convert(args: argparse.Namespace, display: StageDisplay) -> int:
 
 
 def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
+    options = AnalyzeOptions(
+        model=args.model,
+        heights=args.height,
+        width=args.width,
+        devices=args.devices,
+        mode=args.parallel,
+        group_norm=args.gn,
+        cfg_parallel=args.cfg_parallel,
+        dtype=args.dtype,
+        attention=args.attention,
+        json=args.json,
+        plot=args.plot,
+    )
     from jaxfusion.bench import analyze
 
-    return analyze.run(args, display)
+    analyze.run(options, display)
+    return 0
 
 
 def run_train(args: argparse.Namespace, display: StageDisplay) -> int:
@@ -356,24 +399,66 @@ def run_train(args: argparse.Namespace, display: StageDisplay) -> int:
 
 
 def run_time(args: argparse.Namespace, display: StageDisplay) -> int:
+    options = TimingOptions(
+        **request_options(args),
+        model=args.model,
+        prompt=args.prompt,
+        devices=args.devices,
+        modes=args.parallel,
+        runs=args.runs,
+        torch_model=model_path(args) if args.torch else None,
+        json=args.json,
+    )
     from jaxfusion.bench import timing
 
-    return timing.run(args, display)
+    pipe, _ = load(args, display)
+    timing.run(pipe, options, display)
+    return 0
 
 
 def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
+    options = ProfileOptions(
+        **request_options(args), out=args.out, parallel=parallel_config(args), prompt=args.prompt
+    )
     from jaxfusion.bench import profile
 
-    return profile.run(args, display)
+    pipe, _ = load(args, display)
+    profile.run(pipe, options, display)
+    return 0
 
 
 def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
+    options = EvalOptions(
+        **request_options(args),
+        out=args.out,
+        model=args.model,
+        prompts=read_prompts(args.prompts) if args.prompts else EvalOptions.prompts,
+        seeds=args.seeds,
+        devices=args.devices,
+        group_norm=args.gn,
+        warmup_steps=args.warmup_steps,
+        naive_split=args.naive_split,
+    )
     from jaxfusion.bench import evaluate
 
-    return evaluate.run(args, display)
+    pipe, _ = load(args, display)
+    evaluate.run(pipe, options, display)
+    return 0
+
+
+def request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `jaxfusion.bench.options.Generation` fields of a measurement's arguments."""
+    return dict(
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+    )
 
 
 def model_path(args: argparse.Namespace) -> str | Path:
+    """The pipeline folder (or hub id) --model names; without it, the built-in model's."""
     if args.model is not None:
         return args.model
     from jaxfusion import builtin
@@ -381,8 +466,9 @@ def model_path(args: argparse.Namespace) -> str | Path:
     return builtin.builtin_model_path()
 
 
-def load(args: argparse.Namespace, display: StageDisplay) -> tuple[Any, Any]:
-    """(the pipeline --model names, the counter of programs served by the disk cache)."""
+def load(args: argparse.Namespace, display: StageDisplay) -> tuple[TextToImagePipeline, CacheHits]:
+    """(the pipeline --model names, the counter of programs served by the disk cache), with
+    JAX's persistent compilation cache turned on."""
     from jaxfusion import builtin
     from jaxfusion.compilation_cache import enable_compilation_cache
     from jaxfusion.pipelines import load_pipeline
@@ -402,6 +488,9 @@ def load(args: argparse.Namespace, display: StageDisplay) -> tuple[Any, Any]:
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline call of `generate` and `compare`."""
+    import numpy as np
+
     latents = None
     prompts = [args.prompt]
     if args.latents is not None:

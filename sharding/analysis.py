@@ -9,10 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxfusion import schedulers
-from jaxfusion.models import UNet2DConditionModel
 from sharding.context import Exchange, PatchContext
-from sharding.loops import Loop, Sampling, step_function
+from sharding.loops import Denoiser, Loop, Sampling, step_context, step_function
 from sharding.parallel import ParallelConfig
 
 COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
@@ -54,7 +52,7 @@ class TracedStep:
 
 
 def trace_step(
-    unet: UNet2DConditionModel,
+    denoiser: Denoiser,
     sampling: Sampling,
     latents: jax.ShapeDtypeStruct | jax.Array,
     parallel: ParallelConfig,
@@ -64,36 +62,36 @@ def trace_step(
     "none") on the mesh's shape, without devices. A displaced step reads the stale buffers
     that a synchronous warm-up step leaves (traced too, for their shapes). `latents`:
     (B, h, w, C), the whole latent."""
-    _, weights = nnx.split(unet)
+    _, weights = nnx.split(denoiser)
     mesh = parallel.mesh(abstract=True)
     buffers = nnx.State({})
     if exchange == "displaced":
-        buffers = stale_buffers(unet, sampling, latents, parallel)
+        buffers = stale_buffers(denoiser, sampling, latents, parallel)
     context = PatchContext(parallel.patches, exchange, parallel.group_norm)
-    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
-    traced = jax.make_jaxpr(step_function(unet, parallel, context, mesh))
+    state = jax.eval_shape(sampling.schedule.init_state, latents)
+    traced = jax.make_jaxpr(step_function(denoiser, parallel, context, mesh))
     closed = traced(weights, buffers, sampling, latents, state, jnp.int32(1))
     (shard_map,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "shard_map"]
     return TracedStep(shard_map.params["jaxpr"], buffers, parallel)
 
 
 def stale_buffers(
-    unet: UNet2DConditionModel,
+    denoiser: Denoiser,
     sampling: Sampling,
     latents: jax.ShapeDtypeStruct | jax.Array,
     parallel: ParallelConfig,
 ) -> nnx.State:
     """The stale buffers of a displaced step as `jax.ShapeDtypeStruct`s, each the
     per-device buffers of the whole mesh concatenated along axis 0 (see `step_function`)."""
-    _, weights = nnx.split(unet)
-    warmup = PatchContext(parallel.patches, "sync", parallel.group_norm, keep_stale=True)
-    step = step_function(unet, parallel, warmup, parallel.mesh(abstract=True))
-    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
+    _, weights = nnx.split(denoiser)
+    warmup = step_context("warm-up", parallel)
+    step = step_function(denoiser, parallel, warmup, parallel.mesh(abstract=True))
+    state = jax.eval_shape(sampling.schedule.init_state, latents)
     args = (weights, nnx.State({}), sampling, latents, state, jnp.int32(0))
     return jax.eval_shape(step, *args)[2]
 
 
-def local_step(unet: UNet2DConditionModel, parallel: ParallelConfig, patch: int = 1):
+def local_step(denoiser: Denoiser, parallel: ParallelConfig, patch: int = 1):
     """What device `patch` computes in a displaced step of `parallel` (C = 1), without the
     exchanges (which only feed the next step), as a function for one device:
 
@@ -104,7 +102,7 @@ def local_step(unet: UNet2DConditionModel, parallel: ParallelConfig, patch: int 
     """
     if parallel.cfg != 1:
         raise ValueError("local_step times one patch device: use cfg=1")
-    graphdef, _ = nnx.split(unet)
+    graphdef, _ = nnx.split(denoiser)
     context = PatchContext(parallel.patches, "local", parallel.group_norm, local_index=patch)
 
     def run(weights, buffers, sampling, latents, state, i):

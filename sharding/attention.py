@@ -2,12 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from sharding.context import AXIS, PatchContext, read_and_refresh
+from sharding.context import AXIS, PatchPrimitive
 
 
-class KVExchange(nnx.Module):
+class KVExchange(PatchPrimitive):
     """Gives a patch's self-attention the keys and values of every patch.
 
     On one device, and in naive patches, the patch's own keys and values. In the
@@ -17,19 +16,20 @@ class KVExchange(nnx.Module):
     for the next. Stale buffer (displaced steps): `kv` (2, B, P * tokens, heads, head_dim).
     """
 
-    def __init__(self):
-        self.patch: PatchContext | None = None
-
     def __call__(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
         """key, value: (B, tokens, heads, head_dim) of this patch -> (B, P * tokens, heads,
         head_dim) of the whole image."""
-        context = self.patch
-        if context is None or context.exchange == "none":
-            return key, value
         own = jnp.stack([key, value])
-        kv = jax.lax.all_gather(own, AXIS, axis=2, tiled=True) if context.exchanges else None
-        stale = read_and_refresh(self, "kv", kv, context)
-        if stale is not None:
+
+        def gather() -> jax.Array:
+            return jax.lax.all_gather(own, AXIS, axis=2, tiled=True)
+
+        context = self.patch
+        received = None if context is None else context.receive(self, "kv", gather)
+        if received is None:
+            return key, value
+        kv = received.value
+        if received.stale:
             start = context.index() * key.shape[1]
-            kv = jax.lax.dynamic_update_slice_in_dim(stale, own, start, axis=2)
+            kv = jax.lax.dynamic_update_slice_in_dim(kv, own, start, axis=2)
         return kv[0], kv[1]

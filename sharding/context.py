@@ -1,22 +1,24 @@
-"""What a patch-parallel primitive needs to know inside the parallel program, and the stale
-buffers it keeps between denoising steps.
+"""What a patch-parallel primitive needs to know inside the parallel program, what it receives
+from the other patches, and the stale buffers it keeps between denoising steps.
 
-The primitives (`Conv2d`, `GroupNorm`, `KVExchange`) carry a `patch` attribute: None on one
-device (they are the plain layers), or a `PatchContext` that the denoising loop sets on a
-copy of the model inside `shard_map` (`model.set_attributes(patch=...)`). The models never
-see it.
+The primitives (`Conv2d`, `GroupNorm`, `KVExchange`) are `PatchPrimitive`s with a `patch`
+attribute: None on one device (they are the plain layers), or the `PatchContext` that the
+denoising loop sets on a copy of the model inside `shard_map` (`set_patch_context`). The
+models never see it. How each kind of exchange behaves is written once, in
+`PatchContext.receive`; a primitive only says what it sends and how it uses what it gets.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.names import GroupNormRule
+
 Exchange = Literal["sync", "displaced", "none", "local"]
-GroupNormRule = Literal["corrected", "stale", "separate", "sync"]
-GROUP_NORM_RULES: tuple[GroupNormRule, ...] = ("corrected", "stale", "separate", "sync")
 AXIS = "patch"
 
 
@@ -24,6 +26,15 @@ class StaleBuffer(nnx.Variable):
     """What a primitive received from the other patches during the previous denoising step
     (halo rows, all patches' GroupNorm moments, all patches' keys and values): read in a
     displaced step in place of the current values, and refreshed by that step's exchange."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """What a primitive got from the other patches: `value`, from this step (`stale` False)
+    or from the previous one (`stale` True)."""
+
+    value: jax.Array
+    stale: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +71,59 @@ class PatchContext:
         """Whether collectives run (not in naive or local steps)."""
         return self.exchange not in ("none", "local")
 
+    def receive(
+        self,
+        module: nnx.Module,
+        name: str,
+        collective: Callable[[], jax.Array],
+        *,
+        current: bool = False,
+    ) -> Received | None:
+        """What `module` gets from the other patches in this step; `collective()` runs the
+        exchange of this step's values. By the kind of exchange:
 
-def read_and_refresh(
-    module: nnx.Module, name: str, fresh: jax.Array | None, context: PatchContext
-) -> jax.Array | None:
-    """The stale buffer `name` of `module` as it was (None in a synchronous step), after
-    storing `fresh` there: in a displaced step, or a synchronous one that keeps stale
-    buffers (which creates them on the first step). A local step only reads it."""
-    displaced = context.exchange in ("displaced", "local")
-    stale = getattr(module, name).get_value() if displaced else None
-    if context.exchange == "displaced" or context.keep_stale:
-        if hasattr(module, name):
-            getattr(module, name).set_value(fresh)
-        else:
-            setattr(module, name, StaleBuffer(fresh))
-    return stale
+          none: nothing (None): every patch computes alone.
+          sync: this step's values; with `keep_stale` also stored as the stale buffer
+            `module.<name>` (created by the first such step).
+          displaced: the previous step's values, from the stale buffer, which this step's
+            values replace for the next step.
+          local: the previous step's values; no collective runs.
+
+        current: the module always takes this step's values and keeps no stale buffer (sync
+        in displaced steps too, nothing in local ones), as it declares where it is built.
+        """
+        exchange = self.exchange
+        if current:
+            exchange = "sync" if self.exchanges else "none"
+        if exchange == "none":
+            return None
+        if exchange == "sync":
+            fresh = collective()
+            if self.keep_stale and not current:
+                _store(module, name, fresh)
+            return Received(fresh, stale=False)
+        stale = getattr(module, name).get_value()
+        if exchange == "displaced":
+            _store(module, name, collective())
+        return Received(stale, stale=True)
+
+
+def _store(module: nnx.Module, name: str, value: jax.Array) -> None:
+    if hasattr(module, name):
+        getattr(module, name).set_value(value)
+    else:
+        setattr(module, name, StaleBuffer(value))
+
+
+class PatchPrimitive(nnx.Module):
+    """A layer that needs context from the other patches; `patch` says how it gets it in
+    this step (None: on one device, the plain layer)."""
+
+    patch: PatchContext | None = None
+
+
+def set_patch_context(model: nnx.Module, context: PatchContext | None) -> None:
+    """Tells every patch-parallel primitive of `model` how to behave in this step."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, PatchPrimitive):
+            module.patch = context

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxfusion.models.layers import parameter, uniform
-from sharding.context import AXIS, PatchContext, read_and_refresh
+from sharding.context import AXIS, PatchPrimitive
+from sharding.parameters import parameter, uniform
 
 
 def neighbour_rows(x: jax.Array, above: int, below: int, patches: int) -> jax.Array:
@@ -22,13 +22,17 @@ def neighbour_rows(x: jax.Array, above: int, below: int, patches: int) -> jax.Ar
     return jnp.concatenate(parts, axis=1)
 
 
-class Conv2d(nnx.Module):
+class Conv2d(PatchPrimitive):
     """`torch.nn.Conv2d`, NHWC, zero-padded by `padding = (before, after)` rows and columns.
 
     The default `padding` is `kernel_size // 2` on every side (`torch.nn.Conv2d(padding=k//2)`);
     `(0, 1)` is diffusers' `Downsample2D(padding=0)`, which pads only the bottom and the right.
     In the patch-parallel program the rows come from the neighbouring patches: `before` rows
     from the patch above, `after` rows from the patch below (see `pad_rows`).
+
+    `current_halo`: the halo always comes from this step's input, in displaced steps too, and
+    no stale buffer is kept (for a layer whose input is cheap to exchange: the UNet's
+    `conv_in` sees the 4-channel latent).
 
     Parameters: `kernel` (kh, kw, in, out), `bias` (out,). Stale buffer (displaced steps):
     `halo` (B, before + after, W, in), the rows received in the previous step.
@@ -42,14 +46,15 @@ class Conv2d(nnx.Module):
         *,
         stride: int = 1,
         padding: tuple[int, int] | None = None,
+        current_halo: bool = False,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs | None,
     ):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = (kernel_size // 2,) * 2 if padding is None else tuple(padding)
+        self.current_halo = current_halo
         self.dtype = dtype
-        self.patch: PatchContext | None = None
         init = uniform((in_channels * kernel_size * kernel_size) ** -0.5)
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         self.kernel = parameter(rngs, init, shape, dtype)
@@ -71,14 +76,18 @@ class Conv2d(nnx.Module):
 
     def pad_rows(self, x: jax.Array) -> jax.Array:
         """Pads `x` (B, H, W, C) with `before` rows on top and `after` underneath: zeros on
-        one device and in naive patches; the neighbours' current rows in a synchronous step;
-        in a displaced step the rows they sent in the previous step, while this step's rows
-        travel to them for the next."""
+        one device and in naive patches, else the rows the neighbours send
+        (`PatchContext.receive`)."""
         above, below = self.padding
-        context = self.patch
-        if context is None or context.exchange == "none" or above == below == 0:
+        received = None
+        if self.patch is not None and above + below:
+            received = self.patch.receive(
+                self,
+                "halo",
+                lambda: neighbour_rows(x, above, below, self.patch.patches),
+                current=self.current_halo,
+            )
+        if received is None:
             return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))
-        halo = neighbour_rows(x, above, below, context.patches) if context.exchanges else None
-        stale = read_and_refresh(self, "halo", halo, context)
-        halo = halo if stale is None else stale
+        halo = received.value
         return jnp.concatenate([halo[:, :above], x, halo[:, above:]], axis=1)

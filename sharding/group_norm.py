@@ -4,53 +4,61 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxfusion.models.layers import ones, parameter, zeros
-from sharding.context import AXIS, PatchContext, read_and_refresh
+from sharding.context import AXIS, GroupNormRule, PatchPrimitive, Received
+from sharding.parameters import ones, parameter, zeros
 
 
 def image_moments(
-    local: jax.Array,
-    stale: jax.Array | None,
-    rule: str,
-    index: jax.Array,
-    gathered: jax.Array | None,
+    local: jax.Array, received: Received | None, rule: GroupNormRule, index: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """(mean, variance), each (B, G), of the whole image from this patch's view.
 
-    local: (2, B, G) this patch's E[x] and E[x^2] in this step.
-    gathered: (P, 2, B, G) every patch's local moments of this step (all-gathered), or None
-        in a local step (which then stands in the stale ones for the "sync" rule).
-    stale: (P, 2, B, G) every patch's moments of the previous step, or None in a
-        synchronous step (exact: the mean of `gathered`).
-    rule, for displaced steps:
-      corrected: mean_j(stale_j) + (local - stale_i) for both moments; where the variance
-        this gives is negative, the local variance instead (the mean stays corrected).
-      stale: (local + sum_{j != i} stale_j) / P.
-      separate: local moments only.
-      sync: exact, as a synchronous step (`gathered` is then used in the same step).
+    local: (2, B, G) this patch's mean and variance (about its own mean) in this step.
+    received: every patch's local moments (P, 2, B, G), of this step (synchronous: the
+        image's exact moments) or of the previous step (stale); None: this patch alone.
+    rule, for stale moments (patch i, local l, stale s_j):
+      corrected: mean_j(s_j) + (l - s_i) for both raw moments E[x] and E[x^2]; where the
+        variance this gives is negative, the local variance instead (the mean stays
+        corrected).
+      stale: (l + sum_{j != i} s_j) / P.
+      separate: the local moments only.
+      ("sync" never reads stale moments: that GroupNorm exchanges this step's.)
+
+    Each rule is a weighted sum of patches' raw moments whose weights w sum to 1, computed
+    about the combined mean M so that nothing large cancels:
+    E[x] = sum w m = M, Var = sum w (v + (m - M)^2) (exact for the sync rule: the variance
+    of the union of equal-sized patches, as one device computes it).
     """
-    if stale is None or rule == "sync":
-        moments = (stale if gathered is None else gathered).mean(axis=0)
+    if received is None or (received.stale and rule == "separate"):
+        return local[0], local[1]
+    moments = received.value
+    patches = moments.shape[0]
+    if not received.stale:
+        weights = jnp.full((patches,), 1 / patches)
     elif rule == "corrected":
-        moments = stale.mean(axis=0) + local - stale[index]
+        moments = jnp.concatenate([moments, local[None], moments[index][None]])
+        weights = jnp.concatenate([jnp.full((patches,), 1 / patches), jnp.array([1.0, -1.0])])
     elif rule == "stale":
-        moments = (stale.sum(axis=0) - stale[index] + local) / stale.shape[0]
-    elif rule == "separate":
-        moments = local
+        moments = jnp.concatenate([moments, local[None], moments[index][None]])
+        weights = jnp.concatenate([jnp.ones(patches), jnp.array([1.0, -1.0])]) / patches
     else:
-        raise ValueError(f"unknown GroupNorm rule {rule!r}")
-    mean, var = moments[0], moments[1] - jnp.square(moments[0])
-    if stale is not None and rule == "corrected":
-        var = jnp.where(var < 0, local[1] - jnp.square(local[0]), var)
+        raise ValueError(f"GroupNorm rule {rule!r} has no combination of stale moments")
+    weights = weights[:, None, None]
+    mean = (weights * moments[:, 0]).sum(axis=0)
+    var = (weights * (moments[:, 1] + jnp.square(moments[:, 0] - mean))).sum(axis=0)
+    if received.stale and rule == "corrected":
+        var = jnp.where(var < 0, local[1], var)
     return mean, jnp.maximum(var, 0.0)
 
 
-class GroupNorm(nnx.Module):
+class GroupNorm(PatchPrimitive):
     """`torch.nn.GroupNorm` (biased variance, affine), NHWC, statistics in float32.
 
-    In the patch-parallel program the statistics are the whole image's (see
-    `image_moments`). Parameters: `scale` (C,), `bias` (C,). Stale buffer (displaced steps):
-    `moments` (P, 2, B, G), every patch's E[x] and E[x^2] of the previous step.
+    The statistics are computed in two passes (the mean, then the mean squared deviation
+    from it), so a large mean does not cancel the variance away. In the patch-parallel
+    program they are the whole image's (see `image_moments`). Parameters: `scale` (C,),
+    `bias` (C,). Stale buffer (displaced steps): `moments` (P, 2, B, G), every patch's mean
+    and variance of the previous step.
     """
 
     def __init__(
@@ -69,7 +77,6 @@ class GroupNorm(nnx.Module):
         self.num_groups = num_groups
         self.epsilon = epsilon
         self.dtype = dtype
-        self.patch: PatchContext | None = None
         self.scale = parameter(rngs, ones, (num_channels,), dtype)
         self.bias = parameter(rngs, zeros, (num_channels,), dtype)
 
@@ -77,7 +84,9 @@ class GroupNorm(nnx.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         grouped = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        local = jnp.stack([grouped.mean(axis=(1, 2, 4)), jnp.square(grouped).mean(axis=(1, 2, 4))])
+        mean = grouped.mean(axis=(1, 2, 4))
+        deviation = grouped - mean[:, None, None, :, None]
+        local = jnp.stack([mean, jnp.square(deviation).mean(axis=(1, 2, 4))])
         mean, var = self.moments_of_image(local)
         inv_std = jax.lax.rsqrt(var + self.epsilon)
         normed = (grouped - mean[:, None, None, :, None]) * inv_std[:, None, None, :, None]
@@ -86,10 +95,15 @@ class GroupNorm(nnx.Module):
         return out.astype(self.dtype)
 
     def moments_of_image(self, local: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """This patch's moments (2, B, G) -> the (mean, variance) it normalizes with."""
+        """This patch's (mean, variance) (2, B, G) -> the (mean, variance) it normalizes
+        with. Under the "sync" rule every step exchanges this step's moments."""
         context = self.patch
-        if context is None or context.exchange == "none":
-            return local[0], jnp.maximum(local[1] - jnp.square(local[0]), 0.0)
-        gathered = jax.lax.all_gather(local, AXIS) if context.exchanges else None
-        stale = read_and_refresh(self, "moments", gathered, context)
-        return image_moments(local, stale, context.group_norm, context.index(), gathered)
+        if context is None:
+            return local[0], local[1]
+        received = context.receive(
+            self,
+            "moments",
+            lambda: jax.lax.all_gather(local, AXIS),
+            current=context.group_norm == "sync",
+        )
+        return image_moments(local, received, context.group_norm, context.index())

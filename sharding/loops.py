@@ -1,19 +1,21 @@
 """The denoising loops, one per mode, each a whole sampling run inside one compiled program.
 
-`single` is a `jax.lax.scan` over the sampler's steps on one device. The patch-parallel modes
-run the loop inside `jax.shard_map` over the (cfg, patch) mesh: the latent stays split into
-row slabs (one per patch device) for the whole loop and after it (the VAE decodes it split,
-`sharding.rows`); the scheduler and the guidance combination work on the slab.
+What they run is any `Denoiser` (the SDXL UNet, or a transformer) built from the primitives
+of this package, and any sampler `Schedule`. `single` is a `jax.lax.scan` over the sampler's
+steps on one device. The patch-parallel modes run the loop inside `jax.shard_map` over the
+(cfg, patch) mesh: the latent stays split into row slabs (one per patch device) for the whole
+loop and after it (the VAE decodes it split, `sharding.rows`); the scheduler and the guidance
+combination work on the slab.
 
-`displaced` (DistriFusion) runs step 0 and the warm-up steps 1..W synchronously (one scan),
-then steps W+1..T-1 displaced (a second scan); the carry of both scans holds the latent
-slab, the scheduler state and the primitives' stale buffers. The primitives learn the step's
-behaviour from a `PatchContext` set on a copy of the UNet inside the program; the UNet itself
-is unchanged.
+The scans of a run are `ParallelConfig.schedule`'s: displaced mode (DistriFusion) runs steps
+0..W synchronously (the warm-up, one scan), then steps W+1..T-1 displaced (a second scan);
+the carry of both holds the latent slab, the scheduler state and the primitives' stale
+buffers. The primitives learn the step's behaviour from a `PatchContext` set on a copy of the
+denoiser inside the program; the denoiser itself is unchanged.
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,30 +23,45 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxfusion import schedulers
-from jaxfusion.models import UNet2DConditionModel
-from jaxfusion.models.attention import cache_text_kv
-from sharding.context import AXIS, PatchContext, StaleBuffer
-from sharding.parallel import CFG_AXIS, ParallelConfig
+from sharding.context import AXIS, PatchContext, StaleBuffer, set_patch_context
+from sharding.parallel import CFG_AXIS, ParallelConfig, StepKind
 
 SINGLE = ParallelConfig()
 
 
-class Conditioning(NamedTuple):
-    """What the UNet is conditioned on besides the latent and the timestep, batch first.
+class Denoiser(Protocol):
+    """What the loops run: an `nnx.Module` whose spatial layers are this package's
+    primitives (`Conv2d`, `GroupNorm`, `KVExchange`), so that it runs on a row slab."""
 
-    encoder_hidden_states: (B, tokens, cross_attention_dim) text hidden states.
-    text_embeds: (B, D) pooled text embedding (SDXL), else None.
-    time_ids: (B, 6) original size, crop top-left, target size (SDXL), else None.
-    """
+    def predict(self, latents: jax.Array, timestep: jax.Array, conditioning: Any) -> jax.Array:
+        """The model's output (B, h, w, C) for `latents` (B, h, w, C) NHWC, the whole latent
+        or a row slab, at `timestep` (), given `conditioning` (a pytree, batch first)."""
+        ...
 
-    encoder_hidden_states: jax.Array
-    text_embeds: jax.Array | None = None
-    time_ids: jax.Array | None = None
+    def cache_conditioning(self, conditioning: Any) -> None:
+        """Precomputes in place what depends on the conditioning only (text keys and
+        values, say): called once per run, on a copy, before the steps."""
+        ...
 
 
-def concat_batches(first: Conditioning, second: Conditioning) -> Conditioning:
-    """`first` then `second` along the batch: the (unconditional, conditional) CFG batch."""
+class Schedule(Protocol):
+    """A sampler's precomputed schedule: a pytree whose methods work elementwise per pixel,
+    so they run on a row slab unchanged (`jaxfusion.schedulers.make_schedule` makes one)."""
+
+    timesteps: jax.Array
+
+    def init_state(self, sample: jax.Array) -> Any: ...
+
+    def scale_model_input(self, sample: jax.Array, i: jax.Array) -> jax.Array: ...
+
+    def step(
+        self, state: Any, model_output: jax.Array, sample: jax.Array, i: jax.Array
+    ) -> tuple[Any, jax.Array]: ...
+
+
+def concat_batches(first: Any, second: Any) -> Any:
+    """`first` then `second` (conditioning pytrees) along the batch: the (unconditional,
+    conditional) CFG batch."""
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
 
 
@@ -60,13 +77,14 @@ class Sampling:
     """One generation's loop inputs besides the latent (a pytree).
 
     schedule: the sampler's precomputed schedule.
-    conditioning: batch 2B (unconditional first) with guidance, else B. Inside the
-        patch-parallel program with C = 2, each cfg device holds its half, B.
+    conditioning: the denoiser's conditioning (a pytree, batch first): batch 2B
+        (unconditional first) with guidance, else B. Inside the patch-parallel program with
+        C = 2, each cfg device holds its half, B.
     guidance_scale: () float32, or None for no classifier-free guidance.
     """
 
-    schedule: schedulers.Schedule
-    conditioning: Conditioning
+    schedule: Schedule
+    conditioning: Any
     guidance_scale: jax.Array | None
 
 
@@ -74,33 +92,33 @@ jax.tree_util.register_dataclass(Sampling)
 
 
 def sampler_step(
-    unet: UNet2DConditionModel,
+    denoiser: Denoiser,
     sampling: Sampling,
     latents: jax.Array,
-    state: schedulers.State,
+    state: Any,
     i: jax.Array,
     *,
     cfg_split: bool = False,
-) -> tuple[jax.Array, schedulers.State]:
+) -> tuple[jax.Array, Any]:
     """Step i of the sampler on `latents` (B, h, w, C), the whole latent or a slab:
     (latents, scheduler state) after it. With `cfg_split` this device computes one guidance
     half and gets the other's prediction from the mesh axis "cfg"."""
     schedule = sampling.schedule
-    model_input = schedulers.scale_model_input(schedule, latents, i)
+    model_input = schedule.scale_model_input(latents, i)
     guided = sampling.guidance_scale is not None
     if guided and not cfg_split:
         model_input = jnp.concatenate([model_input, model_input])
-    noise_pred = unet(model_input, schedule.timesteps[i], *sampling.conditioning)
+    noise_pred = denoiser.predict(model_input, schedule.timesteps[i], sampling.conditioning)
     if guided:
         if cfg_split:
             noise_pred = jax.lax.all_gather(noise_pred, CFG_AXIS, tiled=True)
         noise_pred = guide(noise_pred, sampling.guidance_scale)
-    state, latents = schedulers.step(schedule, state, noise_pred, latents, i)
+    state, latents = schedule.step(state, noise_pred, latents, i)
     return latents, state
 
 
 def denoise(
-    unet: UNet2DConditionModel,
+    denoiser: Denoiser,
     sampling: Sampling,
     latents: jax.Array,
     parallel: ParallelConfig = SINGLE,
@@ -109,21 +127,17 @@ def denoise(
     init_noise_sigma, and returns the final latents (same shape and dtype), on one device
     or patch parallel as `parallel` says; patch parallel, they stay split over the mesh as
     the loop leaves them (`latent_spec`), never gathered on one device."""
-    graphdef, weights = nnx.split(unet)
+    graphdef, weights = nnx.split(denoiser)
     if parallel.mode == "single":
-        state = schedulers.init_state(sampling.schedule, latents)
-        steps = jnp.arange(sampling.schedule.timesteps.shape[0])
-        loop = Loop.start(graphdef, weights, sampling, parallel)
-        return loop.scan(None, latents, state, NO_BUFFERS, steps)[0]
-    mesh = parallel.mesh()
+        return run_schedule(Loop.start(graphdef, weights, sampling, parallel), latents)
     slab = latent_spec(parallel)
 
     def per_device(weights, sampling, latents):
-        return patch_parallel_loop(Loop.start(graphdef, weights, sampling, parallel), latents)
+        return run_schedule(Loop.start(graphdef, weights, sampling, parallel), latents)
 
     run = jax.shard_map(
         per_device,
-        mesh=mesh,
+        mesh=parallel.mesh(),
         in_specs=(P(), sampling_spec(parallel), slab),
         out_specs=slab,
         check_vma=False,
@@ -149,8 +163,8 @@ NO_BUFFERS = nnx.State({})
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
-    """What every step of one run shares: the UNet (graph and weights, with the text keys
-    and values of its cross-attentions computed once), the sampling inputs and the parallel
+    """What every step of one run shares: the denoiser (graph and weights, with what depends
+    on the conditioning only computed once), the sampling inputs and the parallel
     configuration."""
 
     graphdef: nnx.GraphDef
@@ -166,20 +180,20 @@ class Loop:
         sampling: Sampling,
         parallel: ParallelConfig,
     ) -> "Loop":
-        """The run of the UNet `graphdef`/`weights`: stores the text keys and values (see
-        `cache_text_kv`) in a copy of it."""
-        unet = nnx.merge(graphdef, weights)
-        cache_text_kv(unet, sampling.conditioning.encoder_hidden_states)
-        return cls(*nnx.split(unet), sampling, parallel)
+        """The run of the denoiser `graphdef`/`weights`: a copy of it that has cached its
+        conditioning (`Denoiser.cache_conditioning`)."""
+        denoiser = nnx.merge(graphdef, weights)
+        denoiser.cache_conditioning(sampling.conditioning)
+        return cls(*nnx.split(denoiser), sampling, parallel)
 
     def step(
         self,
         context: PatchContext | None,
         latents: jax.Array,
-        state: schedulers.State,
+        state: Any,
         buffers: nnx.State,
         i: jax.Array,
-    ) -> tuple[jax.Array, schedulers.State, nnx.State]:
+    ) -> tuple[jax.Array, Any, nnx.State]:
         """Step i on this device: (latents, scheduler state, stale buffers) after it."""
         model = nnx.merge(self.graphdef, self.weights)
         nnx.update(model, buffers)
@@ -201,48 +215,64 @@ class Loop:
         self,
         context: PatchContext | None,
         latents: jax.Array,
-        state: schedulers.State,
+        state: Any,
         buffers: nnx.State,
-        steps: jax.Array,
-    ) -> tuple[jax.Array, schedulers.State, nnx.State]:
-        """`steps` (a range of step indices) as one scan whose carry holds the latent (slab),
-        the scheduler state and the stale buffers."""
+        steps: range,
+    ) -> tuple[jax.Array, Any, nnx.State]:
+        """The steps `steps` as one scan whose carry holds the latent (slab), the scheduler
+        state and the stale buffers.
 
-        def body(carry, i):
-            return self.step(context, *carry, i), None
+        Steps that keep stale buffers (the warm-up) read none, they only write them: their
+        scan starts from zeros of the shapes one such step gives them. That step is traced
+        once, under `jax.jit`, whose cache hands the same trace to the scan's body.
+        """
+        if context is not None and context.keep_stale:
 
-        if steps.shape[0] == 0:  # not even traced: one UNet fewer to compile
-            return latents, state, buffers
-        return jax.lax.scan(body, (latents, state, buffers), steps)[0]
+            @jax.jit
+            def warm_step(latents, state, i):
+                return self.step(context, latents, state, NO_BUFFERS, i)
+
+            shapes = jax.eval_shape(warm_step, latents, state, jnp.int32(steps.start))[2]
+            buffers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+            def body(carry, i):
+                latents, state, _ = carry
+                return warm_step(latents, state, i), None
+        else:
+
+            def body(carry, i):
+                return self.step(context, *carry, i), None
+
+        indices = jnp.arange(steps.start, steps.stop, dtype=jnp.int32)
+        return jax.lax.scan(body, (latents, state, buffers), indices)[0]
 
 
-def patch_parallel_loop(loop: Loop, latents: jax.Array) -> jax.Array:
-    """The whole loop on one device of the mesh (inside `shard_map`): `latents` is its slab."""
-    parallel = loop.parallel
-    steps = loop.sampling.schedule.timesteps.shape[0]
-    state = schedulers.init_state(loop.sampling.schedule, latents)
-    context = PatchContext(parallel.patches, "sync", parallel.group_norm)
-    if parallel.mode in ("sync", "naive"):
-        if parallel.mode == "naive":
-            context = dataclasses.replace(context, exchange="none")
-        return loop.scan(context, latents, state, NO_BUFFERS, jnp.arange(steps))[0]
-    warm = min(parallel.warmup_steps + 1, steps)
-    warmup = dataclasses.replace(context, keep_stale=True)
-    # The scans' carry needs the stale buffers from the start: zeros of the shapes a warm-up
-    # step gives them (traced, not compiled). Warm-up steps only write them.
-    shapes = jax.eval_shape(
-        lambda latents, state: loop.step(warmup, latents, state, NO_BUFFERS, jnp.int32(0))[2],
-        latents,
-        state,
+def step_context(kind: StepKind, parallel: ParallelConfig) -> PatchContext | None:
+    """How the primitives behave in a step of `kind` (see `ParallelConfig.schedule`); None
+    on one device."""
+    if kind == "single":
+        return None
+    exchange = {"sync": "sync", "warm-up": "sync", "naive": "none", "displaced": "displaced"}
+    return PatchContext(
+        parallel.patches, exchange[kind], parallel.group_norm, keep_stale=kind == "warm-up"
     )
-    buffers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    carry = loop.scan(warmup, latents, state, buffers, jnp.arange(warm))
-    displaced = dataclasses.replace(context, exchange="displaced")
-    return loop.scan(displaced, *carry, jnp.arange(warm, steps))[0]
+
+
+def run_schedule(loop: Loop, latents: jax.Array) -> jax.Array:
+    """The whole loop on this device, one scan per entry of `ParallelConfig.schedule`:
+    `latents` is the whole latent on one device, this device's slab inside `shard_map`."""
+    parallel = loop.parallel
+    schedule = parallel.schedule(loop.sampling.schedule.timesteps.shape[0])
+    state = loop.sampling.schedule.init_state(latents)
+    buffers = NO_BUFFERS
+    carry = (latents, state, buffers)
+    for kind, steps in schedule:
+        carry = loop.scan(step_context(kind, parallel), *carry, steps)
+    return carry[0]
 
 
 def step_function(
-    unet: UNet2DConditionModel,
+    denoiser: Denoiser,
     parallel: ParallelConfig,
     context: PatchContext,
     mesh: Mesh | AbstractMesh | None = None,
@@ -252,14 +282,14 @@ def step_function(
 
         (weights, buffers, sampling, latents, state, i) -> (latents, state, buffers)
 
-    weights: `nnx.split(unet)[1]`. buffers: the `StaleBuffer` state of the UNet's primitives,
+    weights: `nnx.split(denoiser)[1]`. buffers: the `StaleBuffer` state of its primitives,
     each leaf the per-device buffers concatenated along axis 0 in mesh order (an empty
     `nnx.State({})` before the first step; `jax.eval_shape` of a step with
     `context.keep_stale` gives their shapes). latents: (B, h, w, C), the whole latent.
     mesh: default `parallel.mesh()`; `parallel.mesh(abstract=True)` to trace without the
     devices.
     """
-    graphdef, _ = nnx.split(unet)
+    graphdef, _ = nnx.split(denoiser)
     slab, per_device = latent_spec(parallel), P((CFG_AXIS, AXIS))
 
     def run(weights, buffers, sampling, latents, state, i):
@@ -290,13 +320,3 @@ def column_step(step):
         return jax.tree.map(to_rows, (latents, state))
 
     return run
-
-
-def set_patch_context(unet: UNet2DConditionModel, context: PatchContext | None) -> None:
-    """Tells every patch-parallel primitive of `unet` how to behave in this step. `conv_in`
-    always takes its halo from the current latent (4 channels: cheap) and keeps no stale
-    buffer; in naive and local steps it takes none."""
-    unet.set_attributes(patch=context, raise_if_not_found=False)
-    if context is not None:
-        exchange = "sync" if context.exchanges else "none"
-        unet.conv_in.patch = dataclasses.replace(context, exchange=exchange, keep_stale=False)

@@ -7,13 +7,11 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
-from sharding.context import AXIS, GROUP_NORM_RULES, GroupNormRule
+from sharding.context import AXIS
+from sharding.names import GROUP_NORM_RULES, MODES, NAIVE_SPLITS, GroupNormRule, Mode, NaiveSplit
 
-Mode = Literal["single", "sync", "displaced", "naive"]
-MODES: tuple[Mode, ...] = ("single", "sync", "displaced", "naive")
-NaiveSplit = Literal["row", "col", "alternate"]
-NAIVE_SPLITS: tuple[NaiveSplit, ...] = ("row", "col", "alternate")
 CFG_AXIS = "cfg"
+StepKind = Literal["single", "sync", "naive", "warm-up", "displaced"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +72,21 @@ class ParallelConfig:
     def patches(self) -> int:
         """P, the patch devices along height (along width for naive column slabs)."""
         return 1 if self.mode == "single" else self.devices // self.cfg
+
+    def schedule(self, steps: int) -> list[tuple[StepKind, range]]:
+        """The denoising loop of `steps` steps as its scans, in program order: (the kind of
+        their steps, their step indices); scans without steps are left out.
+
+        Displaced mode: steps 0..`warmup_steps` "warm-up" (synchronous, and they keep what
+        they receive as stale buffers), then the rest "displaced". The other modes: one scan
+        of steps of their own kind ("single", "sync" or "naive").
+        """
+        if self.mode != "displaced":
+            scans = [(self.mode, range(steps))]
+        else:
+            warm = min(self.warmup_steps + 1, steps)
+            scans = [("warm-up", range(warm)), ("displaced", range(warm, steps))]
+        return [(kind, indices) for kind, indices in scans if len(indices)]
 
     def mesh(self, abstract: bool = False) -> Mesh | AbstractMesh:
         """The (cfg, patch) mesh over the first C x P of `jax.devices()`; with `abstract`,

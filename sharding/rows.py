@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sharding.context import AXIS, PatchContext
+from sharding.context import AXIS, PatchContext, set_patch_context
 from sharding.parallel import ParallelConfig
 
 ROWS = P(None, AXIS)
@@ -38,7 +38,7 @@ def map_rows(
 
     def per_device(state, slab):
         local = nnx.merge(graphdef, state)
-        local.set_attributes(patch=context, raise_if_not_found=False)
+        set_patch_context(local, context)
         return fn(local, slab)
 
     run = jax.shard_map(

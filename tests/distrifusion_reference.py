@@ -51,9 +51,14 @@ What is stale in a displaced step, per layer kind (module inside the UNet):
 Other modes of `reference_denoise`:
 
 * "naive": every step, every patch runs the unmodified UNet on its own latent slab, with no
-  context at all (zero row padding in every conv including conv_in, local GroupNorm moments,
-  self-attention over its own tokens). No warm-up. The split is always along rows.
+  context at all (zero padding at the slab's edges in every conv including conv_in, local
+  GroupNorm moments, self-attention over its own tokens). No warm-up. `split` says which
+  slabs: "row" (P slabs along height), "col" (P slabs along width) or "alternate" (row slabs
+  on even steps t, column slabs on odd ones).
 * "single": the ordinary diffusers denoising loop on the full latent.
+
+The scheduler is any diffusers scheduler (Euler, DDIM, DPM-Solver++ ...): it always steps the
+full latent with the full (concatenated) prediction, as in diffusers' own loop.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from torch import nn
 
 GN_RULES = ("corrected", "stale", "separate", "sync")
 MODES = ("displaced", "naive", "single")
+NAIVE_SPLITS = ("row", "col", "alternate")
 
 
 class _State:
@@ -399,6 +405,7 @@ def reference_denoise(
     warmup_steps: int,
     gn: str = "corrected",
     mode: str = "displaced",
+    split: str = "row",
 ) -> torch.Tensor:
     """The final latents (B, C, h, w), float32, of a denoising loop whose UNet predictions
     follow `mode` ("displaced", "naive" or "single"; see the module docstring).
@@ -408,12 +415,17 @@ def reference_denoise(
     unconditional half first, and the prediction is u + g * (c - u); otherwise they hold B rows.
     `scheduler.set_timesteps(num_inference_steps)` is called here. Steps 0..warmup_steps are
     synchronous in "displaced" mode; "naive" and "single" ignore `warmup_steps` and `gn`.
+    `split` ("row", "col" or "alternate") is the slabs of "naive"; the other modes ignore it.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}")
+    if split not in NAIVE_SPLITS:
+        raise ValueError(f"split={split!r}: use one of {NAIVE_SPLITS}")
+    if mode == "naive" and split != "row" and latents.shape[3] % patches:
+        raise ValueError(f"latent width {latents.shape[3]} does not divide by {patches}")
     if warmup_steps < 0:
         raise ValueError("warmup_steps must be >= 0 (step 0 is always synchronous)")
-    if latents.shape[2] % patches:
+    if (mode != "naive" or split != "col") and latents.shape[2] % patches:
         raise ValueError(f"latent height {latents.shape[2]} does not divide by {patches}")
     displaced = DisplacedUNet(unet, patches, gn) if mode == "displaced" else None
 
@@ -424,14 +436,16 @@ def reference_denoise(
                     sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
                 ).sample
         if mode == "naive":
+            columns = split == "col" or (split == "alternate" and step % 2 == 1)
+            dim = 3 if columns else 2  # NCHW: width or height
             with torch.no_grad():
                 outs = [
                     unet(
                         slab, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
                     ).sample
-                    for slab in sample.chunk(patches, dim=2)
+                    for slab in sample.chunk(patches, dim=dim)
                 ]
-            return torch.cat(outs, dim=2)
+            return torch.cat(outs, dim=dim)
         if step <= warmup_steps:
             return displaced.sync(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         return displaced.displaced(sample, timestep, encoder_hidden_states, added_cond_kwargs)

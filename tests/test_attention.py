@@ -17,10 +17,10 @@ from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIKE, randomize, relative_l
 from flax import nnx
 
 from jaxfusion import convert, schedulers
-from jaxfusion.models import CLIPTextConfig, CLIPTextModel
+from jaxfusion.models import CLIPTextConfig, CLIPTextModel, Conditioning
 from jaxfusion.models import scaled_dot_product as sdp
+from jaxfusion.models.names import ATTENTION_BACKENDS
 from jaxfusion.models.scaled_dot_product import (
-    ATTENTION_BACKENDS,
     XLA_LOGITS_BYTES,
     DotProductAttention,
     attention,
@@ -30,7 +30,7 @@ from jaxfusion.models.scaled_dot_product import (
     xla_attention,
 )
 from sharding import ParallelConfig
-from sharding.loops import Conditioning, Sampling, denoise
+from sharding.loops import Sampling, denoise
 
 FLOAT32 = 1e-6  # relative L2 of float32 attention against float64
 BFLOAT16 = 1e-2  # bfloat16 inputs: ~2**-8 per rounding of the weights and the output

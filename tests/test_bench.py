@@ -15,6 +15,7 @@ import pytest
 from diffusers_models import SDXL_LIKE
 from safetensors.numpy import load_file
 
+from jaxfusion import cli
 from jaxfusion.bench.analyze import (
     HloCollective,
     abstract_inputs,
@@ -22,6 +23,7 @@ from jaxfusion.bench.analyze import (
     load_config,
     reference_bytes,
 )
+from jaxfusion.bench.options import AnalyzeOptions
 from jaxfusion.builtin import builtin_model_path
 from sharding.analysis import trace_step
 from sharding.parallel import ParallelConfig
@@ -47,6 +49,21 @@ def test_hlo_collectives_parser():
     ]
     received = [c.received_bytes for c in found]
     assert received == [2 * 32 * 4 * 4, 3 * 16 * 8 * 2, 3 * 2 * 8 * 4, 10 * 4]
+
+
+def test_analyze_refusals_before_compiling(tmp_path, capsys, monkeypatch):
+    """The options are checked when made: a plot that is no .png, a JSON file's missing
+    folder; through the command, before the model's configuration is read."""
+    with pytest.raises(ValueError, match=r"must end in \.png"):
+        AnalyzeOptions(plot=tmp_path / "plot.jpg")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AnalyzeOptions(json=tmp_path / "missing" / "a.json")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # JAX started
+    model = str(tmp_path / "nowhere")
+    argv = ["bench", "analyze", "--model", model, "--plot", str(tmp_path / "a.svg")]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "must end in .png" in error and "nowhere" not in error
 
 
 @pytest.fixture(scope="module")

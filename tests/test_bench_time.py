@@ -1,8 +1,9 @@
-"""`jaxfusion bench time`: the command's bookkeeping against a scripted clock (fake pipelines
-whose calls take known times: the medians, step times and speed-ups are then known
-exactly), its refusals before loading anything, and one real run of the console script on
-a tiny random pipeline beside diffusers."""
+"""`jaxfusion bench time`: the library's bookkeeping against a scripted clock (fake pipelines,
+passed in, whose calls take known times: the medians, step times and speed-ups are then
+known exactly), the command's refusals before loading anything, and one real run of the
+console script on a tiny random pipeline beside diffusers."""
 
+import dataclasses
 import inspect
 import json
 import math
@@ -20,7 +21,7 @@ from pipelines import SIZE, save_random_pipeline
 
 from jaxfusion import cli, diffusers_backend
 from jaxfusion.bench import timing
-from jaxfusion.display import StageDisplay
+from jaxfusion.bench.options import TimingOptions
 from jaxfusion.pipelines.base import TextToImagePipeline
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
@@ -53,6 +54,7 @@ class FakePipeline:
     signature and take the clock's scripted time."""
 
     default_guidance_scale = 5.0
+    dtype = np.dtype(np.float32)
 
     def __init__(self, clock: Clock):
         self.clock = clock
@@ -73,12 +75,19 @@ class FakePipeline:
         self.clock.call(parallel.mode, parallel.devices, bound.arguments["num_inference_steps"])
 
 
+TORCH_MODEL = "tiny-diffusers"
+
+
 @pytest.fixture
 def scripted(monkeypatch) -> Clock:
-    """A clock, and fake jaxfusion and diffusers pipelines that advance it."""
+    """A clock, and fake diffusers pipelines (of TORCH_MODEL only) that advance it."""
     clock = Clock()
     torch_pipe = types.SimpleNamespace(device=torch.device("cpu"))
     signature = inspect.signature(diffusers_backend.run_diffusers)
+
+    def load_diffusers_pipeline(path, *, dtype, scheduler):
+        assert (path, dtype, scheduler) == (TORCH_MODEL, "float32", None)
+        return torch_pipe
 
     def run_diffusers(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -87,15 +96,14 @@ def scripted(monkeypatch) -> Clock:
         clock.call("torch", 1, bound.arguments["num_inference_steps"])
 
     monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    monkeypatch.setattr(cli, "load", lambda args, display: (FakePipeline(clock), None))
-    monkeypatch.setattr(diffusers_backend, "load_diffusers_pipeline", lambda *a, **k: torch_pipe)
+    monkeypatch.setattr(diffusers_backend, "load_diffusers_pipeline", load_diffusers_pipeline)
     monkeypatch.setattr(diffusers_backend, "run_diffusers", run_diffusers)
     return clock
 
 
-def bench_time(*options: str) -> int:
-    args = cli.build_parser().parse_args(["bench", "time", "--model", "tiny", *options])
-    return args.command(args, StageDisplay())
+def bench_time(clock: Clock, **options) -> list[timing.TimingRecord]:
+    """`bench time` of the fake pipeline on `clock`, as the library runs it."""
+    return timing.run(FakePipeline(clock), TimingOptions(model="tiny", **options))
 
 
 def test_baseline_steps_leave_displaced_steps_between():
@@ -107,13 +115,16 @@ def test_baseline_steps_leave_displaced_steps_between():
         if steps > synchronous:  # steps baseline..steps-1 are displaced ones
             assert baseline >= synchronous
     assert [timing.baseline_steps(n) for n in (2, 3, 5, 6, 10, 50)] == [1, 1, 2, 5, 5, 25]
+    assert not timing.displaced_steps(synchronous)
+    assert timing.displaced_steps(synchronous + 2) == range(synchronous, synchronous + 2)
 
 
 def test_scripted_timings(scripted, tmp_path):
     out = tmp_path / "times.json"
-    options = ["--devices", "1", "2", "--parallel", "sync", "displaced", "--steps", "10",
-               "--runs", "3", "--torch", "--json", str(out)]  # fmt: skip
-    assert bench_time(*options) == 0
+    returned = bench_time(
+        scripted, devices=[1, 2], modes=["sync", "displaced"], steps=10, runs=3,
+        torch_model=TORCH_MODEL, json=out,
+    )  # fmt: skip
 
     # Each configuration: a warm-up call of 10 and 5 steps, then 3 rounds of both.
     configs = [("single", 1), ("sync", 2), ("displaced", 2), ("torch", 1)]
@@ -122,6 +133,7 @@ def test_scripted_timings(scripted, tmp_path):
     ]
     data = json.loads(out.read_text())
     records = data["records"]
+    assert [dataclasses.asdict(r) for r in returned] == records
     assert [(r["backend"], r["mode"], r["devices"]) for r in records] == [
         ("jax", "single", 1), ("jax", "sync", 2), ("jax", "displaced", 2), ("torch", "single", 1),
     ]  # fmt: skip
@@ -154,9 +166,7 @@ def test_displaced_without_displaced_steps_and_noise(scripted, tmp_path, monkeyp
     do not differ gives no step time, and no speed-up per step."""
     monkeypatch.setitem(PER_STEP, "displaced", 0.0)
     out = tmp_path / "times.json"
-    options = ["--devices", "1", "2", "--parallel", "displaced", "--steps", "4", "--runs", "3",
-               "--json", str(out)]  # fmt: skip
-    assert bench_time(*options) == 0
+    bench_time(scripted, devices=[1, 2], modes=["displaced"], steps=4, runs=3, json=out)
     data = json.loads(out.read_text())
     single, displaced = data["records"]
     assert single["median_step_s"] == pytest.approx(PER_STEP["single"])
@@ -175,10 +185,12 @@ def test_displaced_without_displaced_steps_and_noise(scripted, tmp_path, monkeyp
         (["--json", "/nowhere/times.json"], "folder /nowhere does not exist"),
     ],
 )
-def test_refusals_before_loading(monkeypatch, capsys, options, message):
-    monkeypatch.setattr(cli, "load", lambda *args: pytest.fail("loaded the model"))
-    assert cli.main(["bench", "time", "--model", "tiny", "--devices", "1", *options]) == 2
-    assert message in capsys.readouterr().err
+def test_refusals_before_loading(tmp_path, capsys, options, message):
+    """Exit status 2 and the message about the option: the (missing) model was never read."""
+    model = str(tmp_path / "nowhere")
+    assert cli.main(["bench", "time", "--model", model, "--devices", "1", *options]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "no such folder" not in error
 
 
 def test_console_script_on_a_tiny_pipeline(tmp_path):

@@ -14,8 +14,6 @@ import pytest
 from PIL import Image
 from pipelines import SIZE, save_random_pipeline
 
-import jaxfusion
-from jaxfusion.builtin import builtin_model_path
 from jaxfusion.images import psnr
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
@@ -53,9 +51,24 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     os.umask(umask)
     assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0o600
 
-    # The same request through the Python API gives the same image.
-    pipe = jaxfusion.load_pipeline(builtin_model_path())
-    np.testing.assert_allclose(pipe(PROMPT, num_inference_steps=3)[0], array, atol=1e-6)
+    # The same request through the Python API gives the same image, bit for bit: run in a
+    # process like the command's, with one CPU device (and the command's compilation cache).
+    # This test's own process has 8 simulated devices (conftest.py), for which XLA compiles
+    # the same program with other CPU loop partitions: rounding differs there, by up to about
+    # 1e-6 depending on the machine.
+    api = tmp_path / "api.npy"
+    code = (
+        "import numpy as np\n"
+        "import jaxfusion\n"
+        "from jaxfusion.builtin import builtin_model_path\n"
+        "from jaxfusion.compilation_cache import enable_compilation_cache\n"
+        "enable_compilation_cache()\n"
+        "pipe = jaxfusion.load_pipeline(builtin_model_path())\n"
+        f"np.save({str(api)!r}, pipe({PROMPT!r}, num_inference_steps=3)[0])\n"
+    )
+    env = dict(os.environ, JAXFUSION_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    np.testing.assert_array_equal(np.load(api), array)
 
 
 def test_refusals_before_compiling(cache, tmp_path):

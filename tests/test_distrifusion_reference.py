@@ -9,7 +9,14 @@ import diffusers
 import pytest
 import torch
 from diffusers_models import SD15_LIKE, SD_NOISE_SCHEDULE, SDXL_LIKE, randomize
-from distrifusion_reference import GN_RULES, DisplacedUNet, _hooked, _State, reference_denoise
+from distrifusion_reference import (
+    GN_RULES,
+    NAIVE_SPLITS,
+    DisplacedUNet,
+    _hooked,
+    _State,
+    reference_denoise,
+)
 
 STEPS = 4
 
@@ -131,6 +138,25 @@ def test_displaced_steps_differ_sd15(case):
 def test_naive(sdxl):
     assert _relative(sdxl.denoise(patches=1, mode="naive"), sdxl.single) < 1e-6
     assert _relative(sdxl.denoise(patches=2, mode="naive"), sdxl.single) > 1e-3
+
+
+def test_naive_splits(sdxl):
+    """Column slabs: one patch is single, two differ from single and from row slabs;
+    "alternate" runs row slabs at step 0 (a one-step run equals "row") and column slabs at
+    step 1."""
+    assert _relative(sdxl.denoise(patches=1, mode="naive", split="col"), sdxl.single) < 1e-6
+    runs = {split: sdxl.denoise(patches=2, mode="naive", split=split) for split in NAIVE_SPLITS}
+    assert _relative(runs["col"], sdxl.single) > 1e-3
+    assert _relative(runs["col"], runs["row"]) > 1e-3
+    assert _relative(runs["alternate"], runs["row"]) > 1e-4
+    assert _relative(runs["alternate"], runs["col"]) > 1e-4
+    one_step = {
+        split: sdxl.denoise(patches=2, mode="naive", split=split, num_inference_steps=1)
+        for split in ("row", "alternate")
+    }
+    assert torch.equal(one_step["alternate"], one_step["row"])
+    with pytest.raises(ValueError, match="split="):
+        sdxl.denoise(patches=2, mode="naive", split="diagonal")
 
 
 # --- one step ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pipelines import SIZE, save_random_pipeline
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from jaxfusion import cli
+from jaxfusion.bench.options import EvalOptions
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
@@ -161,6 +162,20 @@ def test_existing_out_is_refused_before_loading(tmp_path, monkeypatch, capsys):
         stderr = capsys.readouterr().err
         assert "exists" in stderr and "no such folder" not in stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_options_are_checked_when_made(tmp_path):
+    """The library's refusals (the command makes its options before it loads the model)."""
+    out = tmp_path / "out"
+    assert EvalOptions(out=str(out)).out == out and not out.exists()
+    with pytest.raises(ValueError, match="a seed is repeated"):
+        EvalOptions(out=out, seeds=[1, 2, 1])
+    with pytest.raises(ValueError, match="2 or more patch devices"):
+        EvalOptions(out=out, devices=1)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        EvalOptions(out=out, prompts=[])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        EvalOptions(out=tmp_path / "missing" / "out")
 
 
 def test_invalid_size_is_refused_before_compiling(model, tmp_path):

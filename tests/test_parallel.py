@@ -18,60 +18,84 @@ from jax.sharding import PartitionSpec as P
 import jaxfusion
 from jaxfusion import convert, schedulers
 from jaxfusion.builtin import builtin_model_path
+from jaxfusion.models import Conditioning
 from jaxfusion.models.attention import Attention
 from sharding import GroupNorm, ParallelConfig
 from sharding.analysis import TracedStep, trace_step
-from sharding.context import AXIS, GROUP_NORM_RULES, PatchContext, StaleBuffer
-from sharding.loops import Conditioning, Sampling, denoise, set_patch_context
+from sharding.context import AXIS, PatchContext, StaleBuffer, set_patch_context
+from sharding.loops import Sampling, denoise
+from sharding.names import GROUP_NORM_RULES
 
 STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
-LATENT = 32  # SDXL_LIKE has 3 levels: with P = 8 the smallest feature map is one row per patch
+# SDXL_LIKE with one resnet and one transformer layer per block: still every layer kind the
+# exchanges touch (3x3 and stride-2 convs, the upsamplers' convs, GroupNorm, self- and
+# cross-attention, CFG), at less than half the compile time of each program.
+UNET = dict(SDXL_LIKE, layers_per_block=1, transformer_layers_per_block=(1, 1, 1))
+LATENT = 32  # UNET has 3 levels: with P = 8 the smallest feature map is one row per patch
 ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may change
 SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
 COLLECTIVES = {"ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter"}
+# The JAX sampler kinds and the diffusers scheduler of each (the reference's).
+DIFFUSERS_SCHEDULERS = {
+    "euler": diffusers.EulerDiscreteScheduler,
+    "dpmpp": diffusers.DPMSolverMultistepScheduler,  # stateful: the previous model output
+}
 
 
 class Case:
-    """A tiny random SDXL-shaped UNet in both frameworks (same weights), an Euler schedule,
-    and one CFG batch of inputs; JAX runs are compiled once per parallel configuration."""
+    """A tiny random SDXL-shaped UNet (`UNET`) in both frameworks (same weights), an Euler
+    schedule, and one CFG batch of inputs; JAX runs are compiled once per parallel
+    configuration and scheduler (Euler, or DPM-Solver++ whose state also lives on the
+    slabs)."""
 
     def __init__(self, folder):
         torch.manual_seed(0)
-        self.torch_unet = randomize(diffusers.UNet2DConditionModel(**SDXL_LIKE))
+        self.torch_unet = randomize(diffusers.UNet2DConditionModel(**UNET))
         self.torch_unet.save_pretrained(folder)
         self.unet = convert.load_unet(folder)
         rng = np.random.default_rng(0)
         self.latents = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
-        pooled = SDXL_LIKE["projection_class_embeddings_input_dim"] - 6 * 8
+        pooled = UNET["projection_class_embeddings_input_dim"] - 6 * 8
         self.conditioning = Conditioning(
-            rng.standard_normal((2, 7, SDXL_LIKE["cross_attention_dim"])).astype(np.float32),
+            rng.standard_normal((2, 7, UNET["cross_attention_dim"])).astype(np.float32),
             rng.standard_normal((2, pooled)).astype(np.float32),
             np.tile(np.float32([128, 128, 0, 0, 128, 128]), (2, 1)),
         )
-        config = schedulers.SchedulerConfig.from_diffusers(SCHEDULER, "euler")
-        self.schedule = schedulers.make_schedule(config, STEPS)
+        self.schedules = {
+            kind: schedulers.make_schedule(
+                schedulers.SchedulerConfig.from_diffusers(SCHEDULER, kind), STEPS
+            )
+            for kind in DIFFUSERS_SCHEDULERS
+        }
+        self.schedule = self.schedules["euler"]
         self._runs = {}
 
-    def jax(self, parallel: ParallelConfig) -> np.ndarray:
+    def jax(self, parallel: ParallelConfig, scheduler: str = "euler") -> np.ndarray:
         """Final latents (B, C, h, w) of the JAX loop."""
-        if parallel not in self._runs:
+        key = parallel, scheduler
+        if key not in self._runs:
+            schedule = self.schedules[scheduler]
             graphdef, weights = nnx.split(self.unet)
-            sampling = Sampling(self.schedule, self.conditioning, jnp.float32(GUIDANCE))
-            latents = (
-                jnp.asarray(self.latents.transpose(0, 2, 3, 1)) * self.schedule.init_noise_sigma
-            )
+            sampling = Sampling(schedule, self.conditioning, jnp.float32(GUIDANCE))
+            latents = jnp.asarray(self.latents.transpose(0, 2, 3, 1)) * schedule.init_noise_sigma
             run = jax.jit(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x, parallel))
-            self._runs[parallel] = np.asarray(run(weights, sampling, latents)).transpose(0, 3, 1, 2)
-        return self._runs[parallel]
+            self._runs[key] = np.asarray(run(weights, sampling, latents)).transpose(0, 3, 1, 2)
+        return self._runs[key]
 
     def reference(
-        self, mode: str, patches: int = 1, gn: str = "corrected", warmup: int = WARMUP
+        self,
+        mode: str,
+        patches: int = 1,
+        gn: str = "corrected",
+        warmup: int = WARMUP,
+        scheduler: str = "euler",
+        split: str = "row",
     ) -> np.ndarray:
-        """Final latents of the sequential PyTorch reference."""
+        """Final latents of the sequential PyTorch reference (diffusers' scheduler)."""
         ehs, text_embeds, time_ids = (torch.from_numpy(x) for x in self.conditioning)
         out = reference_denoise(
             self.torch_unet,
-            diffusers.EulerDiscreteScheduler(**SCHEDULER),
+            DIFFUSERS_SCHEDULERS[scheduler](**SCHEDULER),
             torch.from_numpy(self.latents),
             ehs,
             added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids),
@@ -81,6 +105,7 @@ class Case:
             warmup_steps=warmup,
             gn=gn,
             mode=mode,
+            split=split,
         )
         return out.numpy()
 
@@ -162,14 +187,57 @@ def test_naive_equals_reference_and_differs_from_single(case):
     assert relative_l2(naive, case.jax(SINGLE)) > 1e-2
 
 
+@pytest.mark.parametrize("split", ["col", "alternate"])
+def test_naive_column_and_alternate_splits_equal_reference(case, split):
+    """Column slabs, and row slabs on even steps / column slabs on odd ones (latent and
+    scheduler state traded by an all-to-all): each as the reference splits them, and not the
+    row split."""
+    naive = case.jax(ParallelConfig(4, mode="naive", naive_split=split))
+    assert relative_l2(naive, case.reference("naive", 4, split=split)) < ROUNDING
+    assert relative_l2(naive, case.reference("naive", 4, split="row")) > 1e-3
+    assert relative_l2(naive, case.jax(SINGLE)) > 1e-2
+
+
+def test_dpmpp_single_and_sync_equal_reference(case):
+    """DPM-Solver++ (2nd order: its state holds the previous model output) on one device, and
+    on 4 row slabs with synchronous exchanges, against diffusers' scheduler on the full
+    latent."""
+    single = case.jax(SINGLE, "dpmpp")
+    assert relative_l2(single, case.reference("single", scheduler="dpmpp")) < ROUNDING
+    sync = case.jax(ParallelConfig(4, mode="sync"), "dpmpp")
+    assert relative_l2(sync, single) < ROUNDING
+    assert relative_l2(single, case.jax(SINGLE)) > 1e-3  # not the Euler run
+
+
+def test_dpmpp_displaced_equals_reference(case):
+    """The scheduler state crosses from the warm-up scan into the displaced scan: step 2 is a
+    second-order step on a synchronous and a displaced prediction."""
+    parallel = ParallelConfig(4, mode="displaced", warmup_steps=WARMUP)
+    actual = case.jax(parallel, "dpmpp")
+    expected = case.reference("displaced", parallel.patches, scheduler="dpmpp")
+    assert relative_l2(actual, expected) < ROUNDING
+    assert relative_l2(actual, case.jax(SINGLE, "dpmpp")) > 1e-4  # really displaced
+
+
+def test_dpmpp_naive_alternate_equals_reference(case):
+    """The DPM-Solver++ state (the previous model output, on the slabs) is traded to column
+    slabs and back with the latent on odd steps."""
+    naive = case.jax(ParallelConfig(4, mode="naive", naive_split="alternate"), "dpmpp")
+    expected = case.reference("naive", 4, scheduler="dpmpp", split="alternate")
+    assert relative_l2(naive, expected) < ROUNDING
+    assert relative_l2(naive, case.reference("naive", 4, scheduler="dpmpp")) > 1e-3
+
+
 def test_corrected_group_norm_formula():
     """Two patches, two groups; the stale moments make patch 0's corrected variance of group 0
-    negative, which falls back to the local variance; the others follow the formula."""
+    negative, which falls back to the local variance; the others follow the formula (written
+    here in raw moments E[x], E[x^2]; the buffers hold each patch's mean and variance)."""
     norm = GroupNorm(2, 4, epsilon=1e-5, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((1, 4, 3, 4)).astype(np.float32)
-    stale = np.zeros((2, 2, 1, 2), np.float32)  # (patch, moment, batch, group)
+    stale = np.zeros((2, 2, 1, 2), np.float32)  # (patch, raw moment, batch, group)
     stale[:, 0] = 0.1
     stale[:, 1] = [[[5.0, 1.0]], [[0.5, 1.2]]]
+    buffer = np.stack([stale[:, 0], stale[:, 1] - stale[:, 0] ** 2], axis=1)  # mean, variance
     graphdef, weights = nnx.split(norm)
     parallel = ParallelConfig(2, mode="displaced")
 
@@ -186,16 +254,17 @@ def test_corrected_group_norm_formula():
         out_specs=(P(None, AXIS), P(AXIS)),
         check_vma=False,
     )
-    out, refreshed = (np.asarray(a) for a in run(weights, stale, x))
+    out, refreshed = (np.asarray(a) for a in run(weights, buffer, x))
     for i in range(2):
         patch = x[:, 2 * i : 2 * i + 2].reshape(1, 2, 3, 2, 2).astype(np.float64)
         local = np.stack([patch.mean((1, 2, 4)), (patch**2).mean((1, 2, 4))])
+        local_var = local[1] - local[0] ** 2
         for device in range(2):  # every device's buffer now holds every patch's moments
-            np.testing.assert_allclose(refreshed[2 * device + i], local, rtol=1e-5)
+            np.testing.assert_allclose(refreshed[2 * device + i], [local[0], local_var], rtol=1e-5)
         moments = stale.mean(0) + local - stale[i]
         var = moments[1] - moments[0] ** 2
         assert ((var < 0) == [[i == 0, False]]).all(), var
-        var = np.where(var < 0, local[1] - local[0] ** 2, var)
+        var = np.where(var < 0, local_var, var)
         expected = (patch - moments[0][:, None, None, :, None]) / np.sqrt(
             var[:, None, None, :, None] + 1e-5
         )

@@ -19,8 +19,10 @@ from jaxfusion.bench.profile import (
     AsyncCollective,
     LoopCollectives,
     async_collectives,
+    describe_steady_state,
     loop_collectives,
     program_parts,
+    scans,
     steady_state,
 )
 from sharding.analysis import trace_step
@@ -100,8 +102,10 @@ def test_collectives_by_loop_and_step():
             ],
         ),
     ]
-    # 4 displaced steps without warm-up: step 0 outside the loop, steps 1..3 in the loop.
+    # 4 displaced steps without warm-up: step 0 a scan of one step (XLA inlines it, outside
+    # the loop), steps 1..3 in the loop.
     parallel = ParallelConfig(4, mode="displaced", warmup_steps=0)
+    assert scans(parallel, 4) == [("warm-up steps", range(1)), ("displaced steps", range(1, 4))]
     outside, displaced = program_parts(loops, parallel, steps=4)
     assert (outside.steps, outside.loop, outside.iterations) == ([0], None, 1)
     assert (displaced.label, displaced.steps, displaced.loop) == (
@@ -109,7 +113,7 @@ def test_collectives_by_loop_and_step():
         [1, 2, 3],
         "while.1",
     )
-    assert steady_state([outside, displaced], parallel, 4) is displaced
+    assert steady_state([outside, displaced], parallel) is displaced
     assert displaced.by_op() == {
         "all-gather": {"count": 1, "received_bytes": 3 * 2 * 8 * 4},
         "collective-permute": {"count": 1, "received_bytes": 2 * 8 * 4},
@@ -117,7 +121,20 @@ def test_collectives_by_loop_and_step():
     # 5 steps would need a loop of 4 iterations: the loop is reported, but not as a step.
     parts = program_parts(loops, parallel, steps=5)
     assert [p.label for p in parts] == ["outside the loops (once)", "while loop while.1"]
-    assert steady_state(parts, parallel, 5) is None
+    assert steady_state(parts, parallel) is None
+
+
+def test_steady_state_needs_a_loop_of_two_steps():
+    """Without a loop of two steady-state steps, the report names the fewest steps giving
+    one: displaced mode after its warm-up steps 0..4, the other modes from the start."""
+    displaced = ParallelConfig(4, mode="displaced", warmup_steps=4)
+    for steps in (4, 5, 6):
+        assert "use --steps 7 or more" in describe_steady_state(None, displaced, steps)
+    assert "displaced steps: none" in describe_steady_state(None, displaced, 5)
+    assert "displaced steps: 5;" in describe_steady_state(None, displaced, 6)
+    assert "do not match" in describe_steady_state(None, displaced, 7)
+    sync = ParallelConfig(4, mode="sync")
+    assert "use --steps 2 or more" in describe_steady_state(None, sync, 1)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxfusion import schedulers
+from jaxfusion.bench.options import AnalyzeOptions
+from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_atomically, write_text_atomically
 from jaxfusion.models import (
     AutoencoderKL,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Conditioning,
     UNet2DConditionModel,
     UNetConfig,
     VAEConfig,
@@ -32,7 +35,7 @@ from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImage
 from jaxfusion.pipelines.base import Models, Options, Request
 from sharding.analysis import trace_step
 from sharding.context import PatchContext
-from sharding.loops import NO_BUFFERS, SINGLE, Conditioning, Loop, Sampling, step_function
+from sharding.loops import NO_BUFFERS, SINGLE, Loop, Sampling, step_function
 from sharding.parallel import ParallelConfig
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
@@ -376,42 +379,36 @@ def load_config(model: str) -> UNetConfig:
     return convert.load_unet_config(model)
 
 
-def run(args, display) -> int:
-    """`jaxfusion bench analyze`: every (height, devices) asked, a table, JSON and a plot."""
-    from jaxfusion.images import check_output_path
-
-    config = load_config(args.model)
-    plot = check_output_path(args.plot) if args.plot else None
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise ValueError(f"--plot {plot}: the file must end in .png")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise FileNotFoundError(
-            f"--json {args.json}: folder {Path(args.json).parent} does not exist"
-        )
-    pipeline = abstract_pipeline(args.model, args.dtype)
+def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[StepAnalysis]:
+    """`jaxfusion bench analyze`: every (height, devices) of `options`; prints a table,
+    writes the JSON file and the plot `options` asks for, and returns the records."""
+    display = display or StageDisplay()
+    model, dtype = options.model, options.dtype
+    config = load_config(model)
+    pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
-        display.note(f"{args.model}: only the UNet is known, the whole generation is not measured")
+        display.note(f"{model}: only the UNet is known, the whole generation is not measured")
     records = []
-    for height in args.height:
-        width = args.width or height
+    for height in options.heights:
+        width = options.width or height
         single = None  # the single-device step, compiled once per size
-        for devices in args.devices:
-            mode = "single" if devices == 1 else args.parallel
-            cfg = 2 if args.cfg_parallel and devices > 1 else 1
-            parallel = ParallelConfig(devices, cfg, mode=mode, group_norm=args.gn)
+        for devices in options.devices:
+            mode = "single" if devices == 1 else options.mode
+            cfg = 2 if options.cfg_parallel and devices > 1 else 1
+            parallel = ParallelConfig(devices, cfg, mode=mode, group_norm=options.group_norm)
             multiple = 8 * 2 ** (config.num_levels - 1)
             parallel.check_size(height, width, multiple)
-            with display(f"{args.model} {height}x{width}, {devices} device(s), {mode}"):
-                single = single or single_step_cost(config, height, width, args.dtype)
+            with display(f"{model} {height}x{width}, {devices} device(s), {mode}"):
+                single = single or single_step_cost(config, height, width, dtype)
                 record = analyze(
-                    args.model,
+                    model,
                     config,
                     height,
                     width,
                     parallel,
-                    args.dtype,
+                    dtype,
                     single,
-                    attention=args.attention,
+                    attention=options.attention,
                     pipeline=pipeline,
                 )
                 records.append(record)
@@ -420,14 +417,14 @@ def run(args, display) -> int:
                 f"generation {_megabytes(record.memory_bytes_generation_per_device)} MB"
             )
     print_table(records, display)
-    if args.json:
+    if options.json:
         text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
-        write_text_atomically(Path(args.json), text)
-        display.note(f"wrote {args.json}")
-    if plot is not None:
-        plot_records(records, plot)
-        display.note(f"wrote {plot}")
-    return 0
+        write_text_atomically(Path(options.json), text)
+        display.note(f"wrote {options.json}")
+    if options.plot:
+        plot_records(records, Path(options.plot))
+        display.note(f"wrote {options.plot}")
+    return records
 
 
 def print_table(records: list[StepAnalysis], display) -> None:

@@ -4,52 +4,46 @@ naive split come to the single-device image, from the same initial noise: PSNR a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxfusion.bench.options import EvalOptions
 from jaxfusion.display import StageDisplay
-from jaxfusion.files import check_new_folder, write_text_atomically
+from jaxfusion.files import write_text_atomically
 from jaxfusion.images import grid, psnr, save_image, ssim
 from sharding.parallel import ParallelConfig
 
-PROMPTS = (
-    "a red circle at the top left",
-    "a blue square at the bottom right and a yellow triangle at the top",
-    "a green triangle in the center",
-    "a purple circle at the bottom left on a white background",
-)
+if TYPE_CHECKING:
+    from jaxfusion.pipelines import TextToImagePipeline
+
 REFERENCE = "single"
 # The difference maps of the grid show |image - single| times this, clipped to [0, 1].
 DIFFERENCE_GAIN = 4
 
 
-def run(args: argparse.Namespace, display: StageDisplay) -> int:
-    """Generates every (prompt, seed) with each mode from the same latents, one batch (one
-    compiled program) per mode, and writes images, `metrics.json` and `grid.png` to --out."""
-    from jaxfusion.cli import load
-
-    out = check_new_folder(args.out)
-    prompts = read_prompts(args.prompts) if args.prompts else list(PROMPTS)
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
-    if args.devices < 2:
-        raise ValueError(f"--devices {args.devices}: eval compares 2 or more patch devices")
-    pipe, _ = load(args, display)
-    height, width = pipe.size(args.height, args.width)
-    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
-    modes = mode_configs(args)
+def run(
+    pipe: TextToImagePipeline, options: EvalOptions, display: StageDisplay | None = None
+) -> dict[str, Any]:
+    """Generates every (prompt, seed) of `options` with each mode from the same latents, one
+    batch (one compiled program) per mode, writes the images, `metrics.json` and `grid.png`
+    to `options.out`, prints the mean metrics, and returns them as `metrics.json` holds them
+    (but with an infinite PSNR as inf, not null)."""
+    display = display or StageDisplay()
+    out, prompts = options.out, list(options.prompts)
+    height, width = pipe.size(options.height, options.width)
+    guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
+    modes = mode_configs(options)
     for parallel in modes.values():
         pipe.check_parallel(parallel, height, width, guidance > 1.0)
 
     # One row of the batch per (prompt, seed), its noise drawn alone: the same in every mode,
     # and whatever else is in the batch.
-    pairs = [(i, seed) for i in range(len(prompts)) for seed in args.seeds]
+    pairs = [(i, seed) for i in range(len(prompts)) for seed in options.seeds]
     latents = np.concatenate([pipe.initial_latents(1, height, width, s) for _, s in pairs])
     images = {}
     for name, parallel in modes.items():
@@ -58,10 +52,10 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
             [prompts[i] for i, _ in pairs],
             height=height,
             width=width,
-            num_inference_steps=args.steps,
+            num_inference_steps=options.steps,
             guidance_scale=guidance,
             latents=latents,
-            scheduler=args.scheduler,
+            scheduler=options.scheduler,
             parallel=parallel,
             stage=display,
         )
@@ -86,15 +80,15 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     }
     metrics = dict(
         config=dict(
-            model=args.model or "built-in",
+            model=options.model or "built-in",
             height=height,
             width=width,
-            steps=args.steps,
+            steps=options.steps,
             guidance_scale=guidance,
-            scheduler=args.scheduler or pipe.scheduler_config["_class_name"],
-            dtype=args.dtype,
+            scheduler=options.scheduler or pipe.scheduler_config["_class_name"],
+            dtype=np.dtype(pipe.dtype).name,
             prompts=prompts,
-            seeds=args.seeds,
+            seeds=list(options.seeds),
             modes={name: dataclasses.asdict(parallel) for name, parallel in modes.items()},
         ),
         reference=REFERENCE,
@@ -112,29 +106,22 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     print_table(means, modes, display)
     columns = " | ".join(metrics["grid"]["columns"])
     display.note(f"{out / 'grid.png'}: one row per (prompt, seed); columns: {columns}")
-    return 0
+    return metrics
 
 
-def read_prompts(path: str) -> list[str]:
-    """The non-blank lines of a text file, stripped."""
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path} holds no prompt (one per line)")
-    return prompts
-
-
-def mode_configs(args: argparse.Namespace) -> dict[str, ParallelConfig]:
-    """The reference first: single; displaced-RULE per --gn rule; naive (--devices each)."""
+def mode_configs(options: EvalOptions) -> dict[str, ParallelConfig]:
+    """The reference first: single; displaced-RULE per GroupNorm rule; naive (on
+    `options.devices` each)."""
     modes = {REFERENCE: ParallelConfig(devices=1, mode="single")}
-    for rule in args.gn:
+    for rule in options.group_norm:
         modes[f"displaced-{rule}"] = ParallelConfig(
-            devices=args.devices,
+            devices=options.devices,
             mode="displaced",
             group_norm=rule,
-            warmup_steps=args.warmup_steps,
+            warmup_steps=options.warmup_steps,
         )
     modes["naive"] = ParallelConfig(
-        devices=args.devices, mode="naive", naive_split=args.naive_split
+        devices=options.devices, mode="naive", naive_split=options.naive_split
     )
     return modes
 

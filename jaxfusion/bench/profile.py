@@ -7,18 +7,24 @@ and its `-done` (work the transfer can hide behind)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from jaxfusion.bench.analyze import HLO_COLLECTIVES, HloCollective, hlo_collectives
+from jaxfusion.bench.options import ProfileOptions
 from jaxfusion.display import StageDisplay
-from jaxfusion.files import check_new_folder, write_text_atomically
+from jaxfusion.files import write_text_atomically
 from sharding.parallel import ParallelConfig
+
+if TYPE_CHECKING:
+    from jaxfusion.pipelines import TextToImagePipeline
 
 PERFETTO = "https://ui.perfetto.dev"
 COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
@@ -195,12 +201,20 @@ class ProgramPart:
 
 
 def scans(parallel: ParallelConfig, steps: int) -> list[tuple[str, range]]:
-    """The scans of the denoising loop (see `sharding.loops.patch_parallel_loop`), in program
-    order: (their kind of step, their steps). Displaced mode runs step 0 outside them."""
-    if parallel.mode != "displaced":
-        return [(f"{parallel.mode} steps", range(steps))]
-    warm = min(parallel.warmup_steps + 1, steps)
-    return [("warm-up steps", range(1, warm)), ("displaced steps", range(warm, steps))]
+    """The scans of the denoising loop, in program order, as `ParallelConfig.schedule` gives
+    them: (the label of their steps, their steps)."""
+    return [(f"{kind} steps", indices) for kind, indices in parallel.schedule(steps)]
+
+
+def steady_kind(parallel: ParallelConfig) -> str:
+    """The kind of step the loop settles into: displaced ones in displaced mode (after the
+    warm-up), else the mode's own."""
+    return "displaced" if parallel.mode == "displaced" else parallel.mode
+
+
+def steady_steps(parallel: ParallelConfig, steps: int) -> range:
+    """The steps of the steady kind in a loop of `steps` steps (none: an empty range)."""
+    return dict(parallel.schedule(steps)).get(steady_kind(parallel), range(0))
 
 
 def program_parts(
@@ -228,12 +242,10 @@ def program_parts(
     return [ProgramPart(label, rest if matched else [], None, 1, outside.collectives), *parts]
 
 
-def steady_state(
-    parts: list[ProgramPart], parallel: ParallelConfig, steps: int
-) -> ProgramPart | None:
-    """The part running the last scan (the displaced steps in displaced mode) as a loop, or
-    None (no such loop: a one-step scan, or loops XLA reshaped)."""
-    label = scans(parallel, steps)[-1][0]
+def steady_state(parts: list[ProgramPart], parallel: ParallelConfig) -> ProgramPart | None:
+    """The part running the steps of the steady kind (the displaced steps in displaced mode)
+    as a loop, or None (no such loop: no step or one of that kind, or loops XLA reshaped)."""
+    label = f"{steady_kind(parallel)} steps"
     return next((p for p in parts if p.label == label and p.loop is not None), None)
 
 
@@ -243,21 +255,21 @@ def _span(steps: list[int]) -> str:
     return ", ".join(map(str, steps))
 
 
-def run(args: argparse.Namespace, display: StageDisplay) -> int:
-    """`jaxfusion profile`: compiles and warms up, traces a run, writes the optimized HLO
-    and the collectives report to --out, and prints the report."""
-    from jaxfusion.cli import load, parallel_config
-
-    out = check_new_folder(args.out)
-    parallel = parallel_config(args)
-    pipe, _ = load(args, display)
+def run(
+    pipe: TextToImagePipeline, options: ProfileOptions, display: StageDisplay | None = None
+) -> dict[str, Any]:
+    """`jaxfusion profile` on `pipe`: compiles and warms up, traces a run, writes the trace,
+    the optimized HLO and the collectives report (`collectives.json`) to `options.out`,
+    prints the report, and returns what `collectives.json` holds."""
+    display = display or StageDisplay()
+    out, parallel, steps = options.out, options.parallel, options.steps
     call = dict(
-        prompt=args.prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        scheduler=args.scheduler,
+        prompt=options.prompt,
+        height=options.height,
+        width=options.width,
+        num_inference_steps=steps,
+        guidance_scale=options.guidance,
+        scheduler=options.scheduler,
         parallel=parallel,
     )
     compiled = pipe.compile(*pipe.prepare(**call), display)
@@ -265,21 +277,21 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         pipe(**call)
     out.mkdir(parents=True, exist_ok=True)
     trace = jax.profiler.trace(out / "trace", create_perfetto_trace=True)
-    with display(f"traced run ({args.steps} steps)"), trace:
+    with display(f"traced run ({steps} steps)"), trace:
         pipe(**call)
     hlo = compiled.as_text()
     write_text_atomically(out / "program.hlo.txt", hlo)
-    parts = program_parts(loop_collectives(hlo, parallel.devices), parallel, args.steps)
-    steady = steady_state(parts, parallel, args.steps)
+    parts = program_parts(loop_collectives(hlo, parallel.devices), parallel, steps)
+    steady = steady_state(parts, parallel)
     pairs = async_collectives(hlo)
     platform = jax.devices()[0].platform
     report = dict(
         platform=platform,
         devices=parallel.devices,
         mode=parallel.mode,
-        steps=args.steps,
+        steps=steps,
         warmup_steps=parallel.warmup_steps,
-        dtype=args.dtype,
+        dtype=np.dtype(pipe.dtype).name,
         parts=[
             dict(
                 label=p.label,
@@ -295,10 +307,10 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     )
     write_text_atomically(out / "collectives.json", json.dumps(report, indent=2) + "\n")
     print_collectives(parts, display)
-    display.note(describe_steady_state(steady, parallel, args.steps))
+    display.note(describe_steady_state(steady, parallel, steps))
     print_overlap(parts, pairs, platform, display)
     print_files(out, display)
-    return 0
+    return report
 
 
 def print_collectives(parts: list[ProgramPart], display: StageDisplay) -> None:
@@ -331,13 +343,13 @@ def describe_steady_state(steady: ProgramPart | None, parallel: ParallelConfig, 
             f"{len(steady.collectives)} collectives, {received / 1e6:,.4f} MB received per "
             "device per step"
         )
-    label, last = scans(parallel, steps)[-1]
-    if len(last) > 1:
+    label, steady_run = f"{steady_kind(parallel)} steps", steady_steps(parallel, steps)
+    if len(steady_run) > 1:
         return f"no steady-state figure: the program's loops do not match the {label}"
-    needed = 2 + (parallel.warmup_steps + 1 if parallel.mode == "displaced" else 0)
+    needed = next(n for n in itertools.count(steps + 1) if len(steady_steps(parallel, n)) > 1)
     return (
-        f"no steady-state loop: this run's {label}: {_span(list(last)) or 'none'}; a loop needs "
-        f"two or more (XLA inlines a scan of one step): use --steps {needed} or more"
+        f"no steady-state loop: this run's {label}: {_span(list(steady_run)) or 'none'}; a "
+        f"loop needs two or more (XLA inlines a scan of one step): use --steps {needed} or more"
     )
 
 

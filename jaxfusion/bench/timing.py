@@ -9,35 +9,41 @@ dispatch). Each configuration also runs with fewer steps, `b`, and
 
     step time = (median time at `steps` steps - median time at `b` steps) / (steps - b).
 
-`b` is half of `steps`, raised to displaced mode's synchronous steps (`warmup_steps` + 1)
-when `steps` exceeds them: the steps between `b` and `steps` are then displaced steps in
-displaced mode (the loop's ordinary steps in the other modes). With fewer steps displaced
-mode runs synchronous steps only, and the output says so. The timed calls alternate
-between the two step counts, so that a change in the machine's load shifts both medians
-alike. A difference at or below zero is timing noise: that step time is left out.
+`b` is half of `steps`, raised to the first displaced step of displaced mode's schedule
+(`ParallelConfig.schedule`) when `steps` has displaced steps: the steps between `b` and
+`steps` are then displaced steps in displaced mode (the loop's ordinary steps in the other
+modes). With fewer steps displaced mode runs synchronous steps only, and the output says
+so. The timed calls alternate between the two step counts, so that a change in the
+machine's load shifts both medians alike. A difference at or below zero is timing noise:
+that step time is left out.
 
 Speed-ups are over jaxfusion on one device (mode single): its median over the row's.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
-from jaxfusion import diffusers_backend
+from jaxfusion import builtin, diffusers_backend
+from jaxfusion.bench.options import TimingOptions
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_text_atomically
 from sharding.parallel import ParallelConfig
+
+if TYPE_CHECKING:
+    from jaxfusion.pipelines import TextToImagePipeline
+    from sharding.names import Mode
 
 WARMUP_STEPS = ParallelConfig().warmup_steps
 
@@ -75,17 +81,22 @@ class TimingRecord:
     step_speedup_vs_single: float | None = None
 
 
+def displaced_steps(steps: int, warmup_steps: int = WARMUP_STEPS) -> range:
+    """The displaced steps of displaced mode's loop of `steps` steps (none: an empty range),
+    from `ParallelConfig.schedule`."""
+    schedule = ParallelConfig(mode="displaced", warmup_steps=warmup_steps).schedule(steps)
+    return dict(schedule).get("displaced", range(0))
+
+
 def baseline_steps(steps: int, warmup_steps: int = WARMUP_STEPS) -> int:
-    """The smaller step count of the per-step difference: half of `steps`, raised to
-    displaced mode's synchronous steps (`warmup_steps` + 1) when `steps` exceeds them."""
-    synchronous = warmup_steps + 1
-    return max(steps // 2, synchronous) if steps > synchronous else steps // 2
+    """The smaller step count of the per-step difference: half of `steps`, raised to the
+    first displaced step when displaced mode has displaced steps in `steps`."""
+    displaced = displaced_steps(steps, warmup_steps)
+    return max(steps // 2, displaced.start) if displaced else steps // 2
 
 
-def configurations(devices: list[int], modes: list[str]) -> list[ParallelConfig]:
+def configurations(devices: Sequence[int], modes: Sequence[Mode]) -> list[ParallelConfig]:
     """Mode single on 1 device, each of `modes` on more; each devices count once."""
-    if min(devices) < 1:
-        raise ValueError(f"--devices {min(devices)}: give counts of at least 1")
     return [
         ParallelConfig(devices=n, mode=mode)
         for n in dict.fromkeys(devices)
@@ -93,54 +104,48 @@ def configurations(devices: list[int], modes: list[str]) -> list[ParallelConfig]
     ]
 
 
-def run(args: argparse.Namespace, display: StageDisplay) -> int:
-    """`jaxfusion bench time`: checks everything asked, then times each configuration;
-    prints a table and writes JSON."""
-    from jaxfusion import builtin
-    from jaxfusion.cli import load, model_path
-
-    if args.runs < 1:
-        raise ValueError(f"--runs {args.runs}: time at least 1 run")
-    if args.steps < 2:
-        raise ValueError(f"--steps {args.steps}: the time per step needs at least 2 steps")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise FileNotFoundError(
-            f"--json {args.json}: folder {Path(args.json).parent} does not exist"
-        )
-    configs = configurations(args.devices, args.parallel)
-    pipe, _ = load(args, display)
-    height, width = pipe.size(args.height, args.width)
-    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+def run(
+    pipe: TextToImagePipeline, options: TimingOptions, display: StageDisplay | None = None
+) -> list[TimingRecord]:
+    """`jaxfusion bench time` on `pipe`: checks every configuration, then times each (and
+    diffusers on `options.torch_model`); prints a table and the notes, writes the JSON file
+    `options.json` asks for, and returns the records."""
+    display = display or StageDisplay()
+    configs = configurations(options.devices, options.modes)
+    height, width = pipe.size(options.height, options.width)
+    guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
     for parallel in configs:
         pipe.check_parallel(parallel, height, width, guidance > 1.0)
+    dtype = np.dtype(pipe.dtype).name
     torch_pipe = None
-    if args.torch:
+    if options.torch_model is not None:
         with display("loading the diffusers (PyTorch) pipeline"):
             torch_pipe = diffusers_backend.load_diffusers_pipeline(
-                model_path(args), dtype=args.dtype, scheduler=args.scheduler
+                options.torch_model, dtype=dtype, scheduler=options.scheduler
             )
 
-    small = baseline_steps(args.steps)
+    steps, runs = options.steps, options.runs
+    small = baseline_steps(steps)
     request = dict(height=height, width=width, guidance_scale=guidance)
     record = functools.partial(
         TimingRecord,
-        model=args.model or builtin.NAME,
+        model=options.model or builtin.NAME,
         height=height,
         width=width,
-        steps=args.steps,
+        steps=steps,
         baseline_steps=small,
-        dtype=args.dtype,
-        runs=args.runs,
-        step_method=f"(median at {args.steps} steps - median at {small}) / {args.steps - small}",
+        dtype=dtype,
+        runs=runs,
+        step_method=f"(median at {steps} steps - median at {small}) / {steps - small}",
     )
     device = jax.devices()[0]
     records = []
     for parallel in configs:
         call = functools.partial(
-            pipe, args.prompt, scheduler=args.scheduler, parallel=parallel, **request
+            pipe, options.prompt, scheduler=options.scheduler, parallel=parallel, **request
         )
         label = f"jaxfusion {parallel.mode}, {parallel.devices} device(s)"
-        times = measure(call, args.steps, small, args.runs, label, display)
+        times = measure(call, steps, small, runs, label, display)
         records.append(
             record(
                 devices=parallel.devices,
@@ -154,9 +159,9 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     if torch_pipe is not None:
         latents = pipe.initial_latents(1, height, width, seed=0)
         call = functools.partial(
-            diffusers_backend.run_diffusers, torch_pipe, args.prompt, latents=latents, **request
+            diffusers_backend.run_diffusers, torch_pipe, options.prompt, latents=latents, **request
         )
-        times = measure(call, args.steps, small, args.runs, "diffusers (PyTorch)", display)
+        times = measure(call, steps, small, runs, "diffusers (PyTorch)", display)
         platform, kind = torch_device(torch_pipe)
         records.append(
             record(
@@ -173,13 +178,13 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     note = notes(records, device.platform)
     print_table(records, display)
     display.note(note)
-    if args.json:
+    if options.json:
         text = json.dumps(
             {"note": note, "records": [dataclasses.asdict(r) for r in records]}, indent=2
         )
-        write_text_atomically(Path(args.json), text + "\n")
-        display.note(f"wrote {args.json}")
-    return 0
+        write_text_atomically(Path(options.json), text + "\n")
+        display.note(f"wrote {options.json}")
+    return records
 
 
 def measure(
@@ -251,7 +256,7 @@ def notes(records: list[TimingRecord], platform: str) -> str:
             f"CPU: the simulated devices share this host's {os.cpu_count()} cores, so "
             "multi-device times measure the overhead of patch parallelism, not a speed-up."
         )
-    if first.steps <= WARMUP_STEPS + 1 and any(r.mode == "displaced" for r in records):
+    if not displaced_steps(first.steps) and any(r.mode == "displaced" for r in records):
         lines.append(
             f"displaced mode runs steps 0..{WARMUP_STEPS} synchronously: with {first.steps} "
             "steps it has no displaced step."

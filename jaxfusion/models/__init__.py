@@ -1,13 +1,35 @@
-"""Flax NNX models that mirror diffusers' module trees."""
+"""Flax NNX models that mirror diffusers' module trees. The names below are imported (with
+JAX) on first use, so that `jaxfusion.models.names` is cheap to import."""
 
-from jaxfusion.models.clip import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTextOutput,
+from typing import TYPE_CHECKING
+
+from sharding.lazy import lazy_attributes
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "AutoencoderKL": "jaxfusion.models.vae",
+        "CLIPTextConfig": "jaxfusion.models.clip",
+        "CLIPTextModel": "jaxfusion.models.clip",
+        "CLIPTextModelWithProjection": "jaxfusion.models.clip",
+        "CLIPTextOutput": "jaxfusion.models.clip",
+        "Conditioning": "jaxfusion.models.unet_2d_condition",
+        "LatentDistribution": "jaxfusion.models.vae",
+        "UNet2DConditionModel": "jaxfusion.models.unet_2d_condition",
+        "UNetConfig": "jaxfusion.models.unet_2d_condition",
+        "VAEConfig": "jaxfusion.models.vae",
+    },
 )
-from jaxfusion.models.unet_2d_condition import UNet2DConditionModel, UNetConfig
-from jaxfusion.models.vae import AutoencoderKL, LatentDistribution, VAEConfig
+
+if TYPE_CHECKING:
+    from jaxfusion.models.clip import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTextOutput,
+    )
+    from jaxfusion.models.unet_2d_condition import Conditioning, UNet2DConditionModel, UNetConfig
+    from jaxfusion.models.vae import AutoencoderKL, LatentDistribution, VAEConfig
 
 __all__ = [
     "AutoencoderKL",
@@ -15,6 +37,7 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
     "CLIPTextOutput",
+    "Conditioning",
     "LatentDistribution",
     "UNet2DConditionModel",
     "UNetConfig",

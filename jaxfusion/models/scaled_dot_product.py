@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-AttentionBackend = Literal["auto", "xla", "chunked", "cudnn"]
-ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("auto", "xla", "chunked", "cudnn")
+from jaxfusion.models.names import ATTENTION_BACKENDS, AttentionBackend
+
 # auto keeps the einsum path while the float32 logits of one call take at most this much.
 XLA_LOGITS_BYTES = 64 * 2**20
 QUERY_CHUNK = 1024

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from jaxfusion.models.attention import cache_text_kv
 from jaxfusion.models.configuration import freeze, from_diffusers_config
 from jaxfusion.models.embeddings import TimestepEmbedding, timestep_features
 from jaxfusion.models.unet_2d_blocks import (
@@ -219,6 +220,19 @@ class UNetConfig:
         )
 
 
+class Conditioning(NamedTuple):
+    """What the UNet is conditioned on besides the latent and the timestep, batch first.
+
+    encoder_hidden_states: (B, tokens, cross_attention_dim) text hidden states.
+    text_embeds: (B, D) pooled text embedding (SDXL), else None.
+    time_ids: (B, 6) original size, crop top-left, target size (SDXL), else None.
+    """
+
+    encoder_hidden_states: jax.Array
+    text_embeds: jax.Array | None = None
+    time_ids: jax.Array | None = None
+
+
 class UNet2DConditionModel(nnx.Module):
     """The conditional UNet: noisy latent, timestep and text states -> noise prediction.
 
@@ -236,7 +250,9 @@ class UNet2DConditionModel(nnx.Module):
         time_embed_dim = channels[0] * 4
         norm = BlockNorm(groups=config.norm_num_groups, eps=config.norm_eps)
 
-        self.conv_in = sharding.Conv2d(config.in_channels, channels[0], 3, dtype=dtype, rngs=rngs)
+        self.conv_in = sharding.Conv2d(
+            config.in_channels, channels[0], 3, current_halo=True, dtype=dtype, rngs=rngs
+        )
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, dtype=dtype, rngs=rngs)
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(
@@ -378,6 +394,16 @@ class UNet2DConditionModel(nnx.Module):
         for block in self.up_blocks:
             x = block(x, skips, temb, encoder_hidden_states)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+    def predict(
+        self, latents: jax.Array, timestep: jax.Array, conditioning: Conditioning
+    ) -> jax.Array:
+        """The UNet's output for `latents` (B, H, W, in_channels) at `timestep`."""
+        return self(latents, timestep, *conditioning)
+
+    def cache_conditioning(self, conditioning: Conditioning) -> None:
+        """Stores the text keys and values of every cross-attention (see `cache_text_kv`)."""
+        cache_text_kv(self, conditioning.encoder_hidden_states)
 
 
 def _nearest_multiple(value: int, factor: int) -> int:

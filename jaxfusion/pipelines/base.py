@@ -21,10 +21,10 @@ from jaxfusion import convert, schedulers
 from jaxfusion.convert.files import resolve_pipeline_folder
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.files import staging_folder
-from jaxfusion.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxfusion.models import AutoencoderKL, CLIPTextModel, Conditioning, UNet2DConditionModel
 from jaxfusion.models.scaled_dot_product import AttentionBackend, check_backend, set_attention
 from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
-from sharding.loops import Conditioning, Sampling, concat_batches, denoise
+from sharding.loops import Sampling, concat_batches, denoise
 from sharding.parallel import ParallelConfig
 from sharding.placement import Placement
 from sharding.rows import map_rows

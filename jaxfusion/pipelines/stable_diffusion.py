@@ -2,8 +2,8 @@
 
 import jax
 
+from jaxfusion.models import Conditioning
 from jaxfusion.pipelines.base import Models, TextToImagePipeline
-from sharding.loops import Conditioning
 
 
 class SDPipeline(TextToImagePipeline):

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfusion.models import Conditioning
 from jaxfusion.pipelines.base import Models, TextToImagePipeline
-from sharding.loops import Conditioning
 
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 

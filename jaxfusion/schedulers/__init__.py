@@ -20,20 +20,44 @@ diffusers scheduler of the same name and configuration (see `SchedulerConfig`).
     (latents, _), _ = jax.lax.scan(body, (latents, init_state(schedule, latents)), steps)
 """
 
-from typing import Any
+from __future__ import annotations
 
-import jax
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from jaxfusion.schedulers import ddim, dpmpp, euler
 from jaxfusion.schedulers.config import CLASS_NAMES, KINDS, Kind, SchedulerConfig
-from jaxfusion.schedulers.ddim import DDIMSchedule
-from jaxfusion.schedulers.dpmpp import DPMSolverSchedule
-from jaxfusion.schedulers.euler import EulerSchedule
+from sharding.lazy import lazy_attributes
 
-Schedule = EulerSchedule | DDIMSchedule | DPMSolverSchedule
+if TYPE_CHECKING:
+    import jax
+
+    from jaxfusion.schedulers.ddim import DDIMSchedule
+    from jaxfusion.schedulers.dpmpp import DPMSolverSchedule
+    from jaxfusion.schedulers.euler import EulerSchedule
+
+    Schedule = EulerSchedule | DDIMSchedule | DPMSolverSchedule
+
+# The samplers (modules named as their kind) import JAX: on first use, so that the command
+# line reads `KINDS` without it.
+_lazy_getattr, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "DDIMSchedule": "jaxfusion.schedulers.ddim",
+        "DPMSolverSchedule": "jaxfusion.schedulers.dpmpp",
+        "EulerSchedule": "jaxfusion.schedulers.euler",
+    },
+)
 State = Any  # a small pytree: () for euler and ddim, the previous predicted x0 for dpmpp
 
-_MAKERS = {"euler": euler.make_schedule, "ddim": ddim.make_schedule, "dpmpp": dpmpp.make_schedule}
+
+def __getattr__(name: str) -> Any:
+    """`Schedule` (the union of the schedule classes), the schedule classes and the
+    submodules, imported on first use (PEP 562)."""
+    if name != "Schedule":
+        return _lazy_getattr(name)
+    schedule = _lazy_getattr("EulerSchedule") | _lazy_getattr("DDIMSchedule")
+    globals()[name] = schedule | _lazy_getattr("DPMSolverSchedule")
+    return globals()[name]
 
 
 def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule:
@@ -48,7 +72,8 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule
             f"num_inference_steps={num_inference_steps} is not supported by the {config.kind} "
             f"scheduler with num_train_timesteps={config.num_train_timesteps} (use 1..{limit})"
         )
-    return _MAKERS[config.kind](config, num_inference_steps)
+    sampler = importlib.import_module(f"{__name__}.{config.kind}")
+    return sampler.make_schedule(config, num_inference_steps)
 
 
 def init_state(schedule: Schedule, sample: jax.Array) -> State:

@@ -1,0 +1,158 @@
+"""What each measurement is asked to do (`bench analyze`, `bench time`, `profile`, `eval`), as
+plain values checked when they are made: before a model is loaded or anything compiles.
+
+Without JAX, so that the command line takes its defaults from here. The measurements take
+these with the pipeline they measure:
+
+    from jaxfusion.bench import options, timing
+    records = timing.run(pipe, options.TimingOptions(devices=(1, 2), steps=10))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jaxfusion.files import check_new_folder
+from sharding.names import GROUP_NORM_RULES
+
+if TYPE_CHECKING:
+    from jaxfusion.models.names import AttentionBackend
+    from jaxfusion.schedulers.config import Kind
+    from sharding.names import GroupNormRule, Mode, NaiveSplit
+    from sharding.parallel import ParallelConfig
+
+DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
+# The prompts `eval` generates unless it is given others.
+PROMPTS = (
+    "a red circle at the top left",
+    "a blue square at the bottom right and a yellow triangle at the top",
+    "a green triangle in the center",
+    "a purple circle at the bottom left on a white background",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Generation:
+    """The request of every measured pipeline call.
+
+    height, width: pixels; None: the model's native size.
+    steps: denoising steps.
+    guidance: the classifier-free guidance scale; None: the pipeline's default (as diffusers).
+    scheduler: "euler", "ddim" or "dpmpp"; None: the model folder's own.
+    """
+
+    height: int | None = None
+    width: int | None = None
+    steps: int
+    guidance: float | None = None
+    scheduler: Kind | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TimingOptions(Generation):
+    """`bench time`: every mode of `modes` on every count of `devices` (1 runs single), a
+    warm-up call then `runs` timed calls of `steps` and of fewer steps each; `torch_model`:
+    also time diffusers (PyTorch) on this pipeline folder; `json`: write the records there;
+    `model`: the model's name in them (None: the built-in model)."""
+
+    model: str | None = None
+    prompt: str = DEFAULT_PROMPT
+    steps: int = 10
+    devices: Sequence[int] = (1, 2, 4)
+    modes: Sequence[Mode] = ("sync", "displaced", "naive")
+    runs: int = 3
+    torch_model: str | Path | None = None
+    json: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ValueError(f"--runs {self.runs}: time at least 1 run")
+        if self.steps < 2:
+            raise ValueError(f"--steps {self.steps}: the time per step needs at least 2 steps")
+        _check_folder_of(self.json, "--json")
+        if min(self.devices) < 1:
+            raise ValueError(f"--devices {min(self.devices)}: give counts of at least 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProfileOptions(Generation):
+    """`profile`: one generation of `prompt` under `parallel`, traced; the trace and the
+    reports go to `out`, a new or empty folder (made a `Path`)."""
+
+    out: Path
+    parallel: ParallelConfig
+    prompt: str = DEFAULT_PROMPT
+    steps: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", check_new_folder(self.out))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalOptions(Generation):
+    """`eval`: every prompt of `prompts` with every seed of `seeds`, under single, displaced
+    on `devices` patch devices with each GroupNorm rule of `group_norm` (`warmup_steps`
+    synchronous steps first), and naive (`naive_split`); the images and metrics go to `out`,
+    a new or empty folder (made a `Path`); `model`: the model's name in the metrics (None:
+    the built-in model)."""
+
+    out: Path
+    model: str | None = None
+    prompts: Sequence[str] = PROMPTS
+    seeds: Sequence[int] = (0, 1)
+    devices: int = 4
+    group_norm: Sequence[GroupNormRule] = GROUP_NORM_RULES
+    warmup_steps: int = 4
+    naive_split: NaiveSplit = "row"
+    steps: int = 25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", check_new_folder(self.out))
+        if not self.prompts:
+            raise ValueError("eval needs at least one prompt")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds {' '.join(map(str, self.seeds))}: a seed is repeated")
+        if self.devices < 2:
+            raise ValueError(f"--devices {self.devices}: eval compares 2 or more patch devices")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AnalyzeOptions:
+    """`bench analyze`, from shapes alone: `model` ("sd15", "sd21", "sdxl", or a model
+    folder) at each height of `heights` (width: `width`, or the height) on each count of
+    `devices` (1 runs single, more run `mode`), CFG halves on separate devices with
+    `cfg_parallel`; `json`: write the records there; `plot`: a .png of them."""
+
+    model: str = "sdxl"
+    heights: Sequence[int] = (1024, 2048)
+    width: int | None = None
+    devices: Sequence[int] = (1, 2, 4, 8)
+    mode: Mode = "displaced"
+    group_norm: GroupNormRule = "corrected"
+    cfg_parallel: bool = False
+    dtype: str = "bfloat16"
+    attention: AttentionBackend = "auto"
+    json: str | Path | None = None
+    plot: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.plot is not None and Path(self.plot).suffix.lower() != ".png":
+            raise ValueError(f"--plot {self.plot}: the file must end in .png")
+        _check_folder_of(self.plot, "--plot")
+        _check_folder_of(self.json, "--json")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The non-blank lines of a text file, stripped."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt (one per line)")
+    return prompts
+
+
+def _check_folder_of(path: str | Path | None, option: str) -> None:
+    if path is not None and not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: folder {Path(path).parent} does not exist")

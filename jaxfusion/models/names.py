@@ -1,0 +1,7 @@
+"""The attention kernels a model can run (see `jaxfusion.models.scaled_dot_product`), in a
+module that imports nothing (the command line offers them as choices without starting JAX)."""
+
+from typing import Literal
+
+AttentionBackend = Literal["auto", "xla", "chunked", "cudnn"]
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("auto", "xla", "chunked", "cudnn")

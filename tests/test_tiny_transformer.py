@@ -1,0 +1,272 @@
+"""The denoising loops run a denoiser that is not a UNet: the tiny DiT-like transformer of
+`tiny_transformer.py`. `sync` equals one device; `displaced` and `naive` equal an independent
+sequential float64 numpy reference of the algorithm for this transformer (written from the
+module's weights, not by calling its JAX code), stepped by diffusers' EulerDiscreteScheduler."""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers_models import SD_NOISE_SCHEDULE, relative_l2
+from flax import nnx
+from tiny_transformer import EPSILON, MAX_PERIOD, TinyTransformer
+
+from jaxfusion import schedulers
+from sharding import ParallelConfig
+from sharding.loops import Sampling, denoise
+
+STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
+LATENT, CHANNELS, PATCH, WIDTH, HEADS, LABEL = 16, 4, 2, 32, 2, 8
+SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")  # test_parallel.py's
+ROUNDING = 1e-5  # float32 vs float32 (sync vs single): reordered sums only
+# JAX (float32) vs the float64 reference: float32 rounding of every activation (~1e-7
+# relative per operation), the largest being the timestep's sinusoidal arguments t * f_j,
+# rounded by up to 3e-5 absolute at t = 751; through 4 Euler steps this leaves ~1e-6
+# relative L2 in the final latents (measured 8e-7 in every mode). 1e-5 keeps 10x headroom
+# and sits 200x below the displaced-vs-single difference (2e-3 at P = 2, 3e-3 at P = 4), so
+# a displaced step that used this step's keys/values, or its own stale ones, would fail.
+REFERENCE_TOLERANCE = 1e-5
+DISPLACED_MARGIN = 1e-3  # displaced (and naive) vs single must differ by more than this
+
+
+def randomized(model: nnx.Module, seed: int = 0, scale: float = 0.05) -> nnx.Module:
+    """`model` with noise added to every parameter (LayerNorm scales not all ones, biases not
+    all zeros), so that a swapped or ignored parameter shows in the output."""
+    rng = np.random.default_rng(seed)
+    params = nnx.state(model, nnx.Param)
+    noisy = jax.tree.map(lambda a: a + scale * rng.standard_normal(a.shape, np.float32), params)
+    nnx.update(model, noisy)
+    return model
+
+
+# ---------------------------------------------------------------- the float64 numpy reference
+
+
+def f64(param) -> np.ndarray:
+    return np.asarray(param[...], np.float64)
+
+
+def np_sinusoidal(positions: np.ndarray, dim: int) -> np.ndarray:
+    half = dim // 2
+    args = np.asarray(positions, np.float64)[..., None] * MAX_PERIOD ** (-np.arange(half) / half)
+    return np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+
+
+def np_layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + EPSILON) * scale + bias
+
+
+def np_gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + torch.special.erf(torch.from_numpy(x / np.sqrt(2))).numpy())
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class Reference:
+    """The transformer in float64 numpy, from `model`'s weights, with the keys/values each
+    attention uses given from outside: the sequential reference of the patch-parallel modes."""
+
+    def __init__(self, model: TinyTransformer):
+        self.w = jax.tree.map(f64, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    def forward(self, slab, index, t, label, context):
+        """The prediction (B, rows, W, C) for `slab` (B, rows, W, C), patch `index` of
+        equal row slabs (0 for the whole latent), at timestep `t`, labels (B, label_dim).
+
+        context(layer, k, v): the keys and values (B, N_kv, heads, head_dim) that layer's
+        attention uses, given this slab's fresh ones (B, N, heads, head_dim).
+        Returns (prediction, [(k, v) fresh of each layer]).
+        """
+        w, p = self.w, PATCH
+        b, rows, cols, c = slab.shape
+        tr, tc = rows // p, cols // p
+        # Patch embedding: token (r, c) = sum over its p x p pixels of kernel[i, j, ch, :].
+        patches = slab.reshape(b, tr, p, tc, p, c).transpose(0, 1, 3, 2, 4, 5)
+        kernel = w["patch_embed"]["kernel"]  # (p, p, C, D)
+        x = np.einsum("nrcijk,ijkd->nrcd", patches, kernel) + w["patch_embed"]["bias"]
+        x = x.reshape(b, tr * tc, WIDTH)
+        half = WIDTH // 2
+        row = np_sinusoidal(index * tr + np.arange(tr), half)
+        col = np_sinusoidal(np.arange(tc), half)
+        grid = np.concatenate(
+            [np.repeat(row[:, None], tc, 1), np.repeat(col[None, :], tr, 0)], axis=-1
+        )
+        x = x + grid.reshape(tr * tc, WIDTH)
+        x = x + np_sinusoidal(np.float64(t), WIDTH) @ w["time_proj"]["kernel"]
+        x = x + w["time_proj"]["bias"]
+        x = x + (label @ w["label_proj"]["kernel"] + w["label_proj"]["bias"])[:, None]
+        fresh = []
+        hd = WIDTH // HEADS
+        for layer, blk in enumerate(w["blocks"].values()):
+
+            def lin(name, y, blk=blk):
+                return y @ blk[name]["kernel"] + blk[name]["bias"]
+
+            h = np_layer_norm(x, blk["norm1"]["scale"], blk["norm1"]["bias"])
+            q, k, v = (lin(n, h).reshape(b, -1, HEADS, hd) for n in ("to_q", "to_k", "to_v"))
+            fresh.append((k, v))
+            keys, values = context(layer, k, v)
+            weights = np_softmax(np.einsum("bqhd,bkhd->bhqk", q, keys) / np.sqrt(hd))
+            a = np.einsum("bhqk,bkhd->bqhd", weights, values).reshape(b, -1, WIDTH)
+            x = x + lin("to_out", a)
+            h = np_layer_norm(x, blk["norm2"]["scale"], blk["norm2"]["bias"])
+            x = x + lin("fc2", np_gelu(lin("fc1", h)))
+        h = np_layer_norm(x, w["norm_out"]["scale"], w["norm_out"]["bias"])
+        out = h @ w["proj_out"]["kernel"] + w["proj_out"]["bias"]
+        out = out.reshape(b, tr, tc, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return out.reshape(b, rows, cols, c), fresh
+
+    def predict(self, step, sample, t, label, mode, patches, stale):
+        """The prediction at `step` for the whole `sample` (B, h, w, C) under `mode`; `stale`
+        holds every layer's (K, V) of the whole image from the previous step and is updated
+        in place with this step's (each patch's own fresh ones)."""
+
+        def own(layer, k, v):
+            return k, v
+
+        if mode == "single" or (mode == "displaced" and step <= WARMUP):
+            out, fresh = self.forward(sample, 0, t, label, own)
+            stale[:] = fresh
+            return out
+        outs, fresh_slabs = [], []
+        for i, slab in enumerate(np.split(sample, patches, axis=1)):
+            if mode == "naive":
+                context = own
+            else:
+
+                def context(layer, k, v, i=i):
+                    n = k.shape[1]
+                    keys, values = (a.copy() for a in stale[layer])
+                    keys[:, i * n : (i + 1) * n], values[:, i * n : (i + 1) * n] = k, v
+                    return keys, values
+
+            out, fresh = self.forward(slab, i, t, label, context)
+            outs.append(out)
+            fresh_slabs.append(fresh)
+        stale[:] = [
+            tuple(np.concatenate([f[layer][j] for f in fresh_slabs], axis=1) for j in (0, 1))
+            for layer in range(len(stale))
+        ]
+        return np.concatenate(outs, axis=1)
+
+    def denoise(self, latents, label, mode, patches=1):
+        """Final latents (B, h, w, C) from the initial noise `latents` (B, h, w, C, before
+        init_noise_sigma), labels (2B, label_dim) unconditional first, with guidance."""
+        scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
+        scheduler.set_timesteps(STEPS)
+        x = torch.from_numpy(latents.astype(np.float64)) * scheduler.init_noise_sigma
+        stale = [None] * len(self.w["blocks"])
+        for step, t in enumerate(scheduler.timesteps):
+            sample = scheduler.scale_model_input(torch.cat([x, x]), t).numpy()
+            noise = self.predict(step, sample, float(t), label, mode, patches, stale)
+            uncond, cond = np.split(noise, 2)
+            guided = torch.from_numpy(uncond + GUIDANCE * (cond - uncond))
+            x = scheduler.step(guided, t, x).prev_sample
+        return x.numpy()
+
+
+# ------------------------------------------------------------------------------- the JAX runs
+
+
+class Case:
+    """The random tiny transformer, an Euler schedule and one CFG batch of inputs; JAX runs
+    compiled once per parallel configuration, reference runs once per (mode, patches)."""
+
+    def __init__(self):
+        self.model = randomized(TinyTransformer(rngs=nnx.Rngs(0)))
+        rng = np.random.default_rng(0)
+        self.latents = rng.standard_normal((1, LATENT, LATENT, CHANNELS)).astype(np.float32)
+        self.label = rng.standard_normal((2, LABEL)).astype(np.float32)  # (uncond, cond)
+        config = schedulers.SchedulerConfig.from_diffusers(SCHEDULER, "euler")
+        self.schedule = schedulers.make_schedule(config, STEPS)
+        self.reference_model = Reference(self.model)
+        self._runs, self._references = {}, {}
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.schedule, {"label": jnp.asarray(self.label)}, jnp.float32(GUIDANCE))
+
+    def jax(self, parallel: ParallelConfig) -> np.ndarray:
+        """Final latents (B, h, w, C) of `sharding.loops.denoise`."""
+        if parallel not in self._runs:
+            graphdef, weights = nnx.split(self.model)
+            latents = jnp.asarray(self.latents) * self.schedule.init_noise_sigma
+            run = jax.jit(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x, parallel))
+            self._runs[parallel] = np.asarray(run(weights, self.sampling(), latents))
+        return self._runs[parallel]
+
+    def reference(self, mode: str, patches: int = 1) -> np.ndarray:
+        if (mode, patches) not in self._references:
+            out = self.reference_model.denoise(
+                self.latents, self.label.astype(np.float64), mode, patches
+            )
+            self._references[mode, patches] = out
+        return self._references[mode, patches]
+
+
+@pytest.fixture(scope="module")
+def case():
+    return Case()
+
+
+SINGLE = ParallelConfig()
+
+
+def test_single_equals_reference(case):
+    """The oracle itself first: one device, every step the full-image forward."""
+    assert relative_l2(case.jax(SINGLE), case.reference("single")) < REFERENCE_TOLERANCE
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_sync_equals_single(case, devices):
+    sync = case.jax(ParallelConfig(devices, mode="sync"))
+    assert relative_l2(sync, case.jax(SINGLE)) < ROUNDING
+
+
+@pytest.mark.parametrize(("devices", "cfg"), [(2, 1), (4, 1), (4, 2)])
+def test_displaced_equals_reference_and_differs_from_single(case, devices, cfg):
+    """Steps 0..WARMUP synchronous, then each patch attends to the other patches' keys and
+    values of the previous step, its own fresh. With cfg = 2 each guidance half runs on its
+    own devices, with its half of the {"label"} conditioning (cached per half)."""
+    parallel = ParallelConfig(devices, cfg, mode="displaced", warmup_steps=WARMUP)
+    displaced = case.jax(parallel)
+    expected = case.reference("displaced", parallel.patches)
+    assert relative_l2(displaced, expected) < REFERENCE_TOLERANCE
+    assert relative_l2(displaced, case.jax(SINGLE)) > DISPLACED_MARGIN  # really displaced
+
+
+def test_naive_equals_reference_and_differs_from_single(case):
+    naive = case.jax(ParallelConfig(4, mode="naive"))
+    assert relative_l2(naive, case.reference("naive", 4)) < REFERENCE_TOLERANCE
+    assert relative_l2(naive, case.jax(SINGLE)) > DISPLACED_MARGIN
+
+
+def label_products(jaxpr, in_scan: bool = False) -> tuple[int, int]:
+    """(outside scans, inside scans): how many matrix products of `jaxpr` and its inner
+    programs take the (2, LABEL) labels."""
+    outside = inside = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.invars[0].aval.shape == (2, LABEL):
+            inside, outside = inside + in_scan, outside + (not in_scan)
+        for param in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns")):
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                o, i = label_products(inner, in_scan or eqn.primitive.name == "scan")
+                outside, inside = outside + o, inside + i
+    return outside, inside
+
+
+def test_label_embedding_is_cached_before_the_loop(case):
+    """`cache_conditioning` projects the labels once, before the steps' scan; the steps read
+    the cached embedding."""
+    graphdef, weights = nnx.split(case.model)
+    latents = jnp.zeros((1, LATENT, LATENT, CHANNELS))
+    jaxpr = jax.make_jaxpr(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x))
+    jaxpr = jaxpr(weights, case.sampling(), latents).jaxpr
+    assert label_products(jaxpr) == (1, 0)
