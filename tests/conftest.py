@@ -1,5 +1,14 @@
 """Eight simulated CPU devices for the patch-parallel tests (set before JAX starts its
-backends); single-device tests use the first."""
+backends); single-device tests use the first.
+
+PyTorch (the reference side of the parity tests, here and in the subprocesses the tests
+start) runs one thread: the models are tiny, and on a busy 2-core machine OpenMP threads
+that wait on each other made its tests 10x slower (120 s instead of 9 s for part of
+`test_distrifusion_reference.py`). Set OMP_NUM_THREADS yourself to choose otherwise."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
 
 import jax
 

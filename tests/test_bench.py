@@ -82,6 +82,7 @@ def analysis(tmp_path_factory) -> tuple[list[dict], Path]:
     return json.loads(out.read_text()), plot
 
 
+@pytest.mark.slow
 def test_analyze_splits_the_work(analysis):
     records, plot = analysis
     single, four, eight = records
@@ -94,6 +95,7 @@ def test_analyze_splits_the_work(analysis):
     assert plot.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_analyze_traffic(analysis):
     """float32, so the CPU compiler keeps the collectives' dtype: HLO and trace agree. The
     reference scheme all-gathers halos and the UNet output: more than ours from P = 4."""
@@ -129,6 +131,7 @@ def generation(tmp_path_factory) -> list[dict]:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_analyze_measures_the_whole_generation(generation):
     """Every row, the single device's too, has the whole generation's memory; the weights
     are every tensor of the pipeline folder's safetensors files in float32, on every

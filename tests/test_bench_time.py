@@ -193,6 +193,7 @@ def test_refusals_before_loading(tmp_path, capsys, options, message):
     assert message in error and "no such folder" not in error
 
 
+@pytest.mark.slow
 def test_console_script_on_a_tiny_pipeline(tmp_path):
     """The real pipelines, compiled for 2 and 1 steps on one device, and diffusers. No time
     is checked, so XLA compiles without optimizations (half the time) and PyTorch runs one

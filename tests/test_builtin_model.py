@@ -94,6 +94,7 @@ def test_draws_the_asked_colour_and_place_at_64(pipe):
     assert score >= 0.8
 
 
+@pytest.mark.slow
 def test_draws_the_asked_colour_and_place_at_256(pipe):
     images = generate(pipe, 256)
     score = accuracy(images)
@@ -101,6 +102,7 @@ def test_draws_the_asked_colour_and_place_at_256(pipe):
     assert score >= 0.6  # shapes at the trained scale, repeated along the asked edges
 
 
+@pytest.mark.slow
 def test_diffusers_loads_the_shipped_model_and_draws_the_same(pipe):
     from jaxfusion import diffusers_backend
 

@@ -94,6 +94,7 @@ def test_refusals_before_compiling(cache, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_latents_file_and_convert_round_trip(cache, tmp_path):
     """A diffusers folder -> Flax (orbax) -> diffusers again; each generates the same image
     from the same --latents file, and diffusers loads the last one."""
@@ -124,6 +125,7 @@ def test_latents_file_and_convert_round_trip(cache, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_compare_with_diffusers(cache, tmp_path):
     source = save_random_pipeline(tmp_path / "source", "sd")
     out = tmp_path / "compare.png"
@@ -142,6 +144,7 @@ def test_compare_with_diffusers(cache, tmp_path):
     assert psnr(ours, theirs) > 40
 
 
+@pytest.mark.slow
 def test_generate_on_simulated_devices(cache, tmp_path):
     """--devices 8 works on a CPU-only machine as it is: the command simulates the devices.
     Synchronous patch parallelism (4 patches, CFG halves split) gives the single-device

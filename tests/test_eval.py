@@ -73,6 +73,7 @@ def read_png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.float64) / 255
 
 
+@pytest.mark.slow
 def test_eval_writes_every_image_and_the_metrics(evaluation):
     out, stderr = evaluation
     metrics = json.loads((out / "metrics.json").read_text())
@@ -92,6 +93,7 @@ def test_eval_writes_every_image_and_the_metrics(evaluation):
     assert f"x{metrics['grid']['difference_gain']}" in stderr
 
 
+@pytest.mark.slow
 def test_displaced_with_every_step_in_warmup_equals_single(evaluation):
     """The algorithm's identity: no step is displaced, so the image is single's up to
     float32 rounding (its PNG at most one level off)."""
@@ -106,6 +108,7 @@ def test_displaced_with_every_step_in_warmup_equals_single(evaluation):
         assert np.abs(difference).max() <= 1 / 255 + 1e-9
 
 
+@pytest.mark.slow
 def test_naive_metrics_agree_with_skimage_on_the_pngs(evaluation):
     """The metrics come from the float images; the PNGs round them to 8 bits, which moves
     PSNR and SSIM of clearly different images very little."""
@@ -120,6 +123,7 @@ def test_naive_metrics_agree_with_skimage_on_the_pngs(evaluation):
         assert scores["ssim"] == pytest.approx(skimage_ssim(naive, single), abs=0.002)
 
 
+@pytest.mark.slow
 def test_grid_layout(evaluation):
     """Rows: (prompt, seed). Columns: the modes, then each non-reference mode's amplified
     absolute difference from single."""

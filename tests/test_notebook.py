@@ -6,11 +6,13 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_and_sync_equals_single():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(

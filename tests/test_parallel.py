@@ -118,12 +118,21 @@ def case(tmp_path_factory):
 SINGLE = ParallelConfig()
 
 
-@pytest.mark.parametrize(("devices", "cfg"), [(2, 1), (4, 1), (8, 1), (8, 2)])
+@pytest.mark.parametrize(
+    ("devices", "cfg"),
+    [
+        pytest.param(2, 1, marks=pytest.mark.slow),
+        (4, 1),
+        pytest.param(8, 1, marks=pytest.mark.slow),
+        pytest.param(8, 2, marks=pytest.mark.slow),
+    ],
+)
 def test_sync_equals_single(case, devices, cfg):
     sync = case.jax(ParallelConfig(devices, cfg, mode="sync"))
     assert relative_l2(sync, case.jax(SINGLE)) < ROUNDING
 
 
+@pytest.mark.slow
 def test_sync_unet_output_equals_single(case):
     """One UNet call on P = 4 row slabs with synchronous exchanges."""
     parallel = ParallelConfig(4, mode="sync")
@@ -150,11 +159,13 @@ def test_sync_unet_output_equals_single(case):
     assert relative_l2(actual, expected(weights, sample, conditioning)) < ROUNDING
 
 
+@pytest.mark.slow
 def test_displaced_with_all_steps_warm_equals_single(case):
     displaced = case.jax(ParallelConfig(4, mode="displaced", warmup_steps=STEPS - 1))
     assert relative_l2(displaced, case.jax(SINGLE)) < ROUNDING
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gn", GROUP_NORM_RULES)
 def test_displaced_equals_reference_at_eight_patches(case, gn):
     """P = 8 at a 32-row latent: the smallest feature maps are one row per patch; only step
@@ -168,13 +179,21 @@ def test_displaced_equals_reference_at_eight_patches(case, gn):
     assert relative_l2(actual, case.jax(SINGLE)) > 1e-4  # really displaced
 
 
-@pytest.mark.parametrize(("devices", "cfg"), [(2, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize(
+    ("devices", "cfg"),
+    [
+        pytest.param(2, 1, marks=pytest.mark.slow),
+        (4, 1),
+        pytest.param(4, 2, marks=pytest.mark.slow),
+    ],
+)
 def test_displaced_equals_reference(case, devices, cfg):
     parallel = ParallelConfig(devices, cfg, mode="displaced", warmup_steps=WARMUP)
     expected = case.reference("displaced", parallel.patches)
     assert relative_l2(case.jax(parallel), expected) < ROUNDING
 
 
+@pytest.mark.slow
 def test_cfg_split_equals_one_cfg_device(case):
     one = case.jax(ParallelConfig(2, 1, mode="displaced", warmup_steps=WARMUP))
     two = case.jax(ParallelConfig(4, 2, mode="displaced", warmup_steps=WARMUP))
@@ -187,6 +206,7 @@ def test_naive_equals_reference_and_differs_from_single(case):
     assert relative_l2(naive, case.jax(SINGLE)) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["col", "alternate"])
 def test_naive_column_and_alternate_splits_equal_reference(case, split):
     """Column slabs, and row slabs on even steps / column slabs on odd ones (latent and
@@ -198,6 +218,7 @@ def test_naive_column_and_alternate_splits_equal_reference(case, split):
     assert relative_l2(naive, case.jax(SINGLE)) > 1e-2
 
 
+@pytest.mark.slow
 def test_dpmpp_single_and_sync_equal_reference(case):
     """DPM-Solver++ (2nd order: its state holds the previous model output) on one device, and
     on 4 row slabs with synchronous exchanges, against diffusers' scheduler on the full
@@ -209,6 +230,7 @@ def test_dpmpp_single_and_sync_equal_reference(case):
     assert relative_l2(single, case.jax(SINGLE)) > 1e-3  # not the Euler run
 
 
+@pytest.mark.slow
 def test_dpmpp_displaced_equals_reference(case):
     """The scheduler state crosses from the warm-up scan into the displaced scan: step 2 is a
     second-order step on a synchronous and a displaced prediction."""
@@ -219,6 +241,7 @@ def test_dpmpp_displaced_equals_reference(case):
     assert relative_l2(actual, case.jax(SINGLE, "dpmpp")) > 1e-4  # really displaced
 
 
+@pytest.mark.slow
 def test_dpmpp_naive_alternate_equals_reference(case):
     """The DPM-Solver++ state (the previous model output, on the slabs) is traded to column
     slabs and back with the latent on odd steps."""
@@ -331,6 +354,7 @@ def test_naive_step_has_no_exchange(case, split):
         assert not found
 
 
+@pytest.mark.slow
 def test_pipeline_images_sync_and_cfg_split_equal_single():
     pipe = jaxfusion.load_pipeline(builtin_model_path())
     options = dict(num_inference_steps=3, height=128, width=128, seed=0)

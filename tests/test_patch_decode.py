@@ -46,7 +46,9 @@ def decode(vae: AutoencoderKL, latents: np.ndarray, parallel: ParallelConfig) ->
 
 
 @pytest.mark.parametrize("name", ["builtin", "sdxl-like"])
-@pytest.mark.parametrize("patches", [2, 4, 8])
+@pytest.mark.parametrize(
+    "patches", [pytest.param(2, marks=pytest.mark.slow), 4, pytest.param(8, marks=pytest.mark.slow)]
+)
 def test_patch_parallel_decode_equals_one_device(vaes, name, patches):
     vae = vaes[name]
     latents = np.random.default_rng(patches).standard_normal((2, 16, 12, 4)).astype("f4")
@@ -78,6 +80,7 @@ def pipe():
 OPTIONS = dict(prompt="a red circle at the top left", height=128, width=128, num_inference_steps=3)
 
 
+@pytest.mark.slow
 def test_latent_and_image_are_never_gathered(pipe):
     """The compiled displaced program returns the image split by rows, and none of its
     collectives has the shape of the whole latent or the whole image."""
@@ -89,6 +92,7 @@ def test_latent_and_image_are_never_gathered(pipe):
     assert shapes and not shapes & whole, shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "displaced"])
 def test_weights_are_placed_once(pipe, mode):
     """A second call on the same mesh copies nothing from device to device (the weights
@@ -100,6 +104,7 @@ def test_weights_are_placed_once(pipe, mode):
     np.testing.assert_array_equal(first, second)
 
 
+@pytest.mark.slow
 def test_sync_generation_equals_single(pipe):
     """Loop and decode both split over 2, 4 and 8 devices: the single-device image."""
     single = pipe(**OPTIONS)

@@ -86,12 +86,19 @@ def compare(
     return value
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("kind", "scheduler"),
+    [
+        (k, s) if (k, s) == ("sdxl", "euler") else pytest.param(k, s, marks=pytest.mark.slow)
+        for k in KINDS
+        for s in SCHEDULERS
+    ],
+)
 def test_matches_diffusers(backends, kind, scheduler):
     compare(backends, kind, scheduler, PROMPT, NEGATIVE, label=f"{kind} {scheduler}")
 
 
+@pytest.mark.slow
 def test_sdxl_without_negative_prompt(backends):
     """force_zeros_for_empty_prompt: all-zero negative embeddings, not the embedding of ""."""
     compare(backends, "sdxl", None, PROMPT, label="sdxl no negative prompt")
@@ -111,6 +118,7 @@ def test_sdxl_micro_conditioning(backends):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negative", ["one", "each"])
 def test_sdxl_batch(backends, negative):
     prompts = [PROMPT, "a green triangle at the bottom right"]
@@ -120,10 +128,12 @@ def test_sdxl_batch(backends, negative):
     )
 
 
+@pytest.mark.slow
 def test_sdxl_without_guidance(backends):
     compare(backends, "sdxl", None, PROMPT, NEGATIVE, guidance_scale=1.0, label="sdxl no CFG")
 
 
+@pytest.mark.slow
 def test_sd_without_negative_prompt(backends):
     """SD encodes "" for the unconditional half."""
     compare(backends, "sd", None, PROMPT, label="sd no negative prompt")
@@ -136,6 +146,7 @@ def test_truncated_prompt_warns(backends):
         compare(backends, "sdxl", None, prompt, NEGATIVE, label="sdxl truncated prompt")
 
 
+@pytest.mark.slow
 def test_seed(backends):
     pipe = backends.jax("sdxl")
     options = dict(COMMON, guidance_scale=5.0)

@@ -154,6 +154,7 @@ def profile(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     return model, out, result
 
 
+@pytest.mark.slow
 def test_profile_files(profile):
     _, out, result = profile
     assert list((out / "trace").rglob("*.trace.json.gz"))
@@ -162,6 +163,7 @@ def test_profile_files(profile):
     assert "ui.perfetto.dev" in result.stderr
 
 
+@pytest.mark.slow
 def test_profile_steady_state_is_the_traced_step(profile):
     """float32: the CPU compiler keeps the collectives' dtype, so bytes compare exactly."""
     model, out, _ = profile

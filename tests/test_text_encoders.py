@@ -125,7 +125,10 @@ def saved_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(
+    "dtype",
+    ["float32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bfloat16", "float16"))],
+)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_matches_transformers(saved_models, name, dtype, backend):
     folder, torch_model = saved_models[name]

@@ -4,6 +4,7 @@ diffusers load, with its loss curve and record, and the same seed gives the same
 import json
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from jaxfusion import cli
@@ -12,6 +13,7 @@ from jaxfusion.train import shapes
 STEPS = ["--vae-steps", "12", "--unet-steps", "3"]
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert cli.main(["train", "--out", str(first), *STEPS]) == 0

@@ -39,8 +39,14 @@ def saved_unets(tmp_path_factory):
     return saved
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+# The fast tier (-m "not slow") keeps sdxl in float32.
+@pytest.mark.parametrize(
+    "dtype",
+    ["float32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bfloat16", "float16"))],
+)
+@pytest.mark.parametrize(
+    "name", ["sdxl", *(pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS if n != "sdxl")]
+)
 def test_matches_diffusers(saved_unets, name, dtype):
     folder, torch_unet = saved_unets[name]
     inputs = unet_inputs(CONFIGS[name])
@@ -51,6 +57,7 @@ def test_matches_diffusers(saved_unets, name, dtype):
     assert error <= TOLERANCE[dtype]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 def test_non_square_input(saved_unets, backend):
     folder, torch_unet = saved_unets["sdxl"]
@@ -63,6 +70,7 @@ def test_non_square_input(saved_unets, backend):
     assert relative_l2(actual, expected) <= TOLERANCE["float32"]
 
 
+@pytest.mark.slow
 def test_round_trip_flax_diffusers_flax(tmp_path):
     """A Flax UNet written with save_unet is loaded by diffusers, computes the same, and
     loads back into Flax with identical parameters."""
@@ -84,6 +92,7 @@ def test_round_trip_flax_diffusers_flax(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_pipeline_folder_sharded_and_fp16_variant(tmp_path):
     """A pipeline folder's unet/, written sharded and as the fp16 variant, loads and matches."""
     torch_unet = save_random_unet(tmp_path / "unet", SD15_LIKE, max_shard_size="20KB")

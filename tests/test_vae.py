@@ -104,7 +104,7 @@ def saved_vae(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_matches_diffusers(saved_vae, dtype, backend):
     folder, torch_vae = saved_vae
     vae = convert.load_vae(folder, dtype=dtype)
