@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import time
@@ -40,9 +41,21 @@ DEFAULT_STEPS = 50
 TRAIN_DEFAULTS = TrainConfig()
 
 
+# Libraries' notices that are not about the user's request ("PyTorch was not found", ...).
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
+    end_on_termination()
     devices = getattr(args, "devices", 1)
     devices = max(devices) if isinstance(devices, list) else devices
     if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
@@ -55,11 +68,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxfusion.display import StageDisplay
 
     display = StageDisplay()
+    show_warnings_as_notes(display)
     try:
         return args.command(args, display)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:
         display.note(f"[red]error:[/red] {error}")
         return 2
+
+
+def end_on_termination() -> None:
+    """SIGTERM ends the command as Ctrl-C does, by an exception, so that the atomic writers
+    delete their temporary files on the way out (`jaxfusion.files`)."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def show_warnings_as_notes(display: StageDisplay) -> None:
+    """Python warnings about the request (jaxfusion's own) print as one line each; the
+    libraries' warnings underneath are silenced."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        display.note(f"[yellow]warning:[/yellow] {message}")
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module="jaxfusion")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,10 +329,13 @@ def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
 
     out = check_output_path(args.out)
     kwargs = generation_kwargs(args)
-    pipe, cache_hits = load(args, display)
-    images = pipe(**kwargs, stage=display)
-    if cache_hits.count:
-        display.note("the compiled program came from the disk cache (no compilation)")
+    pipe, cache_hits = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
+    request, options = pipe.prepare(**kwargs)
+    hits = cache_hits.count
+    pipe.compile(request, options, display)
+    if cache_hits.count > hits:
+        display.note("the generation program came from the disk cache (not compiled again)")
+    images = pipe.run(request, options, display)
     paths = output_paths(out, len(images))
     for image, path in zip(images, paths, strict=True):
         save_image(image, path)
@@ -312,8 +352,9 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
     out = check_output_path(args.out) if args.out else None
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
+    diffusers_backend.check_installed()
     kwargs = generation_kwargs(args)
-    pipe, _ = load(args, display)
+    pipe, _ = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
     height, width = pipe.size(args.height, args.width)
     if kwargs["latents"] is None:
         kwargs["latents"] = pipe.initial_latents(len(kwargs["prompt"]), height, width, args.seed)
@@ -359,13 +400,12 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
 def run_convert(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.pipelines import load_pipeline
 
-    pipe = load_pipeline(
-        args.source,
-        dtype=args.dtype,
-        variant=args.variant,
-        allow_pickle=args.allow_pickle,
-        stage=display,
-    )
+    destination = Path(args.destination)
+    if destination.exists() and not args.overwrite:
+        raise FileExistsError(f"{destination} exists: pass --overwrite to replace it")
+    loading = dict(dtype=args.dtype, variant=args.variant, allow_pickle=args.allow_pickle)
+    load_pipeline(args.source, abstract=True, **loading)  # a broken folder fails here, at once
+    pipe = load_pipeline(args.source, stage=display, **loading)
     kind = "diffusers (safetensors)" if args.to_diffusers else "Flax (orbax)"
     with display(f"writing {kind} folder {args.destination}"):
         pipe.save_pretrained(args.destination, flax=not args.to_diffusers, overwrite=args.overwrite)
@@ -411,7 +451,7 @@ def run_time(args: argparse.Namespace, display: StageDisplay) -> int:
     )
     from jaxfusion.bench import timing
 
-    pipe, _ = load(args, display)
+    pipe, _ = load(args, display, check=lambda abstract: timing.check(abstract, options))
     timing.run(pipe, options, display)
     return 0
 
@@ -422,7 +462,7 @@ def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
     )
     from jaxfusion.bench import profile
 
-    pipe, _ = load(args, display)
+    pipe, _ = load(args, display, check=lambda abstract: profile.check(abstract, options))
     profile.run(pipe, options, display)
     return 0
 
@@ -441,7 +481,7 @@ def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
     )
     from jaxfusion.bench import evaluate
 
-    pipe, _ = load(args, display)
+    pipe, _ = load(args, display, check=lambda abstract: evaluate.check(abstract, options))
     evaluate.run(pipe, options, display)
     return 0
 
@@ -466,24 +506,31 @@ def model_path(args: argparse.Namespace) -> str | Path:
     return builtin.builtin_model_path()
 
 
-def load(args: argparse.Namespace, display: StageDisplay) -> tuple[TextToImagePipeline, CacheHits]:
+def load(
+    args: argparse.Namespace,
+    display: StageDisplay,
+    check: Callable[[TextToImagePipeline], object] | None = None,
+) -> tuple[TextToImagePipeline, CacheHits]:
     """(the pipeline --model names, the counter of programs served by the disk cache), with
-    JAX's persistent compilation cache turned on."""
+    JAX's persistent compilation cache turned on. `check` runs first on the pipeline with
+    shapes for weights (configs, tokenizers and the weight files' names read, nothing
+    else), so that a request it refuses is refused before any weight is read."""
     from jaxfusion import builtin
     from jaxfusion.compilation_cache import enable_compilation_cache
     from jaxfusion.pipelines import load_pipeline
 
     if args.model is None:
         display.note(f"model: {builtin.DESCRIPTION}")
-    cache_hits = enable_compilation_cache()
-    pipe = load_pipeline(
-        model_path(args),
+    loading = dict(
         dtype=args.dtype,
         variant=args.variant,
         allow_pickle=args.allow_pickle,
         attention=args.attention,
-        stage=display,
     )
+    if check is not None:
+        check(load_pipeline(model_path(args), abstract=True, **loading))
+    cache_hits = enable_compilation_cache()
+    pipe = load_pipeline(model_path(args), stage=display, **loading)
     return pipe, cache_hits
 
 
@@ -494,7 +541,14 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     latents = None
     prompts = [args.prompt]
     if args.latents is not None:
-        latents = np.load(args.latents)
+        try:
+            latents = np.load(args.latents, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"--latents {args.latents} is not a .npy array file (numpy.save): {error}"
+            ) from None
+        if not isinstance(latents, np.ndarray):
+            raise ValueError(f"--latents {args.latents} is an archive: save one array (numpy.save)")
         if latents.ndim != 4:
             raise ValueError(
                 f"--latents {args.latents} has shape {latents.shape}; expected NCHW "

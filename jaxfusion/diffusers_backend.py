@@ -3,7 +3,7 @@ to compare jaxfusion's pipelines with. torch and diffusers are imported only whe
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +11,25 @@ from typing import Any
 
 import numpy as np
 
+from jaxfusion.convert.files import read_json
 from jaxfusion.schedulers.config import CLASS_NAMES
 
 PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
 SCHEDULER_CLASSES = {kind: name for name, kind in CLASS_NAMES.items()}
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+REQUIRED = ("torch", "diffusers", "transformers")
+
+
+def check_installed() -> None:
+    """Refuses (ImportError naming the fix) when torch, diffusers or transformers is missing;
+    imports none of them."""
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"the diffusers backend needs {', '.join(missing)}: pip install 'jaxfusion[test]'"
+        )
 
 
 def load_diffusers_pipeline(
@@ -35,21 +49,18 @@ def load_diffusers_pipeline(
         class, built from the folder's scheduler config (`from_config`); None keeps it.
       device: torch device; default "cuda" when available, else "cpu".
     """
-    try:
-        import diffusers
-        import torch
-        import transformers
-    except ImportError as error:
-        raise ImportError(
-            "the diffusers backend needs torch and diffusers: pip install 'jaxfusion[test]'"
-        ) from error
+    check_installed()
+    import diffusers
+    import torch
+    import transformers
+
     folder = Path(path)
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json)"
         )
-    class_name = json.loads(index.read_text()).get("_class_name")
+    class_name = read_json(index).get("_class_name")
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(
             f"{folder} holds a {class_name!r}; only {list(PIPELINE_CLASSES)} are supported"

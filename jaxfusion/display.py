@@ -1,5 +1,5 @@
-"""The command line's progress display: a spinner per long stage on a terminal, and a line
-with its duration when it ends (also when the output is not a terminal)."""
+"""The command line's progress display: a spinner per long stage on a terminal (a line when
+it starts elsewhere), and a line with its duration when it ends."""
 
 import contextlib
 import sys
@@ -22,6 +22,8 @@ class StageDisplay:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        if not self.console.is_terminal:  # a log shows what runs, not only what ended
+            self.console.print(f"{name} ...")
         with self.console.status(f"{name} ..."):
             yield
         self.last_seconds = time.perf_counter() - start

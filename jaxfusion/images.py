@@ -1,6 +1,8 @@
 """Images in [0, 1] as float arrays: writing them (atomically) and comparing them."""
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +13,22 @@ SUFFIXES = (".png", ".npy")
 
 
 def check_output_path(path: str | Path) -> Path:
-    """Refuses an output path whose suffix is not .png or .npy, or whose folder is missing."""
+    """Refuses an output path whose suffix is not .png or .npy, or whose folder is missing or
+    not writable."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--out {path}: the file must end in .png (image) or .npy (float32 array)")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--out {path}: folder {path.parent} does not exist")
+    try:  # what the write will do, tried now: permissions, read-only or full file systems
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as error:
+        raise PermissionError(
+            f"--out {path}: cannot write in folder {path.parent} ({error.strerror}); "
+            "name another folder"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -80,8 +80,7 @@ def tokenize(
         if len(prompt_ids) > max_length:
             removed = tokenizer.decode(prompt_ids[max_length - 1 : -1])
             warnings.warn(
-                "The following part of your input was truncated because CLIP can only handle "
-                f"sequences up to {max_length} tokens: {removed!r}",
+                f"prompt truncated to CLIP's {max_length} tokens; dropped: {removed!r}",
                 stacklevel=2,
             )
     return ids.astype(np.int32)

@@ -57,11 +57,12 @@ class ParallelConfig:
             problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.cfg not in (1, 2):
             problems.append(f"cfg={self.cfg}: use 1, or 2 to split the guidance halves")
-        elif self.devices < 1 or self.devices % self.cfg:
-            choices = ", ".join(str(self.cfg * p) for p in (1, 2, 4, 8))
+        elif self.devices < 1:
+            problems.append(f"devices={self.devices}: use 1 or more")
+        elif self.devices % self.cfg:
             problems.append(
-                f"{self.devices} devices do not factor into {self.cfg} (CFG) x P (patches): "
-                f"use {choices}, ... devices" + (" or cfg=1" if self.cfg == 2 else "")
+                f"{self.devices} devices do not factor into 2 (CFG) x P (patches): use an even "
+                "number of devices, or cfg=1"
             )
         if self.mode == "single" and self.cfg != 1:
             problems.append("mode='single' runs on one device: cfg must be 1")
@@ -88,6 +89,10 @@ class ParallelConfig:
             scans = [("warm-up", range(warm)), ("displaced", range(warm, steps))]
         return [(kind, indices) for kind, indices in scans if len(indices)]
 
+    def has_displaced_steps(self, steps: int) -> bool:
+        """Whether a run of `steps` steps has any displaced step (the warm-up may cover all)."""
+        return any(kind == "displaced" for kind, _ in self.schedule(steps))
+
     def mesh(self, abstract: bool = False) -> Mesh | AbstractMesh:
         """The (cfg, patch) mesh over the first C x P of `jax.devices()`; with `abstract`,
         its shape only, to trace programs without the devices."""
@@ -98,8 +103,8 @@ class ParallelConfig:
         if len(available) < needed:
             raise ValueError(
                 f"{needed} devices asked, {len(available)} available ({available[0].platform}); "
-                "on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                "(the jaxfusion command does this for --devices N)"
+                "on CPU, simulate more with jax.config.update('jax_num_cpu_devices', N) before "
+                "JAX starts (the jaxfusion command does this for --devices N)"
             )
         devices = np.array(available[:needed]).reshape(self.cfg, self.patches)
         return Mesh(devices, (CFG_AXIS, AXIS))

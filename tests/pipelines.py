@@ -3,10 +3,12 @@ helpers to compare generated images. A 4-step 32x32 generation takes well under 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 import transformers
@@ -181,3 +183,22 @@ def initial_latents(batch: int, channels: int, height: int, width: int, seed: in
     """(batch, channels, height, width) float32 standard normal noise: diffusers' `latents`."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a list that collects one entry per XLA compilation inside the block."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

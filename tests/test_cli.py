@@ -42,6 +42,20 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     assert "from the disk cache" not in first.stderr
     second = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(npy))
     assert "from the disk cache" in second.stderr
+    # A new size compiles its own program (small helper programs may come from the cache).
+    new_size = jaxfusion_command(
+        cache,
+        "generate",
+        "--prompt",
+        PROMPT,
+        *FAST,
+        "--height",
+        "80",
+        "--out",
+        str(tmp_path / "80.npy"),
+    )
+    assert "✓ compiling" in new_size.stderr and "from the disk cache" not in new_size.stderr
+    (tmp_path / "80.npy").unlink()
     array = np.load(npy)
     assert array.shape == (64, 64, 3) and array.dtype == np.float32
     pixels = np.asarray(Image.open(png))

@@ -2,13 +2,19 @@
 pipeline folders, from the same initial latents (PSNR of the final images), and the checks a
 request goes through before anything compiles."""
 
-import contextlib
 import shutil
 
 import jax
 import numpy as np
 import pytest
-from pipelines import LATENT_SIZE, SIZE, WORDS, initial_latents, save_random_pipeline
+from pipelines import (
+    LATENT_SIZE,
+    SIZE,
+    WORDS,
+    count_compiles,
+    initial_latents,
+    save_random_pipeline,
+)
 
 import jaxfusion
 from jaxfusion.diffusers_backend import load_diffusers_pipeline, run_diffusers
@@ -24,7 +30,6 @@ NEGATIVE = "blue square"
 # float32 on both sides: 126-138 dB measured on these models (float32 rounding alone; a wrong
 # constant or a missing term costs tens of dB). The README's claim.
 MIN_PSNR = 120.0
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 class Backends:
@@ -162,22 +167,6 @@ def test_load_pipeline_picks_class(backends):
     for kind in KINDS:
         pipe = jaxfusion.load_pipeline(backends.folder(kind), dtype="float32")
         assert type(pipe) is JAX_CLASSES[kind]
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Yields a list that collects one entry per XLA compilation inside the block."""
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_bad_requests_fail_before_compiling(backends):

@@ -388,34 +388,38 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
         display.note(f"{model}: only the UNet is known, the whole generation is not measured")
-    records = []
+    rows = []  # every row checked before the first compiles
     for height in options.heights:
         width = options.width or height
-        single = None  # the single-device step, compiled once per size
         for devices in options.devices:
             mode = "single" if devices == 1 else options.mode
             cfg = 2 if options.cfg_parallel and devices > 1 else 1
             parallel = ParallelConfig(devices, cfg, mode=mode, group_norm=options.group_norm)
-            multiple = 8 * 2 ** (config.num_levels - 1)
-            parallel.check_size(height, width, multiple)
-            with display(f"{model} {height}x{width}, {devices} device(s), {mode}"):
-                single = single or single_step_cost(config, height, width, dtype)
-                record = analyze(
-                    model,
-                    config,
-                    height,
-                    width,
-                    parallel,
-                    dtype,
-                    single,
-                    attention=options.attention,
-                    pipeline=pipeline,
-                )
-                records.append(record)
-            display.note(
-                f"  step {record.memory_bytes_per_device / 1e9:.2f} GB per device, whole "
-                f"generation {_megabytes(record.memory_bytes_generation_per_device)} MB"
+            parallel.check_size(height, width, 8 * 2 ** (config.num_levels - 1))
+            rows.append((height, width, parallel))
+    records = []
+    singles = {}  # the single-device step, compiled once per size
+    for height, width, parallel in rows:
+        devices, mode = parallel.devices, parallel.mode
+        with display(f"{model} {height}x{width}, {devices} device(s), {mode}"):
+            if (height, width) not in singles:
+                singles[height, width] = single_step_cost(config, height, width, dtype)
+            record = analyze(
+                model,
+                config,
+                height,
+                width,
+                parallel,
+                dtype,
+                singles[height, width],
+                attention=options.attention,
+                pipeline=pipeline,
             )
+        records.append(record)
+        display.note(
+            f"  step {record.memory_bytes_per_device / 1e9:.2f} GB per device, whole "
+            f"generation {_megabytes(record.memory_bytes_generation_per_device)} MB"
+        )
     print_table(records, display)
     if options.json:
         text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"

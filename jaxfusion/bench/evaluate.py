@@ -26,6 +26,17 @@ REFERENCE = "single"
 DIFFERENCE_GAIN = 4
 
 
+def check(pipe: TextToImagePipeline, options: EvalOptions) -> dict[str, ParallelConfig]:
+    """Refuses options that some mode cannot run (an abstract pipeline is enough: nothing
+    compiles); returns the modes by name."""
+    height, width = pipe.size(options.height, options.width)
+    guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
+    modes = mode_configs(options)
+    for parallel in modes.values():
+        pipe.check_parallel(parallel, height, width, guidance > 1.0)
+    return modes
+
+
 def run(
     pipe: TextToImagePipeline, options: EvalOptions, display: StageDisplay | None = None
 ) -> dict[str, Any]:
@@ -35,11 +46,9 @@ def run(
     (but with an infinite PSNR as inf, not null)."""
     display = display or StageDisplay()
     out, prompts = options.out, list(options.prompts)
+    modes = check(pipe, options)
     height, width = pipe.size(options.height, options.width)
     guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
-    modes = mode_configs(options)
-    for parallel in modes.values():
-        pipe.check_parallel(parallel, height, width, guidance > 1.0)
 
     # One row of the batch per (prompt, seed), its noise drawn alone: the same in every mode,
     # and whatever else is in the batch.

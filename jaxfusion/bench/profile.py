@@ -255,6 +255,22 @@ def _span(steps: list[int]) -> str:
     return ", ".join(map(str, steps))
 
 
+def check(pipe: TextToImagePipeline, options: ProfileOptions) -> dict[str, Any]:
+    """Refuses options the profiled generation cannot run (an abstract pipeline is enough:
+    nothing compiles); returns the pipeline call's arguments."""
+    call = dict(
+        prompt=options.prompt,
+        height=options.height,
+        width=options.width,
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance,
+        scheduler=options.scheduler,
+        parallel=options.parallel,
+    )
+    pipe.prepare(**call)
+    return call
+
+
 def run(
     pipe: TextToImagePipeline, options: ProfileOptions, display: StageDisplay | None = None
 ) -> dict[str, Any]:
@@ -263,15 +279,7 @@ def run(
     prints the report, and returns what `collectives.json` holds."""
     display = display or StageDisplay()
     out, parallel, steps = options.out, options.parallel, options.steps
-    call = dict(
-        prompt=options.prompt,
-        height=options.height,
-        width=options.width,
-        num_inference_steps=steps,
-        guidance_scale=options.guidance,
-        scheduler=options.scheduler,
-        parallel=parallel,
-    )
+    call = check(pipe, options)
     compiled = pipe.compile(*pipe.prepare(**call), display)
     with display("warm-up run"):
         pipe(**call)

@@ -104,6 +104,17 @@ def configurations(devices: Sequence[int], modes: Sequence[Mode]) -> list[Parall
     ]
 
 
+def check(pipe: TextToImagePipeline, options: TimingOptions) -> list[ParallelConfig]:
+    """Refuses options that some configuration cannot run (an abstract pipeline is enough:
+    nothing compiles); returns the configurations."""
+    configs = configurations(options.devices, options.modes)
+    height, width = pipe.size(options.height, options.width)
+    guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
+    for parallel in configs:
+        pipe.check_parallel(parallel, height, width, guidance > 1.0)
+    return configs
+
+
 def run(
     pipe: TextToImagePipeline, options: TimingOptions, display: StageDisplay | None = None
 ) -> list[TimingRecord]:
@@ -111,11 +122,9 @@ def run(
     diffusers on `options.torch_model`); prints a table and the notes, writes the JSON file
     `options.json` asks for, and returns the records."""
     display = display or StageDisplay()
-    configs = configurations(options.devices, options.modes)
+    configs = check(pipe, options)
     height, width = pipe.size(options.height, options.width)
     guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
-    for parallel in configs:
-        pipe.check_parallel(parallel, height, width, guidance > 1.0)
     dtype = np.dtype(pipe.dtype).name
     torch_pipe = None
     if options.torch_model is not None:

@@ -22,6 +22,20 @@ class PickleWeightsRefused(ValueError):
     """The folder only has pickle weights, which run code when loaded."""
 
 
+def read_json(file: Path) -> dict:
+    """A JSON file of a checkpoint folder (config.json, model_index.json, ...) as a dict;
+    a missing or unreadable one is refused with its path and what to do."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: the folder is not a complete checkpoint")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{file} is not valid JSON ({error}); restore it from the original checkpoint "
+            "(re-download or re-convert the folder)"
+        ) from None
+
+
 def resolve_component(
     path: str | Path, component: str, class_names: set[str], *, variant: str | None = None
 ) -> Path:
@@ -37,7 +51,7 @@ def resolve_component(
             raise FileNotFoundError(f"no such folder: {path}")
         folder = _download_from_hub(str(path), [component], variant)
     config = folder / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("_class_name") in class_names:
+    if config.is_file() and read_json(config).get("_class_name") in class_names:
         return folder
     if (folder / component / "config.json").is_file():
         return folder / component
@@ -90,7 +104,7 @@ def weight_files(
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         return [folder / shard for shard in shards]
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and allow_pickle:
@@ -135,10 +149,25 @@ class _StoredTensor:
 def _safetensors_index(file: Path) -> dict[str, _StoredTensor]:
     """Where each tensor of a safetensors file lies: an 8-byte little-endian header length,
     a JSON header naming each tensor's dtype, shape and byte range, then the data."""
+    size = file.stat().st_size
     with open(file, "rb") as stream:
         header_length = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(header_length))
+        try:
+            if 8 + header_length > size:
+                raise ValueError(f"a header of {header_length} bytes")
+            header = json.loads(stream.read(header_length))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({error}; the file has {size} "
+                "bytes); re-download or re-convert it"
+            ) from None
     data_start = 8 + header_length
+    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if data_start + end > size:
+        raise ValueError(
+            f"{file} is truncated: its header lists {data_start + end} bytes, the file has "
+            f"{size}; re-download or re-convert it"
+        )
     return {
         key: _StoredTensor(
             file,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxfusion.convert.files import (
     TensorReader,
+    read_json,
     resolve_component,
     weight_files,
     write_model_folder,
@@ -40,6 +40,7 @@ def load_text_encoder(
     dtype=jnp.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    abstract: bool = False,
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A ready CLIP text encoder from a transformers folder (`config.json` + safetensors).
 
@@ -53,20 +54,24 @@ def load_text_encoder(
       dtype: float32, bfloat16 or float16; parameters are stored and run in it.
       variant: weight-file variant, e.g. "fp16" for `model.fp16.safetensors`.
       allow_pickle: also read `.bin` pickle files, which run code when loaded.
+      abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
+        the weight files are found, without reading the weights (to check a request cheaply).
     """
     dtype = parse_dtype(dtype)
     folder = _text_encoder_folder(path, subfolder, variant)
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_json(folder / "config.json")
     model_class = _model_class(raw, folder)
     config = CLIPTextConfig.from_transformers(raw)
-    abstract = model_class.abstract(config, dtype=dtype)
+    shapes = model_class.abstract(config, dtype=dtype)
     if has_flax_params(folder):
-        return load_flax_params(abstract, folder, dtype)
+        return shapes if abstract else load_flax_params(shapes, folder, dtype)
     files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
+    if abstract:
+        return shapes
     with TensorReader(files) as reader:
         prefixed = any(key.startswith(PREFIX) for key in list(reader.keys()))
         source = reader if prefixed else _Prefixed(reader)
-        return load_state_dict(abstract, source, dtype, ignore=BUFFERS)
+        return load_state_dict(shapes, source, dtype, ignore=BUFFERS)
 
 
 def save_text_encoder(
@@ -90,7 +95,7 @@ def save_text_encoder(
 def _text_encoder_folder(path: str | Path, subfolder: str, variant: str | None) -> Path:
     """`path` itself when its config.json is a CLIP text model's, else its `subfolder`."""
     config = Path(path) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE:
+    if config.is_file() and read_json(config).get("model_type") == MODEL_TYPE:
         return Path(path)
     return resolve_component(path, subfolder, set(_CLASSES), variant=variant)
 

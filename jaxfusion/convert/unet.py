@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 from jaxfusion.convert.files import (
     WEIGHTS_NAME,
     TensorReader,
+    read_json,
     resolve_component,
     weight_files,
     write_model_folder,
@@ -23,7 +23,7 @@ from jaxfusion.models import UNet2DConditionModel, UNetConfig
 def load_unet_config(path: str | Path) -> UNetConfig:
     """The UNetConfig of a UNet folder or pipeline folder (its `unet/`)."""
     folder = resolve_component(path, "unet", {"UNet2DConditionModel"})
-    return UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    return UNetConfig.from_diffusers(read_json(folder / "config.json"))
 
 
 def load_unet(
@@ -32,6 +32,7 @@ def load_unet(
     dtype=jnp.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    abstract: bool = False,
 ) -> UNet2DConditionModel:
     """A ready UNet from a diffusers folder (`config.json` + safetensors weights).
 
@@ -40,16 +41,20 @@ def load_unet(
       dtype: float32, bfloat16 or float16; parameters are stored and run in it.
       variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
       allow_pickle: also read `.bin`/`.ckpt` pickle files, which run code when loaded.
+      abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
+        the weight files are found, without reading the weights (to check a request cheaply).
     """
     dtype = parse_dtype(dtype)
     folder = resolve_component(path, "unet", {"UNet2DConditionModel"}, variant=variant)
-    config = UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-    abstract = UNet2DConditionModel.abstract(config, dtype=dtype)
+    config = UNetConfig.from_diffusers(read_json(folder / "config.json"))
+    shapes = UNet2DConditionModel.abstract(config, dtype=dtype)
     if has_flax_params(folder):
-        return load_flax_params(abstract, folder, dtype)
+        return shapes if abstract else load_flax_params(shapes, folder, dtype)
     files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
+    if abstract:
+        return shapes
     with TensorReader(files) as reader:
-        return load_state_dict(abstract, reader, dtype)
+        return load_state_dict(shapes, reader, dtype)
 
 
 def save_unet(

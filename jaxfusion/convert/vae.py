@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 from jaxfusion.convert.files import (
     WEIGHTS_NAME,
     TensorReader,
+    read_json,
     resolve_component,
     weight_files,
     write_model_folder,
@@ -56,7 +56,7 @@ def _current_name(key: str) -> str:
 def load_vae_config(path: str | Path) -> VAEConfig:
     """The VAEConfig of a VAE folder or pipeline folder (its `vae/`)."""
     folder = resolve_component(path, "vae", {"AutoencoderKL"})
-    return VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    return VAEConfig.from_diffusers(read_json(folder / "config.json"))
 
 
 def load_vae(
@@ -65,6 +65,7 @@ def load_vae(
     dtype=jnp.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    abstract: bool = False,
 ) -> AutoencoderKL:
     """A ready VAE from a diffusers folder (`config.json` + safetensors weights).
 
@@ -76,16 +77,20 @@ def load_vae(
         the same way), else `dtype` itself. `vae.dtype` tells which.
       variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
       allow_pickle: also read `.bin`/`.ckpt` pickle files, which run code when loaded.
+      abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
+        the weight files are found, without reading the weights (to check a request cheaply).
     """
     folder = resolve_component(path, "vae", {"AutoencoderKL"}, variant=variant)
-    config = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    config = VAEConfig.from_diffusers(read_json(folder / "config.json"))
     dtype = config.compute_dtype(parse_dtype(dtype))
-    abstract = AutoencoderKL.abstract(config, dtype=dtype)
+    shapes = AutoencoderKL.abstract(config, dtype=dtype)
     if has_flax_params(folder):
-        return load_flax_params(abstract, folder, dtype)
+        return shapes if abstract else load_flax_params(shapes, folder, dtype)
     files = weight_files(folder, WEIGHTS_NAME, variant=variant, allow_pickle=allow_pickle)
+    if abstract:
+        return shapes
     with TensorReader(files) as reader:
-        return load_state_dict(abstract, _CurrentNames(reader), dtype)
+        return load_state_dict(shapes, _CurrentNames(reader), dtype)
 
 
 def save_vae(vae: AutoencoderKL, path: str | Path, *, dtype=None, flax: bool = False) -> Path:

@@ -1,8 +1,8 @@
 """Text-to-image pipelines that read diffusers pipeline folders and run in JAX."""
 
-import json
 from pathlib import Path
 
+from jaxfusion.convert.files import read_json
 from jaxfusion.pipelines.base import Stage, TextToImagePipeline, no_display
 from jaxfusion.pipelines.stable_diffusion import SDPipeline
 from jaxfusion.pipelines.stable_diffusion_xl import SDXLPipeline
@@ -10,9 +10,17 @@ from jaxfusion.pipelines.stable_diffusion_xl import SDXLPipeline
 PIPELINES = {cls.pipeline_class: cls for cls in (SDXLPipeline, SDPipeline)}
 
 
-def load_pipeline(path: str | Path, **kwargs) -> TextToImagePipeline:
+BUILTIN = "builtin"
+
+
+def load_pipeline(path: str | Path = BUILTIN, **kwargs) -> TextToImagePipeline:
     """The pipeline class that `model_index.json` in `path` (a folder, or a hub id) names,
-    loaded with `from_pretrained(path, **kwargs)`."""
+    loaded with `from_pretrained(path, **kwargs)`. `path` "builtin" (the default) is the
+    small model shipped with jaxfusion (`jaxfusion.builtin`)."""
+    if str(path) == BUILTIN and not Path(path).exists():
+        from jaxfusion.builtin import builtin_model_path
+
+        path = builtin_model_path()
     index = Path(path) / "model_index.json"
     if not Path(path).exists():
         if str(path).count("/") != 1 or str(path).startswith((".", "/")):
@@ -22,13 +30,14 @@ def load_pipeline(path: str | Path, **kwargs) -> TextToImagePipeline:
         index = Path(hf_hub_download(str(path), "model_index.json"))
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    name = json.loads(index.read_text()).get("_class_name")
+    name = read_json(index).get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{index} names {name!r}; supported pipelines: {list(PIPELINES)}")
     return PIPELINES[name].from_pretrained(path, **kwargs)
 
 
 __all__ = [
+    "BUILTIN",
     "PIPELINES",
     "SDPipeline",
     "SDXLPipeline",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxfusion import convert, schedulers
-from jaxfusion.convert.files import resolve_pipeline_folder
+from jaxfusion.convert.files import read_json, resolve_pipeline_folder
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.files import staging_folder
 from jaxfusion.models import AutoencoderKL, CLIPTextModel, Conditioning, UNet2DConditionModel
@@ -157,6 +158,7 @@ class TextToImagePipeline:
         variant: str | None = None,
         allow_pickle: bool = False,
         attention: AttentionBackend = "auto",
+        abstract: bool = False,
         stage: Stage = no_display,
     ) -> TextToImagePipeline:
         """Loads a diffusers pipeline folder (or a hub id, downloaded on first use).
@@ -168,11 +170,16 @@ class TextToImagePipeline:
           variant: weight-file variant, e.g. "fp16".
           allow_pickle: also read pickle weights (`.bin`), which run code when loaded.
           attention: the default attention kernel of calls (see `__init__`).
+          abstract: read the configs, tokenizers and the list of weight files only; the
+            networks hold `jax.ShapeDtypeStruct`s. Such a pipeline's `prepare` checks a
+            request (size, steps, scheduler, devices) before the weights are read.
           stage: progress display around each component's loading.
         """
         dtype = parse_dtype(dtype)
         check_backend(attention)
-        weights = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+        if abstract:
+            stage = no_display  # nothing long happens
+        weights = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle, abstract=abstract)
         subfolders = [
             "unet",
             "vae",
@@ -180,7 +187,7 @@ class TextToImagePipeline:
             *(name for pair in cls.text_components for name in pair),
         ]
         folder = resolve_pipeline_folder(path, subfolders, variant=variant)
-        index = _read_json(folder / "model_index.json")
+        index = read_json(folder / "model_index.json")
         if index.get("_class_name") not in (None, cls.pipeline_class):
             raise ValueError(
                 f"{folder} holds a {index['_class_name']}; {cls.__name__} loads a "
@@ -195,7 +202,7 @@ class TextToImagePipeline:
             unet = convert.load_unet(folder, **weights)
         with stage("loading vae"):
             vae = convert.load_vae(folder, **weights)
-        scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         models = Models(unet, vae, text_encoders)
         return cls(models, tokenizers, scheduler_config, index, attention=attention)
 
@@ -320,6 +327,11 @@ class TextToImagePipeline:
             attention=attention,
             **conditioning,
         )
+        return self.run(request, options, stage)
+
+    def run(self, request: Request, options: Options, stage: Stage = no_display) -> np.ndarray:
+        """The images of a prepared request (`prepare`), compiling first unless `compile`
+        did already: (B, height, width, 3) float32 in [0, 1]."""
         program = self.compile(request, options, stage)
         batch, steps = request.latents.shape[0], request.schedule.timesteps.shape[0]
         weights = self._placement.on(options.parallel)
@@ -347,16 +359,24 @@ class TextToImagePipeline:
     ) -> tuple[Request, Options]:
         """The checked request and options that `__call__` compiles and runs for the same
         arguments (see there); nothing compiles here."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompts(prompt)
         height, width = self.size(height, width)
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps}: use 1 or more")
         config = schedulers.SchedulerConfig.from_diffusers(self.scheduler_config, scheduler)
-        schedule = schedulers.make_schedule(config, num_inference_steps)
-        noise = self._noise(len(prompts), height, width, seed, latents)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         guidance = guidance_scale > 1.0
         parallel = parallel or ParallelConfig()
         self.check_parallel(parallel, height, width, guidance)
+        if parallel.mode == "displaced" and not parallel.has_displaced_steps(num_inference_steps):
+            warnings.warn(
+                f"warm-up covers all {num_inference_steps} steps (warmup_steps="
+                f"{parallel.warmup_steps}): every step is synchronous, as mode 'sync'",
+                stacklevel=2,
+            )
+        schedule = schedulers.make_schedule(config, num_inference_steps)
+        noise = self._noise(len(prompts), height, width, seed, latents)
         zero_negative = guidance and negative_prompt is None and self.force_zeros_for_empty_prompt
         request = Request(
             prompt_ids=self._tokenize(prompts),
@@ -479,6 +499,8 @@ class TextToImagePipeline:
             key = jax.random.key(seed)
             return jax.random.normal(key, (batch, height // f, width // f, channels), jnp.float32)
         latents = np.asarray(latents, np.float32)
+        if not np.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values; pass finite noise")
         expected = (batch, channels, height // f, width // f)
         if latents.shape != expected:
             raise ValueError(
@@ -501,10 +523,18 @@ class TextToImagePipeline:
         return tuple(jnp.asarray(tokenize(tokenizer, prompts)) for tokenizer in self.tokenizers)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing")
-    return json.loads(file.read_text())
+def _prompts(prompt: str | Sequence[str]) -> list[str]:
+    """A prompt or a sequence of prompts as a list, anything else refused."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if (
+        not isinstance(prompts, Sequence)
+        or not prompts
+        or not all(isinstance(p, str) for p in prompts)
+    ):
+        raise TypeError(
+            f"prompt must be a string or a non-empty list of strings, got {prompt!r}"[:200]
+        )
+    return list(prompts)
 
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
