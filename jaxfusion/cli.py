@@ -231,6 +231,15 @@ def add_attention_option(parser: argparse.ArgumentParser) -> None:
 def add_loading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", help='weight-file variant, e.g. "fp16"')
     parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_option,
+        metavar="PATH[:SCALE]",
+        help="fuse a LoRA (safetensors file, folder or hub id; diffusers/PEFT or kohya "
+        "format) into the weights, times SCALE (default 1); repeatable",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="also load pickle weights (.bin, .ckpt); they run code when loaded",
@@ -299,6 +308,22 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
         help="put the two guidance halves on different devices (C = 2)",
     )
     group.add_argument("--naive-split", choices=NAIVE_SPLITS, default="row")
+
+
+def lora_option(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (PATH, SCALE)."""
+    path, _, scale = text.rpartition(":")
+    if not path:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return text, 1.0  # a ':' that is part of the path
+
+
+def load_loras(pipe: TextToImagePipeline, loras: Sequence[tuple[str, float]]) -> None:
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
 
 
 def simulate_cpu_devices(count: int) -> None:
@@ -404,8 +429,10 @@ def run_convert(args: argparse.Namespace, display: StageDisplay) -> int:
     if destination.exists() and not args.overwrite:
         raise FileExistsError(f"{destination} exists: pass --overwrite to replace it")
     loading = dict(dtype=args.dtype, variant=args.variant, allow_pickle=args.allow_pickle)
-    load_pipeline(args.source, abstract=True, **loading)  # a broken folder fails here, at once
+    # A broken folder or LoRA fails here, before any weight is read.
+    load_loras(load_pipeline(args.source, abstract=True, **loading), args.lora)
     pipe = load_pipeline(args.source, stage=display, **loading)
+    load_loras(pipe, args.lora)
     kind = "diffusers (safetensors)" if args.to_diffusers else "Flax (orbax)"
     with display(f"writing {kind} folder {args.destination}"):
         pipe.save_pretrained(args.destination, flax=not args.to_diffusers, overwrite=args.overwrite)
@@ -528,9 +555,14 @@ def load(
         attention=args.attention,
     )
     if check is not None:
-        check(load_pipeline(model_path(args), abstract=True, **loading))
+        abstract = load_pipeline(model_path(args), abstract=True, **loading)
+        load_loras(abstract, args.lora)
+        check(abstract)
     cache_hits = enable_compilation_cache()
     pipe = load_pipeline(model_path(args), stage=display, **loading)
+    if args.lora:
+        with display(f"fusing {len(args.lora)} LoRA(s)"):
+            load_loras(pipe, args.lora)
     return pipe, cache_hits
 
 

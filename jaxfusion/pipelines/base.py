@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxfusion import convert, schedulers
+from jaxfusion.convert import lora
 from jaxfusion.convert.files import read_json, resolve_pipeline_folder
 from jaxfusion.dtypes import parse_dtype
 from jaxfusion.files import staging_folder
@@ -123,6 +124,8 @@ class TextToImagePipeline:
         # The weights, placed on each mesh once (replicated) and reused by every call there.
         self._placement = Placement(state)
         self._programs: dict[Any, jax.stages.Compiled] = {}
+        # (network, parameter path) -> (its variable, its array before the first LoRA).
+        self._base_weights: dict[tuple[str, tuple], tuple[nnx.Variable, jax.Array]] = {}
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -236,6 +239,39 @@ class TextToImagePipeline:
             _write_json(folder / "scheduler" / "scheduler_config.json", self.scheduler_config)
             _write_json(folder / "model_index.json", index)
         return Path(path)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Fuses a LoRA adapter (a safetensors file, a folder, or a hub id; diffusers/PEFT
+        or kohya format, see `jaxfusion.convert.lora`) into the UNet's and text encoders'
+        weights, times `scale`: the compiled programs and their speed stay as they are.
+        Several LoRAs add up; `unload_lora` restores the weights from before the first.
+        Keys that match no weight are refused, with their names, before any weight changes;
+        on a pipeline of shapes (`abstract=True`) only these checks run."""
+        adapters = lora.read_lora(path)
+        networks = {"unet": self.unet}
+        networks.update(zip([e for _, e in self.text_components], self.text_encoders, strict=True))
+        absent = sorted(set(adapters) - set(networks))
+        if absent:
+            raise ValueError(f"{path} adapts {absent}: a {self.pipeline_class} has no such part")
+        matched = {c: lora.match(networks[c], modules, c) for c, modules in adapters.items()}
+        if isinstance(jax.tree.leaves(nnx.state(self.unet))[0], jax.ShapeDtypeStruct):
+            return
+        for component, targets in matched.items():
+            variables = {target.path: target.variable for target in targets}
+            for path, array in lora.fuse(targets, scale).items():
+                self._base_weights.setdefault((component, path), (variables[path], array))
+        self._weights_changed()
+
+    def unload_lora(self) -> None:
+        """The weights from before the first `load_lora` again, bit for bit."""
+        for variable, array in self._base_weights.values():
+            variable.set_value(array)
+        self._base_weights.clear()
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        self._graphdef, state = nnx.split(self.models)
+        self._placement = Placement(state)
 
     def check_components(self) -> None:
         """Refuses components that do not fit together (raises ValueError)."""
