@@ -65,14 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulate_cpu_devices(devices)
     elif devices > 1:
         simulate_cpu_devices(devices)
-    from jaxfusion.display import StageDisplay
+    from jaxfusion.display import StageDisplay, escape
 
     display = StageDisplay()
     show_warnings_as_notes(display)
     try:
         return args.command(args, display)
     except (ValueError, TypeError, OSError, ImportError) as error:
-        display.note(f"[red]error:[/red] {error}")
+        display.note(f"[red]error:[/red] {escape(str(error))}")
         return 2
 
 
@@ -91,8 +91,10 @@ def show_warnings_as_notes(display: StageDisplay) -> None:
     libraries' warnings underneath are silenced."""
     import warnings
 
+    from jaxfusion.display import escape
+
     def show(message, category, filename, lineno, file=None, line=None):
-        display.note(f"[yellow]warning:[/yellow] {message}")
+        display.note(f"[yellow]warning:[/yellow] {escape(str(message))}")
 
     warnings.showwarning = show
     warnings.filterwarnings("ignore")
@@ -350,6 +352,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
 
 
 def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
+    from jaxfusion.display import escape
     from jaxfusion.images import check_output_path, save_image
 
     out = check_output_path(args.out)
@@ -364,7 +367,7 @@ def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
     paths = output_paths(out, len(images))
     for image, path in zip(images, paths, strict=True):
         save_image(image, path)
-    display.note(f"wrote {', '.join(map(str, paths))}")
+    display.note(escape(f"wrote {', '.join(map(str, paths))}"))
     return 0
 
 
@@ -372,6 +375,7 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
     import numpy as np
 
     from jaxfusion import diffusers_backend
+    from jaxfusion.display import escape
     from jaxfusion.images import check_output_path, psnr, save_image, side_by_side
 
     out = check_output_path(args.out) if args.out else None
@@ -418,7 +422,7 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
     if out is not None:
         difference = np.clip(np.abs(ours[0] - theirs[0]) * 10, 0, 1)
         save_image(side_by_side([ours[0], theirs[0], difference]), out)
-        display.note(f"wrote {out} (jaxfusion | diffusers | difference x10)")
+        display.note(escape(f"wrote {out} (jaxfusion | diffusers | difference x10)"))
     return 0
 
 

@@ -7,6 +7,9 @@ import time
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
+
+__all__ = ["StageDisplay", "escape"]  # escape: text shown as is, brackets and all
 
 
 class StageDisplay:

@@ -89,6 +89,21 @@ def test_convert_onto_an_existing_folder_names_overwrite(folder, tmp_path, capsy
     assert reads == []
 
 
+def test_compare_without_the_test_extras_says_what_to_install(folder, capsys, reads,
+                                                              monkeypatch):  # fmt: skip
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "diffusers" else find_spec(name, *a),
+    )
+    error = refused(capsys, "compare", "--model", str(folder), "--prompt", PROMPT)
+    assert "needs diffusers: pip install 'jaxfusion[test]'" in error
+    assert reads == []
+
+
 def test_unwritable_out_folder_refused_before_loading(folder, capsys, reads):
     # /proc takes no new files, whoever runs the test (root ignores permission bits).
     error = refused(capsys, "generate", "--model", str(folder), "--prompt", PROMPT,
