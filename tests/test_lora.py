@@ -197,7 +197,40 @@ def save_kohya_unet_lora(folder, out) -> None:
     save_file(tensors, str(out / "pytorch_lora_weights.safetensors"))
 
 
-@pytest.mark.parametrize("save", [save_peft_lora, save_kohya_unet_lora])
+# Kohya's SDXL names (the original SGM UNet's blocks) of modules of the random UNet
+# (layers_per_block 2), with the fan-in and fan-out of each.
+SGM_MODULES = [
+    ("input_blocks_4_1_transformer_blocks_0_attn1_to_q", (32,), 32),
+    ("input_blocks_1_0_in_layers_2", (16, 3, 3), 16),
+    ("middle_block_1_proj_in", (64,), 64),
+    ("output_blocks_3_1_transformer_blocks_0_attn2_to_k", (48,), 32),
+    ("output_blocks_2_2_conv", (64, 3, 3), 64),
+]
+
+
+def save_kohya_sgm_lora(folder, out) -> None:
+    rng = np.random.default_rng(5)
+    out.mkdir()
+    tensors = {}
+    for module, fan_in, fan_out in SGM_MODULES:
+        name = f"lora_unet_{module}"
+        up_shape = (fan_out, RANK) if len(fan_in) == 1 else (fan_out, RANK, 1, 1)
+        tensors |= {
+            f"{name}.lora_down.weight": 0.3 * rng.standard_normal((RANK, *fan_in), np.float32),
+            f"{name}.lora_up.weight": 0.3 * rng.standard_normal(up_shape, np.float32),
+            f"{name}.alpha": np.array(ALPHA, np.float32),
+        }
+    save_file(tensors, str(out / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        save_peft_lora,
+        pytest.param(save_kohya_unet_lora, marks=pytest.mark.slow),
+        pytest.param(save_kohya_sgm_lora, marks=pytest.mark.slow),
+    ],
+)
 def test_lora_matches_diffusers_fuse_lora(folder, tmp_path, save):
     from pipelines import LATENT_SIZE, SIZE, initial_latents
 

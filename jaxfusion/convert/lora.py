@@ -176,6 +176,46 @@ def fuse(targets: Iterable[Target], scale: float) -> dict[tuple, jax.Array]:
     return replaced
 
 
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}  # fmt: skip
+_SGM_TOP = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+            "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+            "input_blocks_0_0": "conv_in", "out_2": "conv_out"}  # fmt: skip
+
+
+def from_sgm(module: str, layers_per_block: int) -> str:
+    """A kohya UNet module name in the original SDXL/SD (SGM) block names, e.g.
+    `input_blocks_4_1_transformer_blocks_0_attn1_to_q`, in diffusers' block names with
+    underscores (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`); any other
+    name as it is. `layers_per_block`: the UNet config's (down blocks hold that many
+    layers plus a downsampler, up blocks one more layer)."""
+    for old, new in _SGM_TOP.items():
+        if module == old or module.startswith(old + "_"):
+            return new + module[len(old) :]
+    if match := re.match(r"^middle_block_(\d)_(.+)$", module):
+        part = ("resnets_0", "attentions_0", "resnets_1")[int(match[1])]
+        return f"mid_block_{part}_{_resnet_part(match[2])}"
+    if match := re.match(r"^(input|output)_blocks_(\d+)_(\d)_(.+)$", module):
+        kind, index, part, rest = match[1], int(match[2]), int(match[3]), match[4]
+        per_block = layers_per_block + 1
+        if kind == "input":
+            block, layer = divmod(index - 1, per_block)
+            if layer == layers_per_block:  # the downsampler, `op`
+                return f"down_blocks_{block}_downsamplers_0_conv"
+            name = "resnets" if part == 0 else "attentions"
+            return f"down_blocks_{block}_{name}_{layer}_{_resnet_part(rest)}"
+        block, layer = divmod(index, per_block)
+        if rest == "conv":  # the upsampler's conv, after the resnet (and the attention)
+            return f"up_blocks_{block}_upsamplers_0_conv"
+        name = "resnets" if part == 0 else "attentions"
+        return f"up_blocks_{block}_{name}_{layer}_{_resnet_part(rest)}"
+    return module
+
+
+def _resnet_part(rest: str) -> str:
+    return _SGM_RESNET.get(rest, rest)
+
+
 def _low_rank(
     file: Path, component: str, module: str, parts: dict[str, np.ndarray], alpha: float | None
 ) -> LowRank:

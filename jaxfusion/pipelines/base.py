@@ -242,12 +242,17 @@ class TextToImagePipeline:
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Fuses a LoRA adapter (a safetensors file, a folder, or a hub id; diffusers/PEFT
-        or kohya format, see `jaxfusion.convert.lora`) into the UNet's and text encoders'
+        or kohya format, kohya in diffusers' or the original SGM block names, see
+        `jaxfusion.convert.lora`) into the UNet's and text encoders'
         weights, times `scale`: the compiled programs and their speed stay as they are.
         Several LoRAs add up; `unload_lora` restores the weights from before the first.
         Keys that match no weight are refused, with their names, before any weight changes;
         on a pipeline of shapes (`abstract=True`) only these checks run."""
         adapters = lora.read_lora(path)
+        layers = set(np.atleast_1d(self.unet.config.layers_per_block))
+        if "unet" in adapters and len(layers) == 1:  # kohya's SDXL files: SGM block names
+            (n,) = layers
+            adapters["unet"] = {lora.from_sgm(m, int(n)): a for m, a in adapters["unet"].items()}
         networks = {"unet": self.unet}
         networks.update(zip([e for _, e in self.text_components], self.text_encoders, strict=True))
         absent = sorted(set(adapters) - set(networks))
