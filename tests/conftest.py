@@ -4,12 +4,24 @@ backends); single-device tests use the first.
 PyTorch (the reference side of the parity tests, here and in the subprocesses the tests
 start) runs one thread: the models are tiny, and on a busy 2-core machine OpenMP threads
 that wait on each other made its tests 10x slower (120 s instead of 9 s for part of
-`test_distrifusion_reference.py`). Set OMP_NUM_THREADS yourself to choose otherwise."""
+`test_distrifusion_reference.py`). Set OMP_NUM_THREADS yourself to choose otherwise.
+
+The whole session shares one JAX compilation cache (a fresh folder per session): tests
+that build the same tiny pipelines compile the same programs, and every program after the
+first comes from the cache."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
 
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    from jaxfusion.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(tmp_path_factory.mktemp("xla-cache"))

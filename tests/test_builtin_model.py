@@ -5,6 +5,7 @@ diffusers loads the shipped folder and draws the same image."""
 import numpy as np
 import pytest
 from matplotlib.colors import rgb_to_hsv
+from scipy import ndimage
 
 import jaxfusion
 from jaxfusion.builtin import builtin_model_path
@@ -38,32 +39,74 @@ def prompt(colour: str, place: str, shape: str) -> str:
     return f"{article} {colour} {shape} {place}"
 
 
-def detect(image: np.ndarray) -> tuple[str, tuple[int, int]] | None:
-    """(H, W, 3) in [0, 1] -> (the dominant colour word, the (row, column) third of its
-    pixels' centre), or None when fewer than 1% of the pixels are saturated colour. Plain
-    backgrounds (white, black, gray) have low saturation or value and are ignored."""
+def colour_masks(image: np.ndarray) -> dict[str, np.ndarray]:
+    """(H, W, 3) in [0, 1] -> per colour word the (H, W) bool mask of its saturated pixels:
+    those whose hue is nearest that word's. Plain backgrounds (white, black, gray) have low
+    saturation or value and are in no mask."""
     hsv = rgb_to_hsv(np.clip(image, 0, 1))
     coloured = (hsv[..., 1] > 0.45) & (hsv[..., 2] > 0.3)
-    if coloured.mean() < 0.01:
-        return None
     hue = hsv[..., 0] * 360
     names = list(HUES)
     distance = np.stack([np.abs((hue - HUES[n] + 180) % 360 - 180) for n in names])
     nearest = np.argmin(distance, axis=0)
-    counts = np.bincount(nearest[coloured], minlength=len(names))
-    colour = int(np.argmax(counts))
-    rows, cols = np.nonzero(coloured & (nearest == colour))
-    height, width = image.shape[:2]
-    third = (int(3 * rows.mean() / height), int(3 * cols.mean() / width))
-    return names[colour], third
+    return {name: coloured & (nearest == i) for i, name in enumerate(names)}
+
+
+def third_of(mask: np.ndarray) -> tuple[int, int]:
+    """The (row, column) third of the centre of a non-empty (H, W) mask's pixels."""
+    rows, cols = np.nonzero(mask)
+    height, width = mask.shape
+    return int(3 * rows.mean() / height), int(3 * cols.mean() / width)
+
+
+def detect(image: np.ndarray) -> tuple[str, tuple[int, int]] | None:
+    """(H, W, 3) in [0, 1] -> (the dominant colour word, the (row, column) third of its
+    pixels' centre), or None when fewer than 1% of the pixels are saturated colour."""
+    masks = colour_masks(image)
+    if sum(mask.mean() for mask in masks.values()) < 0.01:
+        return None
+    colour = max(masks, key=lambda name: masks[name].sum())
+    return colour, third_of(masks[colour])
+
+
+def largest_share(mask: np.ndarray) -> float:
+    """The share of an (H, W) mask's pixels in its largest 8-connected component (0 when
+    empty): near 1 for one shape, small for a scatter of many."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return 0.0
+    return float(np.bincount(labels.ravel())[1:].max() / mask.sum())
+
+
+def one_shape(image: np.ndarray, colour: str) -> bool:
+    """Whether the image shows the colour as one dominant shape: the colour covers at least
+    1% of the image and its largest connected component holds 80% of its pixels."""
+    mask = colour_masks(image)[colour]
+    return bool(mask.mean() >= 0.01 and largest_share(mask) >= 0.8)
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    """The largest 8-connected component of a non-empty (H, W) mask: its pixels over its
+    bounding box's area; a square fills ~1, a circle pi/4 = 0.79, a triangle 0.5."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    rows, cols = np.nonzero(largest)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    return float(largest.sum() / box)
 
 
 def accuracy(images: np.ndarray) -> float:
+    """The share of CASES (images[i] drawn for CASES[i]) whose colour and third `detect` reads."""
     correct = [
         detect(image) == (colour, PLACES[place])
         for image, (colour, place, _) in zip(images, CASES, strict=True)
     ]
     return float(np.mean(correct))
+
+
+def one_shape_share(images: np.ndarray) -> float:
+    """The share of CASES (images[i] drawn for CASES[i]) drawn as one shape of the asked colour."""
+    return float(np.mean([one_shape(im, c) for im, (c, _, _) in zip(images, CASES, strict=True)]))
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +115,62 @@ def pipe():
 
 
 def generate(pipe, size: int) -> np.ndarray:
-    """One image per case, case i from seed i."""
+    """One image per case, case i from seed i: (18, size, size, 3) in [0, 1]."""
     latents = np.concatenate([pipe.initial_latents(1, size, size, seed) for seed in range(18)])
     prompts = [prompt(*case) for case in CASES]
-    return pipe(prompts, height=size, width=size, num_inference_steps=STEPS, latents=latents)
+    return np.asarray(
+        pipe(prompts, height=size, width=size, num_inference_steps=STEPS, latents=latents)
+    )
+
+
+@pytest.fixture(scope="module")
+def drawn(pipe):
+    """size -> generate(pipe, size), each size drawn once for the module."""
+    images: dict[int, np.ndarray] = {}
+
+    def at(size: int) -> np.ndarray:
+        if size not in images:
+            images[size] = generate(pipe, size)
+        return images[size]
+
+    return at
+
+
+# The shipped model composes at 64x64 only: at 128 and 256 it repeats small shapes along the
+# asked edges, and it binds two shapes' colours, places and kinds poorly (issue 16, item 8,
+# open: a first run trained at 64, 128 and 256 scored lower at every size). strict: an
+# unexpected pass fails, so that the mark is lifted.
+NOT_YET = pytest.mark.xfail(
+    strict=True, reason="issue 16 item 8: the shipped model is trained at 64x64 only"
+)
+QUICK_START = "a red circle at the top left and a blue square at the bottom right"
+
+
+def quick_start(pipe, size: int) -> np.ndarray:
+    """The README's quick-start prompt from seeds 0-3: (4, size, size, 3) in [0, 1]."""
+    latents = np.concatenate([pipe.initial_latents(1, size, size, seed) for seed in range(4)])
+    return np.asarray(
+        pipe([QUICK_START] * 4, height=size, width=size, num_inference_steps=STEPS, latents=latents)
+    )
+
+
+def quick_start_ok(image: np.ndarray) -> bool:
+    """(H, W, 3) in [0, 1] -> whether it shows the quick-start prompt: red as one shape in
+    the top-left third, blue as one shape in the bottom-right third (each at least 1% of the
+    image), the blue one a square rather than a circle like the red one: it fills more of its
+    bounding box (rendered: 1 against pi/4; drawn at 64x64 the model rounds squares' corners,
+    to ~0.8 against ~0.75, so the two are compared rather than thresholded)."""
+    masks = colour_masks(image)
+    red, blue = masks["red"], masks["blue"]
+    if red.mean() < 0.01 or blue.mean() < 0.01:
+        return False
+    return (
+        third_of(red) == (0, 0)
+        and third_of(blue) == (2, 2)
+        and largest_share(red) >= 0.8
+        and largest_share(blue) >= 0.8
+        and fill_ratio(blue) > fill_ratio(red)
+    )
 
 
 def test_detector_reads_rendered_shapes():
@@ -87,19 +182,78 @@ def test_detector_reads_rendered_shapes():
     assert detect(np.full((64, 64, 3), 0.5)) is None
 
 
-def test_draws_the_asked_colour_and_place_at_64(pipe):
-    images = generate(pipe, 64)
-    score = accuracy(images)
+def test_one_shape_check_tells_one_shape_from_a_scatter():
+    from jaxfusion.train.shapes import ShapeSpec, render
+
+    for size in (64, 256):
+        assert one_shape(
+            render([ShapeSpec("green", "circle", "on the left")], "white", size), "green"
+        )
+        scatter = [ShapeSpec("green", "circle", place, "small") for place in PLACES]
+        assert not one_shape(render(scatter, "white", size), "green")
+        assert not one_shape(
+            render([ShapeSpec("red", "circle", "at the top")], "white", size), "green"
+        )
+
+
+def test_quick_start_check_reads_rendered_scenes():
+    from jaxfusion.train.shapes import ShapeSpec, render
+
+    asked = [
+        ShapeSpec("red", "circle", "at the top left"),
+        ShapeSpec("blue", "square", "at the bottom right"),
+    ]
+    assert quick_start_ok(render(asked, "white", 64))
+    assert quick_start_ok(render(asked, "gray", 256))
+    swapped = [
+        spec._replace(shape=other.shape) for spec, other in zip(asked, asked[::-1], strict=True)
+    ]
+    assert not quick_start_ok(render(swapped, "white", 64))
+    elsewhere = [asked[0], asked[1]._replace(place="at the bottom left")]
+    assert not quick_start_ok(render(elsewhere, "white", 64))
+
+
+def test_draws_the_asked_colour_and_place_at_64(drawn):
+    score = accuracy(drawn(64))
     print(f"detector accuracy at 64x64: {score:.0%} of {len(CASES)}")
-    assert score >= 0.8
+    assert score >= 0.9
 
 
 @pytest.mark.slow
-def test_draws_the_asked_colour_and_place_at_256(pipe):
-    images = generate(pipe, 256)
-    score = accuracy(images)
+@NOT_YET  # measured 61%
+def test_draws_the_asked_colour_and_place_at_128(drawn):
+    score = accuracy(drawn(128))
+    print(f"detector accuracy at 128x128: {score:.0%} of {len(CASES)}")
+    assert score >= 0.9
+
+
+@pytest.mark.slow
+def test_draws_the_asked_colour_and_place_at_256(drawn):
+    score = accuracy(drawn(256))
     print(f"detector accuracy at 256x256: {score:.0%} of {len(CASES)}")
     assert score >= 0.6  # shapes at the trained scale, repeated along the asked edges
+
+
+@pytest.mark.slow
+@NOT_YET  # measured 78%
+def test_reaches_the_target_accuracy_at_256(drawn):
+    assert accuracy(drawn(256)) >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [64, pytest.param(256, marks=NOT_YET)])  # 256: measured 0%
+def test_one_shape_prompt_draws_one_shape_not_a_scatter(drawn, size):
+    share = one_shape_share(drawn(size))
+    print(f"one dominant shape at {size}x{size}: {share:.0%} of {len(CASES)}")
+    assert share >= 0.9
+
+
+@pytest.mark.slow
+@NOT_YET  # measured 0 of 4
+def test_draws_the_quick_start_prompt_at_64(pipe):
+    drawn_right = [quick_start_ok(image) for image in quick_start(pipe, 64)]
+    print(f"quick-start prompt at 64x64, seeds 0-3: {drawn_right}")
+    assert all(drawn_right)
 
 
 @pytest.mark.slow
