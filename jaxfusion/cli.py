@@ -382,6 +382,8 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
     diffusers_backend.check_installed()
+    if args.lora:
+        raise ValueError("compare runs diffusers without LoRAs: leave out --lora")
     kwargs = generation_kwargs(args)
     pipe, _ = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
     height, width = pipe.size(args.height, args.width)

@@ -102,6 +102,10 @@ def test_compare_without_the_test_extras_says_what_to_install(folder, capsys, re
     error = refused(capsys, "compare", "--model", str(folder), "--prompt", PROMPT)
     assert "needs diffusers: pip install 'jaxfusion[test]'" in error
     assert reads == []
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    error = refused(capsys, "compare", "--model", str(folder), "--prompt", PROMPT,
+                    "--lora", "some.safetensors")  # fmt: skip
+    assert "compare runs diffusers without LoRAs: leave out --lora" in error
 
 
 def test_unwritable_out_folder_refused_before_loading(folder, capsys, reads):
