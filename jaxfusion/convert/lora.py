@@ -10,7 +10,8 @@ up (out, r[, 1, 1]). Two file formats are read:
     where there is one, else the `lora_alpha` of the file's adapter metadata
     (`lora_adapter_metadata`, as diffusers writes it), else r.
   kohya: `lora_unet_{module}` / `lora_te1_{module}` / `lora_te2_{module}` with the module
-    path's dots written as underscores, `.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+    path's dots written as underscores, `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+    UNet modules in diffusers' block names or in the original SGM ones (`from_sgm`).
 
 Every tensor must find its weight: a key that matches nothing is refused with its name.
 """
