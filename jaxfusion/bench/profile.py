@@ -255,10 +255,15 @@ def _span(steps: list[int]) -> str:
     return ", ".join(map(str, steps))
 
 
-def check(pipe: TextToImagePipeline, options: ProfileOptions) -> dict[str, Any]:
+def check(pipe: TextToImagePipeline, options: ProfileOptions) -> None:
     """Refuses options the profiled generation cannot run (an abstract pipeline is enough:
-    nothing compiles); returns the pipeline call's arguments."""
-    call = dict(
+    nothing compiles)."""
+    pipe.prepare(**pipeline_call(options))
+
+
+def pipeline_call(options: ProfileOptions) -> dict[str, Any]:
+    """The arguments of the profiled pipeline call."""
+    return dict(
         prompt=options.prompt,
         height=options.height,
         width=options.width,
@@ -267,8 +272,6 @@ def check(pipe: TextToImagePipeline, options: ProfileOptions) -> dict[str, Any]:
         scheduler=options.scheduler,
         parallel=options.parallel,
     )
-    pipe.prepare(**call)
-    return call
 
 
 def run(
@@ -279,8 +282,8 @@ def run(
     prints the report, and returns what `collectives.json` holds."""
     display = display or StageDisplay()
     out, parallel, steps = options.out, options.parallel, options.steps
-    call = check(pipe, options)
-    compiled = pipe.compile(*pipe.prepare(**call), display)
+    call = pipeline_call(options)
+    compiled = pipe.compile(*pipe.prepare(**call), display)  # refuses what `check` refuses
     with display("warm-up run"):
         pipe(**call)
     out.mkdir(parents=True, exist_ok=True)

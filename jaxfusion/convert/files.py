@@ -146,9 +146,16 @@ class _StoredTensor:
     shape: tuple[int, ...]
 
 
-def _safetensors_index(file: Path) -> dict[str, _StoredTensor]:
-    """Where each tensor of a safetensors file lies: an 8-byte little-endian header length,
-    a JSON header naming each tensor's dtype, shape and byte range, then the data."""
+def safetensors_metadata(file: Path) -> dict[str, str]:
+    """The string-to-string `__metadata__` of a safetensors file's header ({} if none)."""
+    header, _ = _safetensors_header(file)
+    return header.get("__metadata__", {})
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """(the JSON header, where the data starts) of a safetensors file: an 8-byte
+    little-endian header length, a JSON header naming each tensor's dtype, shape and byte
+    range, then the data. A file too short for what its header lists is refused."""
     size = file.stat().st_size
     with open(file, "rb") as stream:
         header_length = int.from_bytes(stream.read(8), "little")
@@ -168,6 +175,12 @@ def _safetensors_index(file: Path) -> dict[str, _StoredTensor]:
             f"{file} is truncated: its header lists {data_start + end} bytes, the file has "
             f"{size}; re-download or re-convert it"
         )
+    return header, data_start
+
+
+def _safetensors_index(file: Path) -> dict[str, _StoredTensor]:
+    """Where each tensor of a safetensors file lies (`_safetensors_header`)."""
+    header, data_start = _safetensors_header(file)
     return {
         key: _StoredTensor(
             file,

@@ -29,15 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion.convert.files import TensorReader
+from jaxfusion.convert.files import TensorReader, safetensors_metadata
 from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape, to_flax_layout
 
-# File prefix -> the pipeline component it adapts.
-PEFT_COMPONENTS = {
-    "unet": "unet",
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-}
+# The pipeline components a LoRA adapts: the key prefixes of the diffusers/PEFT format, and
+# kohya's prefix for each.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -82,8 +79,9 @@ def read_lora(path: str | Path) -> dict[str, dict[str, LowRank]]:
 
     `path`: a LoRA safetensors file, a folder holding `pytorch_lora_weights.safetensors`, or
     a hub id whose repository holds that file (downloaded on first use).
-    Module paths are the diffusers/transformers ones with dots (kohya names are resolved
-    against the networks later, `fuse`), e.g. `down_blocks.1.attentions.0.proj_in`.
+    Module paths are the diffusers/transformers ones with dots, e.g.
+    `down_blocks.1.attentions.0.proj_in`; kohya names keep their underscores and are
+    resolved against the networks later (`match`, `from_sgm`).
     """
     file = Path(path)
     if not file.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
@@ -101,11 +99,11 @@ def read_lora(path: str | Path) -> dict[str, dict[str, LowRank]]:
     unmatched = []
     for key, tensor in tensors.items():
         prefix, _, rest = key.partition(".")
-        if prefix in PEFT_COMPONENTS and (match := _PEFT.match(rest)):
+        if prefix in COMPONENTS and (match := _PEFT.match(rest)):
             part = {"A": "down", "B": "up"}.get(match["ab"], match["ud"])
             parts = adapters.setdefault(prefix, {}).setdefault(match["module"], {})
             parts[part] = tensor
-        elif prefix in PEFT_COMPONENTS and rest.endswith(".alpha"):
+        elif prefix in COMPONENTS and rest.endswith(".alpha"):
             adapters.setdefault(prefix, {}).setdefault(rest[: -len(".alpha")], {})["alpha"] = tensor
         elif (kohya := _kohya_component(key)) and (match := _KOHYA.match(key)):
             component, module = kohya
@@ -115,15 +113,13 @@ def read_lora(path: str | Path) -> dict[str, dict[str, LowRank]]:
             unmatched.append(key)
     if unmatched:
         raise ValueError(f"{file}: keys of no LoRA format known here: {_names(unmatched)}")
-    result = {}
-    for prefix, modules in adapters.items():
-        component = PEFT_COMPONENTS.get(prefix, prefix)
-        default_alpha = metadata.get(component, {}).get("lora_alpha")
-        result[component] = {
-            module: _low_rank(file, component, module, parts, default_alpha)
+    return {
+        component: {
+            module: _low_rank(file, component, module, parts, metadata.get(component, {}))
             for module, parts in modules.items()
         }
-    return result
+        for component, modules in adapters.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -218,15 +214,18 @@ def _resnet_part(rest: str) -> str:
 
 
 def _low_rank(
-    file: Path, component: str, module: str, parts: dict[str, np.ndarray], alpha: float | None
+    file: Path, component: str, module: str, parts: dict[str, np.ndarray], config: dict
 ) -> LowRank:
+    """The module's LowRank; alpha from its `.alpha` tensor, else the component's adapter
+    `config` (the file's metadata), else the rank."""
     if "down" not in parts or "up" not in parts:
         missing = "up" if "down" in parts else "down"
         raise ValueError(f"{file}: {component} {module} has no {missing} matrix")
-    rank = parts["down"].shape[0]
     if "alpha" in parts:
         alpha = float(np.asarray(parts["alpha"], np.float32).reshape(()))
-    return LowRank(parts["down"], parts["up"], float(rank if alpha is None else alpha))
+    else:
+        alpha = float(config.get("lora_alpha", parts["down"].shape[0]))
+    return LowRank(parts["down"], parts["up"], alpha)
 
 
 def _kohya_component(key: str) -> tuple[str, str] | None:
@@ -240,15 +239,11 @@ def _kohya_component(key: str) -> tuple[str, str] | None:
 def _adapter_metadata(file: Path) -> dict[str, dict]:
     """The per-component LoRA config diffusers keeps in the file's header metadata
     (`lora_adapter_metadata`: {"unet.r": ..., "unet.lora_alpha": ...} or nested), or {}."""
-    with open(file, "rb") as stream:
-        length = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(length))
-    raw = header.get("__metadata__", {}).get("lora_adapter_metadata")
+    raw = safetensors_metadata(file).get("lora_adapter_metadata")
     if raw is None:
         return {}
-    flat = json.loads(raw)
     nested: dict[str, dict] = {}
-    for key, value in flat.items():
+    for key, value in json.loads(raw).items():
         if isinstance(value, dict):
             nested.setdefault(key, {}).update(value)
         else:
