@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import jaxfusion_command
 from PIL import Image
 from pipelines import SIZE, save_random_pipeline
 
 from jaxfusion.images import psnr
 
-SCRIPT = Path(sys.executable).with_name("jaxfusion")
 PROMPT = "a red circle at the top left"
 FAST = ["--steps", "3"]
 
@@ -24,15 +24,6 @@ FAST = ["--steps", "3"]
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
-
-
-def jaxfusion_command(cache: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAXFUSION_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == expect, result.stdout + result.stderr
-    return result
 
 
 def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):

@@ -5,13 +5,11 @@ the written PNGs, and by the grid's layout; refusals come before the model is lo
 anything compiles."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import jaxfusion_command
 from PIL import Image
 from pipelines import SIZE, save_random_pipeline
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -19,7 +17,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from jaxfusion import cli
 from jaxfusion.bench.options import EvalOptions
 
-SCRIPT = Path(sys.executable).with_name("jaxfusion")
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
 STEPS = 3
 MODES = ["single", "displaced-corrected", "naive"]
@@ -37,15 +34,6 @@ def skimage_ssim(image: np.ndarray, reference: np.ndarray) -> float:
         sigma=1.5,
         use_sample_covariance=False,
     )
-
-
-def jaxfusion_command(cache: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAXFUSION_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == expect, result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 compiles and name the file or flag at fault, true messages, quiet output, outputs that
 never stay half-written, and the built-in model one call away."""
 
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import jaxfusion_command
 from pipelines import count_compiles, save_random_pipeline
 from rich.console import Console
 
@@ -23,7 +25,6 @@ from jaxfusion.display import StageDisplay
 from sharding.parallel import ParallelConfig
 
 PROMPT = "a red circle"
-SCRIPT = Path(sys.executable).with_name("jaxfusion")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_truncated_weights_name_the_file(folder, tmp_path):
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     result = jaxfusion_command(
-        tmp_path, "generate", "--model", str(broken), "--prompt", PROMPT,
+        tmp_path / "cache", "generate", "--model", str(broken), "--prompt", PROMPT,
         "--out", str(tmp_path / "x.png"), expect=2,
     )  # fmt: skip
     error = " ".join(result.stderr.split())
@@ -183,20 +184,20 @@ def test_load_pipeline_without_arguments_is_the_builtin_model():
 
 
 def test_stage_start_is_shown_off_a_terminal():
-    console = Console(file=_Lines(), force_terminal=False, width=120)
+    console = Console(file=io.StringIO(), force_terminal=False, width=120)
     display = StageDisplay(console)
     with display("compiling"):
-        assert console.file.lines == ["compiling ..."]
-    assert console.file.lines[-1].startswith("✓ compiling (")
+        assert console.file.getvalue().splitlines() == ["compiling ..."]
+    assert console.file.getvalue().splitlines()[-1].startswith("✓ compiling (")
 
 
 def test_long_prompt_truncation_is_one_line(folder):
     """The command shows the truncation warning as one line, without the warning's source."""
-    console = Console(file=_Lines(), force_terminal=False, width=500)
+    console = Console(file=io.StringIO(), force_terminal=False, width=500)
     cli.show_warnings_as_notes(StageDisplay(console))
     pipe = jaxfusion.load_pipeline(folder, abstract=True)
     pipe.prepare(" ".join(["a red circle at the top left"] * 20))
-    lines = console.file.lines
+    lines = console.file.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: prompt truncated to CLIP's 77 tokens")
     assert ".py" not in lines[0]
 
@@ -227,30 +228,3 @@ def test_sigterm_during_a_write_leaves_no_file(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ready"]
-
-
-class _Lines:
-    """A file that keeps what is written, line by line."""
-
-    def __init__(self):
-        self.text = ""
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def lines(self) -> list[str]:
-        return self.text.splitlines()
-
-
-def jaxfusion_command(cache: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAXFUSION_CACHE=str(cache / "cache"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == expect, result.stdout + result.stderr
-    return result

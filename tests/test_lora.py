@@ -273,19 +273,13 @@ def test_lora_under_sync_on_4_devices_equals_single(folder, tmp_path):
 def test_command_line_lora_option(folder, tmp_path):
     """`--lora FILE:SCALE` gives the image of `load_lora(FILE, SCALE)` (the command runs in
     its own process on one device: equal to rounding)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from commands import jaxfusion_command
 
     write_kohya(tmp_path / "lora.safetensors", random_adapters(6))
     out = tmp_path / "image.npy"
-    script = Path(sys.executable).with_name("jaxfusion")
-    env = dict(os.environ, JAXFUSION_CACHE=str(tmp_path / "cache"))
-    subprocess.run(
-        [str(script), "generate", "--model", str(folder), "--prompt", "a red circle",
-         "--steps", "2", "--lora", f"{tmp_path / 'lora.safetensors'}:0.4", "--out", str(out)],
-        env=env, check=True, capture_output=True, timeout=600,
+    jaxfusion_command(
+        tmp_path / "cache", "generate", "--model", str(folder), "--prompt", "a red circle",
+        "--steps", "2", "--lora", f"{tmp_path / 'lora.safetensors'}:0.4", "--out", str(out),
     )  # fmt: skip
     pipe = jaxfusion.load_pipeline(folder)
     base = pipe("a red circle", num_inference_steps=2, seed=0)[0]
