@@ -6,9 +6,9 @@ start) runs one thread: the models are tiny, and on a busy 2-core machine OpenMP
 that wait on each other made its tests 10x slower (120 s instead of 9 s for part of
 `test_distrifusion_reference.py`). Set OMP_NUM_THREADS yourself to choose otherwise.
 
-The whole session shares one JAX compilation cache (a fresh folder per session): tests
-that build the same tiny pipelines compile the same programs, and every program after the
-first comes from the cache."""
+The whole session, all its pytest-xdist workers, shares one JAX compilation cache (a fresh
+folder per session): tests that build the same tiny pipelines compile the same programs, and
+every program after the first comes from the cache."""
 
 import os
 
@@ -22,6 +22,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
+    """One cache for the session; under pytest-xdist, one for all its workers (the folder
+    above each worker's own temporary folder)."""
     from jaxfusion.compilation_cache import enable_compilation_cache
 
-    enable_compilation_cache(tmp_path_factory.mktemp("xla-cache"))
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    enable_compilation_cache(root / "xla-cache")
