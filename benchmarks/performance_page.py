@@ -6,8 +6,10 @@ results in docs/results/; `--run` first runs the measurements that write them.
     python benchmarks/performance_page.py                       # render from what exists
 
 Parts: analysis (bench analyze: the SDXL step's per-device cost, from shapes alone), time
-(bench time: the built-in model, and diffusers), eval (PSNR/SSIM on 4 and 8 devices), machine
-(machine.json, also written whenever another part runs). The GPU check's
+(bench time: the built-in model, and diffusers), eval (PSNR/SSIM on 4 and 8 devices),
+few_step (bench time of a 4-step run), machine (machine.json, also written whenever another
+part runs). The few-step warm-up sweep's docs/results/few_step_warmup.json is written by
+`python benchmarks/few_step_warmup.py` (FEW_STEP_WARMUP). The GPU check's
 benchmarks/results/gpu_check.json is shown when present (`bash benchmarks/gpu_check.sh
 benchmarks/results` on a machine with an NVIDIA GPU writes it).
 """
@@ -31,10 +33,17 @@ from typing import Any
 from jaxfusion.files import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("analysis", "time", "eval", "machine")
+PARTS = ("analysis", "time", "eval", "few_step", "machine")
 EVAL_DEVICES = (4, 8)
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHECK = "bash benchmarks/gpu_check.sh benchmarks/results"
+FEW_STEP_WARMUP = "python benchmarks/few_step_warmup.py --json docs/results/few_step_warmup.json"
+CODEC_TRAFFIC = "python benchmarks/codec_traffic.py --sizes 2048 3840 --devices 8"
+CODEC_EVAL = (
+    "eval --height 256 --width 256 --steps 25 --devices {n} --gn corrected --compress none fp8 "
+    "int8 residual-int4 residual-int2 residual-1bit --out DIR && cp DIR/metrics.json "
+    "docs/results/codecs_eval_builtin_256_{n}dev.json"
+)
 # DistriFusion's figures (../shared/DESIGN.md section 5), all SDXL with 50-step DDIM on A100s.
 PAPER_ELEMENTS_8 = {1024: 0.42, 2048: 1.48, 3840: 5.38}  # Table 2: patch parallel, G per step
 PAPER_PSNR = {(4, "displaced-corrected"): 23.0, (8, "displaced-corrected"): 22.0, (8, "naive"): 7.7}
@@ -53,6 +62,7 @@ def shown(path: Path) -> str:
 def commands(results: Path) -> dict[str, list[tuple[str, list[Path]]]]:
     """Per part: (the arguments of `jaxfusion`, the outputs they write) for each command."""
     a, png, t = (results / name for name in ("analysis.json", "analysis.png", "time.json"))
+    few = results / "few_step_time.json"
 
     def q(path: Path) -> str:
         return shlex.quote(shown(path))
@@ -79,6 +89,13 @@ def commands(results: Path) -> dict[str, list[tuple[str, list[Path]]]]:
                 [results / f"eval-{n}"],
             )
             for n in EVAL_DEVICES
+        ],
+        "few_step": [
+            (
+                "bench time --height 128 --width 128 --devices 1 2 4 --parallel sync displaced "
+                f"--steps 4 --scheduler euler_a --guidance 0 --runs 5 --json {q(few)}",
+                [few],
+            )
         ],
     }
 
@@ -315,18 +332,7 @@ def time_section(inputs: Inputs) -> list[str]:
             f"Model {first['model']}, {first['height']}x{first['width']}, {first['steps']} "
             f"steps, {first['dtype']}, median of {first['runs']} timed runs. From the JSON:"
         )
-        note = data.get("note", "").splitlines()  # less its ratio, given below
-        note = [line for line in note if not line.startswith("diffusers (PyTorch)")]
-        blocks.append("\n".join("> " + line for line in note))
-        rows = [
-            f"{'jaxfusion' if r['backend'] == 'jax' else 'diffusers (PyTorch)'} | {r['mode']} | "
-            f"{r['devices']} | {device(r['platform'], r['device_kind'])} | "
-            f"{num(r['median_image_s'], '.3f')} | {num(r['median_step_s'], '.1f', 1e3)} | "
-            f"{num(r['speedup_vs_single'], '.2f')} | {num(r['step_speedup_vs_single'], '.2f')}"
-            for r in records
-        ]
-        header = "backend | mode | devices | device | per image s | per step ms | image speed-up"
-        blocks.append(table(header + " | step speed-up", rows))
+        blocks += timing_table(data)
         single = next((r for r in records if r["backend"] == "jax" and r["mode"] == "single"), None)
         torch = next((r for r in records if r["backend"] == "torch"), None)
         if single and torch:
@@ -344,6 +350,134 @@ def time_section(inputs: Inputs) -> list[str]:
     )
     lines = PAPER_LATENCY.splitlines()
     return [*blocks, table(lines[0], lines[1:])]
+
+
+def timing_table(data: dict) -> list[str]:
+    """A `bench time` JSON's note (less the diffusers ratio) and its table."""
+    note = data.get("note", "").splitlines()
+    note = [line for line in note if not line.startswith("diffusers (PyTorch)")]
+    rows = [
+        f"{'jaxfusion' if r['backend'] == 'jax' else 'diffusers (PyTorch)'} | {r['mode']} | "
+        f"{r['devices']} | {device(r['platform'], r['device_kind'])} | "
+        f"{num(r['median_image_s'], '.3f')} | {num(r['median_step_s'], '.1f', 1e3)} | "
+        f"{num(r['speedup_vs_single'], '.2f')} | {num(r['step_speedup_vs_single'], '.2f')}"
+        for r in data["records"]
+    ]
+    header = "backend | mode | devices | device | per image s | per step ms | image speed-up"
+    return ["\n".join("> " + line for line in note), table(header + " | step speed-up", rows)]
+
+
+def few_step_section(inputs: Inputs) -> list[str]:
+    """A 4-step run's times per mode, and the warm-up sweep the default warm-up rests on."""
+    results, machine = inputs.results, inputs.machine
+    blocks = [
+        "Few-step models (SDXL-Turbo/Lightning, LCM-LoRA) run 1-8 steps, where the warm-up "
+        "of displaced mode is a large share of the run (the reference implementation got "
+        "slower on 2 GPUs than on 1 for this reason, its issue #27). Unless `--warmup-steps` "
+        "says otherwise, displaced mode runs steps 0..W synchronously with W = min(4, max(1, "
+        "steps // 4)) (`sharding.parallel.default_warmup_steps`): 4 from 16 steps on (50-step "
+        "runs as in the paper), 2 at 8-11 steps, 1 below 8. So a 4-step run has 2 "
+        "synchronous and 2 displaced steps, and any run of 3 steps or more has displaced "
+        "steps; W = 0 (only step 0 synchronous) is never the default: the sweep below "
+        "measures what it costs."
+    ]
+    runs = commands(results)["few_step"]
+    data, problem = load_json(results / "few_step_time.json")
+    if problem:
+        blocks += missing(problem, [command_text(a) for a, _ in runs], "few_step")
+    else:
+        first = data["records"][0]
+        blocks += produced_by(runs, machine, "few_step")
+        blocks.append(
+            f"Model {first['model']}, {first['height']}x{first['width']}, {first['steps']} steps "
+            "of Euler ancestral without guidance (the SDXL-Turbo recipe; the built-in model is "
+            f"not distilled, which changes no time), {first['dtype']}, median of "
+            f"{first['runs']} timed runs. On CPU the simulated devices share the cores: the "
+            "rows show the overhead of patch parallelism, not a speed-up. From the JSON:"
+        )
+        blocks += timing_table(data)
+    sweep, problem = load_json(results / "few_step_warmup.json")
+    if problem:
+        return blocks + missing(problem, [FEW_STEP_WARMUP])
+    blocks += ["Produced by:", code([sweep.get("command", FEW_STEP_WARMUP)])]
+    blocks.append(
+        f"Each row: `{sweep['eval_command']}` (the built-in model's own scheduler, Euler, "
+        "with guidance 5), the mean over its images of displaced mode (corrected GroupNorm) "
+        "against single; naive (no exchange) beside as the floor. Default: the warm-up "
+        f"the rule gives for that step count. Run {sweep['date']}."
+    )
+    rows = [
+        f"{r['steps']} | {r['warmup_steps']}{' (default)' if r['default'] else ''} | "
+        f"{r['warmup_steps'] + 1} + {r['displaced_steps']} | {num(r['psnr_db'], '.2f')} | "
+        f"{num(r['ssim'], '.4f')} | {num(r['naive_psnr_db'], '.2f')}"
+        for r in sweep["records"]
+    ]
+    header = "steps | W | synchronous + displaced steps | PSNR dB | SSIM | naive PSNR dB"
+    return [*blocks, table(header, rows)]
+
+
+def codec_section(inputs: Inputs) -> list[str]:
+    """Each codec's traffic and stale memory (SDXL, traced) and its quality (built-in eval)."""
+    results = inputs.results
+    traffic, problem = load_json(results / "codec_traffic.json")
+    if problem:
+        return missing(problem, [CODEC_TRAFFIC])
+    blocks = [
+        "What displaced steps exchange and keep, per codec (`--compress`). Traffic and stale "
+        "memory per device per step from the traced SDXL step (no compile; the codecs' "
+        "packed payloads as sent), against the reference PyTorch scheme and against "
+        "`none`. Projected step times are a model, not a measurement: the step's FLOPs as "
+        "`bench analyze` measured them (docs/results/analysis.json) at "
+        f"{traffic['records'][0].get('projected_step_model', {}).get('device_tflops')} TFLOP/s, "
+        "plus the bytes over the link, without overlap. Produced by:",
+        code([traffic["command"]]),
+    ]
+    links = list(
+        traffic["records"][0].get("projected_step_model", {}).get("step_s_by_link_gbs", {})
+    )
+    rows = []
+    for r in traffic["records"]:
+        projected = r.get("projected_step_model", {}).get("step_s_by_link_gbs", {})
+        rows.append(
+            f"{r['size']} | {r['devices']} | {r['compress']} | "
+            f"{num(r['comm_bytes_per_device_step'], '.3f', 1e-9)} | "
+            f"{num(r['of_reference'], '.3f')} | "
+            f"{num(r['of_none'], '.3f')} | {num(r['stale_bytes_per_device'], '.2f', 1e-9)} | "
+            f"{num(r['stale_of_none'], '.3f')} | "
+            + " | ".join(num(projected.get(gbs), ".2f") for gbs in links)
+        )
+    header = (
+        "size | devices | codec | GB/step | of reference | of none | stale GB | stale of none | "
+        + " | ".join(f"step s at {gbs} GB/s" for gbs in links)
+    )
+    blocks.append(table(header, rows))
+    for n in EVAL_DEVICES:
+        metrics, problem = load_json(results / f"codecs_eval_builtin_256_{n}dev.json")
+        if problem:
+            blocks += missing(problem, [command_text(CODEC_EVAL.format(n=n))])
+            continue
+        blocks += [
+            f"Quality on {n} devices, the built-in model at 256x256, 25 steps, "
+            f"{len(metrics['images'])} images (4 prompts x 2 seeds): the mean PSNR/SSIM "
+            "against single, and against uncompressed displaced (the codec's own cost). "
+            "Produced by:",
+            code([command_text(CODEC_EVAL.format(n=n))]),
+        ]
+        mean, against = metrics["mean"], metrics["mean_against_uncompressed"]
+        base = mean["displaced-corrected"]["psnr_db"]
+        rows = []
+        for mode, value in mean.items():
+            if not mode.startswith("displaced"):
+                continue
+            codec = mode.partition("+")[2] or "none"
+            other = against.get(mode, {})
+            rows.append(
+                f"{codec} | {num(value['psnr_db'], '.2f')} | {num(value['ssim'], '.4f')} | "
+                f"{num(value['psnr_db'] - base, '+.2f')} | {num(other.get('psnr_db'), '.2f')}"
+            )
+        header = "codec | PSNR dB vs single | SSIM vs single | change dB | PSNR dB vs none"
+        blocks.append(table(header, rows))
+    return blocks
 
 
 def device(name: str, kind: str) -> str:
@@ -454,6 +588,8 @@ def render(results: Path, page: Path, gpu_check: Path) -> str:
         ("Memory of the UNet step and the VAE decode per attention kernel", memory_section),
         ("Timing (`bench time`)", time_section),
         ("Quality against the single-device image (`eval`)", eval_section),
+        ("Few-step runs (`bench time`, warm-up sweep)", few_step_section),
+        ("Compressed exchange (`--compress`)", codec_section),
         ("GPU check (`benchmarks/gpu_check.py`)", gpu_section),
     ]
     for title, body in sections:

@@ -14,6 +14,7 @@ __getattr__, __dir__ = lazy_attributes(
     {
         "ParallelConfig": "sharding.parallel",
         "SDPipeline": "jaxfusion.pipelines",
+        "SDXLImg2ImgPipeline": "jaxfusion.pipelines",
         "SDXLPipeline": "jaxfusion.pipelines",
         "UNet2DConditionModel": "jaxfusion.models",
         "UNetConfig": "jaxfusion.models",
@@ -23,12 +24,13 @@ __getattr__, __dir__ = lazy_attributes(
 
 if TYPE_CHECKING:
     from jaxfusion.models import UNet2DConditionModel, UNetConfig
-    from jaxfusion.pipelines import SDPipeline, SDXLPipeline, load_pipeline
+    from jaxfusion.pipelines import SDPipeline, SDXLImg2ImgPipeline, SDXLPipeline, load_pipeline
     from sharding.parallel import ParallelConfig
 
 __all__ = [
     "ParallelConfig",
     "SDPipeline",
+    "SDXLImg2ImgPipeline",
     "SDXLPipeline",
     "UNet2DConditionModel",
     "UNetConfig",

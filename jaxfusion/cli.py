@@ -28,7 +28,7 @@ from jaxfusion.bench.options import (
 from jaxfusion.models.names import ATTENTION_BACKENDS
 from jaxfusion.schedulers.config import KINDS
 from jaxfusion.train.config import TrainConfig
-from sharding.names import GROUP_NORM_RULES, MODES, NAIVE_SPLITS
+from sharding.names import COMPRESSIONS, GROUP_NORM_RULES, MODES, NAIVE_SPLITS
 
 if TYPE_CHECKING:
     from jaxfusion.compilation_cache import CacheHits
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_STEPS = 50
+# The rule of sharding.parallel.default_warmup_steps.
+WARMUP_HELP = (
+    "displaced: steps 0..K run synchronously (default: min(4, max(1, steps // 4)), so 4 from "
+    "16 steps, 1 for 4 steps)"
+)
 TRAIN_DEFAULTS = TrainConfig()
 
 
@@ -58,18 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     end_on_termination()
     devices = getattr(args, "devices", 1)
     devices = max(devices) if isinstance(devices, list) else devices
-    if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
-        simulate_cpu_devices(devices)
-    elif devices > 1:
-        simulate_cpu_devices(devices)
     from jaxfusion.display import StageDisplay, escape
 
     display = StageDisplay()
     show_warnings_as_notes(display)
     try:
+        if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
+            import jax
+
+            jax.config.update("jax_platforms", "cpu")
+            simulate_cpu_devices(devices)
+        elif not start_processes(args, devices) and devices > 1:
+            simulate_cpu_devices(devices)
         return args.command(args, display)
     except (ValueError, TypeError, OSError, ImportError) as error:
         display.note(f"[red]error:[/red] {escape(str(error))}")
@@ -112,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--out", required=True, help="output .png, or .npy (float32 (H, W, 3) in [0, 1])"
     )
+    add_image_options(generate)
+    add_distributed_options(generate)
     generate.set_defaults(command=run_generate)
 
     compare = commands.add_parser(
@@ -165,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--parallel", choices=MODES[1:], default=AnalyzeOptions.mode)
     analyze.add_argument("--gn", choices=GROUP_NORM_RULES, default=AnalyzeOptions.group_norm)
     analyze.add_argument("--cfg-parallel", action="store_true")
+    analyze.add_argument(
+        "--hosts", type=int, default=1, help="also count the bytes that cross between H hosts"
+    )
+    analyze.add_argument(
+        "--compress", choices=COMPRESSIONS, nargs="+", default=["none"], help=COMPRESS_HELP
+    )
+    analyze.add_argument(
+        "--link-gbs",
+        type=float,
+        nargs="+",
+        default=list(AnalyzeOptions.link_gbs),
+        help="link speeds (GB/s) of the projected step time (a model, not a measurement)",
+    )
+    analyze.add_argument(
+        "--device-tflops",
+        type=float,
+        default=AnalyzeOptions.device_tflops,
+        help="the device throughput of the projection's compute time",
+    )
     analyze.add_argument("--dtype", choices=DTYPES, default=AnalyzeOptions.dtype)
     add_attention_option(analyze)
     analyze.add_argument("--json", help="write one record per configuration")
@@ -213,8 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--gn", choices=GROUP_NORM_RULES, nargs="+", default=list(EvalOptions.group_norm)
     )
-    evaluate.add_argument("--warmup-steps", type=int, default=EvalOptions.warmup_steps)
+    evaluate.add_argument(
+        "--warmup-steps", type=int, default=EvalOptions.warmup_steps, help=WARMUP_HELP
+    )
     evaluate.add_argument("--naive-split", choices=NAIVE_SPLITS, default=EvalOptions.naive_split)
+    evaluate.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        nargs="+",
+        default=[],
+        help="also displaced with each codec, compared with single and with uncompressed",
+    )
     evaluate.add_argument("--out", required=True, help="new folder: images, metrics.json, grid")
     evaluate.set_defaults(command=run_eval)
     return parser
@@ -252,7 +287,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="diffusers pipeline folder or hub id (default: the built-in model)"
     )
-    parser.add_argument("--prompt", required=True)
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument(
+        "--prompt", action="append", help="a prompt; several for a batch (one image each)"
+    )
+    prompts.add_argument("--prompts", help="a text file of prompts, one per line")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
@@ -267,6 +306,27 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     add_attention_option(parser)
     add_loading_options(parser)
     add_parallel_options(parser)
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image-to-image and the SDXL refiner")
+    group.add_argument(
+        "--image", help="start from this image (resized to --height and --width if both given)"
+    )
+    group.add_argument(
+        "--strength",
+        type=float,
+        help="with --image: how much to change it, in (0, 1] (default as diffusers: 0.8 SD, "
+        "0.3 SDXL)",
+    )
+    group.add_argument(
+        "--refiner", help="an SDXL refiner folder or hub id: it denoises the last steps"
+    )
+    group.add_argument(
+        "--high-noise-frac",
+        type=float,
+        help="with --refiner: the fraction of the steps the base denoises (default 0.8)",
+    )
 
 
 def add_measurement_options(
@@ -289,6 +349,10 @@ def add_measurement_options(
     add_loading_options(parser)
 
 
+COMPRESS_HELP = "the codec of what displaced steps exchange and keep (K/V and conv halos)"
+KV_REFRESH_HELP = "displaced steps exchange self-attention K/V only every K-th step"
+
+
 def add_parallel_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("patch parallelism")
     group.add_argument(
@@ -297,9 +361,7 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--parallel", choices=MODES, help="default: displaced with several devices, else single"
     )
-    group.add_argument(
-        "--warmup-steps", type=int, default=4, help="displaced: steps 0..K run synchronously"
-    )
+    group.add_argument("--warmup-steps", type=int, default=None, help=WARMUP_HELP)
     group.add_argument(
         "--gn", choices=GROUP_NORM_RULES, default="corrected", help="GroupNorm in displaced steps"
     )
@@ -310,6 +372,50 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
         help="put the two guidance halves on different devices (C = 2)",
     )
     group.add_argument("--naive-split", choices=NAIVE_SPLITS, default="row")
+    group.add_argument(
+        "--data-parallel",
+        type=int,
+        default=1,
+        metavar="D",
+        help="split the prompts over D device groups, --devices / D devices each",
+    )
+    group.add_argument("--compress", choices=COMPRESSIONS, default="none", help=COMPRESS_HELP)
+    group.add_argument("--kv-refresh", type=int, default=1, metavar="K", help=KV_REFRESH_HELP)
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (hosts); --devices counts all")
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address; 'auto': JAX's detection (SLURM, Open MPI, TPU pods)",
+    )
+    group.add_argument("--num-processes", type=int, metavar="K")
+    group.add_argument("--process-id", type=int, metavar="I")
+    group.add_argument(
+        "--distributed-timeout",
+        type=int,
+        default=300,
+        metavar="S",
+        help="seconds to wait for every process at start-up, and for a silent one later",
+    )
+
+
+def start_processes(args: argparse.Namespace, devices: int) -> bool:
+    """Joins the multi-process run the distributed options ask for; whether they ask."""
+    if getattr(args, "coordinator", None) is None and getattr(args, "num_processes", None) is None:
+        return False
+    from sharding.distributed import initialize
+
+    auto = args.coordinator == "auto"
+    initialize(
+        None if auto else args.coordinator,
+        args.num_processes,
+        args.process_id,
+        devices=devices,
+        timeout_s=args.distributed_timeout,
+    )
+    return True
 
 
 def lora_option(text: str) -> tuple[str, float]:
@@ -348,27 +454,66 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         warmup_steps=args.warmup_steps,
         group_norm=args.gn,
         naive_split=args.naive_split,
+        data=getattr(args, "data_parallel", 1),
+        compress=args.compress,
+        kv_refresh=args.kv_refresh,
     )
 
 
 def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.display import escape
     from jaxfusion.images import check_output_path, save_image
+    from sharding.distributed import agree, is_main_process
 
-    out = check_output_path(args.out)
-    kwargs = generation_kwargs(args)
-    pipe, cache_hits = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
-    request, options = pipe.prepare(**kwargs)
-    hits = cache_hits.count
-    pipe.compile(request, options, display)
-    if cache_hits.count > hits:
-        display.note("the generation program came from the disk cache (not compiled again)")
-    images = pipe.run(request, options, display)
+    # Only process 0 writes; every process reads its inputs, and all end if one cannot.
+    writes = is_main_process()
+
+    def inputs():
+        out = check_output_path(args.out) if writes else Path(args.out)
+        return out, dict(generation_kwargs(args), **image_kwargs(args))
+
+    out, kwargs = agree(inputs)
+    if args.refiner is None:
+        if args.high_noise_frac is not None:
+            raise ValueError("--high-noise-frac is for the hand-off to --refiner: pass --refiner")
+        pipe, cache_hits = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
+        images = generate(pipe, kwargs, cache_hits, display)
+    else:
+        from jaxfusion.pipelines import ensemble, load_pipeline
+
+        ensemble.check_refiner_folder(args.refiner)
+        frac = ensemble.HIGH_NOISE_FRAC if args.high_noise_frac is None else args.high_noise_frac
+        base_call, refiner_call = ensemble.split_call(kwargs, frac)
+        refiner = load_pipeline(args.refiner, abstract=True, **loading_options(args))
+        base, cache_hits = load(
+            args,
+            display,
+            check=lambda abstract: ensemble.check_hand_off(
+                abstract, refiner, base_call, refiner_call
+            ),
+        )
+        latents = generate(base, base_call, cache_hits, display)
+        refiner = load_pipeline(args.refiner, stage=display, **loading_options(args))
+        images = generate(refiner, dict(refiner_call, image_latents=latents), cache_hits, display)
+    if not writes:
+        return 0
     paths = output_paths(out, len(images))
     for image, path in zip(images, paths, strict=True):
         save_image(image, path)
     display.note(escape(f"wrote {', '.join(map(str, paths))}"))
     return 0
+
+
+def generate(
+    pipe: TextToImagePipeline, kwargs: dict[str, Any], cache_hits: CacheHits, display: StageDisplay
+) -> Any:
+    """`pipe(**kwargs)`, saying whether its program came from the disk cache."""
+    request, options = pipe.prepare(**kwargs)
+    hits = cache_hits.count
+    pipe.compile(request, options, display)
+    if cache_hits.count > hits:
+        display.note("the generation program came from the disk cache (not compiled again)")
+    return pipe.run(request, options, display)
 
 
 def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
@@ -401,6 +546,10 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
         num_inference_steps=args.steps,
         guidance_scale=pipe.default_guidance_scale if args.guidance is None else args.guidance,
         latents=kwargs["latents"],
+        # Ours, the noise euler_a and lcm add at each step (trailing spacing may add a step).
+        step_noise=pipe.step_noises(
+            len(kwargs["prompt"]), height, width, args.seed, args.steps + 1
+        ),
     )
     with display("jaxfusion: warm-up run (compiles)"):
         ours = pipe(**kwargs, stage=display)
@@ -454,6 +603,10 @@ def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
         mode=args.parallel,
         group_norm=args.gn,
         cfg_parallel=args.cfg_parallel,
+        hosts=args.hosts,
+        compress=args.compress,
+        link_gbs=args.link_gbs,
+        device_tflops=args.device_tflops,
         dtype=args.dtype,
         attention=args.attention,
         json=args.json,
@@ -511,6 +664,7 @@ def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
         group_norm=args.gn,
         warmup_steps=args.warmup_steps,
         naive_split=args.naive_split,
+        compress=args.compress,
     )
     from jaxfusion.bench import evaluate
 
@@ -554,12 +708,7 @@ def load(
 
     if args.model is None:
         display.note(f"model: {builtin.DESCRIPTION}")
-    loading = dict(
-        dtype=args.dtype,
-        variant=args.variant,
-        allow_pickle=args.allow_pickle,
-        attention=args.attention,
-    )
+    loading = loading_options(args)
     if check is not None:
         abstract = load_pipeline(model_path(args), abstract=True, **loading)
         load_loras(abstract, args.lora)
@@ -572,12 +721,33 @@ def load(
     return pipe, cache_hits
 
 
+def loading_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `load_pipeline` options of the loading arguments."""
+    return dict(
+        dtype=args.dtype,
+        variant=args.variant,
+        allow_pickle=args.allow_pickle,
+        attention=args.attention,
+    )
+
+
+def image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-to-image arguments of the pipeline call of `generate`: --image read (and
+    resized to --height x --width where both are given), --strength."""
+    if args.image is None:
+        return dict(strength=args.strength)  # the pipeline refuses a strength without image
+    from jaxfusion.images import read_image
+
+    size = None if None in (args.height, args.width) else (args.height, args.width)
+    return dict(image=read_image(args.image, size), strength=args.strength)
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline call of `generate` and `compare`."""
     import numpy as np
 
     latents = None
-    prompts = [args.prompt]
+    prompts = args.prompt or read_prompts(args.prompts)
     if args.latents is not None:
         try:
             latents = np.load(args.latents, allow_pickle=False)
@@ -592,7 +762,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 f"--latents {args.latents} has shape {latents.shape}; expected NCHW "
                 "(batch, channels, height/f, width/f)"
             )
-        prompts = prompts * latents.shape[0]
+        if len(prompts) == 1:
+            prompts = prompts * latents.shape[0]
     return dict(
         prompt=prompts,
         negative_prompt=args.negative_prompt,

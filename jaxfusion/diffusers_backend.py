@@ -3,9 +3,11 @@ to compare jaxfusion's pipelines with. torch and diffusers are imported only whe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,9 @@ def load_diffusers_pipeline(
     Args:
       path: a diffusers pipeline folder of a StableDiffusionXLPipeline or StableDiffusionPipeline.
       dtype: "float32" | "float16" | "bfloat16", the weights' torch dtype.
-      scheduler: "euler" | "ddim" | "dpmpp" replaces the folder's scheduler by that diffusers
-        class, built from the folder's scheduler config (`from_config`); None keeps it.
+      scheduler: a jaxfusion scheduler kind ("euler", "ddim", "dpmpp", "euler_a", "lcm")
+        replaces the folder's scheduler by that diffusers class (`SCHEDULER_CLASSES`), built
+        from the folder's scheduler config (`from_config`); None keeps it.
       device: torch device; default "cuda" when available, else "cpu".
     """
     check_installed()
@@ -102,6 +105,7 @@ def run_diffusers(
     num_inference_steps: int,
     guidance_scale: float,
     latents: np.ndarray | None = None,
+    step_noise: np.ndarray | None = None,
     seed: int = 0,
     original_size: tuple[int, int] | None = None,
     crops_coords_top_left: tuple[int, int] = (0, 0),
@@ -113,6 +117,10 @@ def run_diffusers(
       latents: (B, C, height / s, width / s) initial noise (s: the VAE's downscale), as
         diffusers takes it: before the scheduler's init_noise_sigma scales it. None: drawn by
         diffusers from a torch.Generator seeded with `seed`.
+      step_noise: (S, B, C, height / s, width / s): the fresh noise step i of the run adds,
+        for the schedulers that draw some (EulerAncestralDiscreteScheduler, LCMScheduler),
+        in place of what they would draw (jaxfusion's `step_noises` gives its own); None:
+        drawn by diffusers.
       original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning, passed to
         SDXL pipelines only.
     """
@@ -131,7 +139,10 @@ def run_diffusers(
             crops_coords_top_left=tuple(crops_coords_top_left),
             target_size=None if target_size is None else tuple(target_size),
         )
-    with torch.inference_mode():
+    noise = contextlib.nullcontext()
+    if step_noise is not None:
+        noise = given_step_noise(pipe.scheduler, step_noise)
+    with torch.inference_mode(), noise:
         images = pipe(
             prompt,
             negative_prompt=negative_prompt,
@@ -143,3 +154,26 @@ def run_diffusers(
             **kwargs,
         ).images
     return np.asarray(images, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def given_step_noise(scheduler: Any, step_noise: np.ndarray) -> Iterator[None]:
+    """Inside: the noise a diffusers `scheduler` draws in its step i of a run (its module's
+    `randn_tensor`) is step_noise[i] (NCHW), i counted from the run's first step (its begin
+    index)."""
+    import torch
+
+    module = sys.modules[type(scheduler).__module__]
+    drawn = module.randn_tensor
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
+        noise = step_noise[scheduler.step_index - (scheduler.begin_index or 0)]
+        if tuple(shape) != noise.shape:
+            raise ValueError(f"step noise of shape {noise.shape}, the scheduler draws {shape}")
+        return torch.from_numpy(np.array(noise, np.float32)).to(device=device, dtype=dtype)
+
+    module.randn_tensor = randn_tensor
+    try:
+        yield
+    finally:
+        module.randn_tensor = drawn

@@ -1,9 +1,10 @@
-"""Images in [0, 1] as float arrays: writing them (atomically) and comparing them."""
+"""Images in [0, 1] as float arrays: reading and writing them (atomically), comparing them."""
 
 import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,48 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
 
     pixels = Image.fromarray(to_uint8(image))
     write_atomically(path, lambda tmp: pixels.save(tmp, format="PNG"))
+
+
+def read_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as (H, W, 3) float32 in [0, 1] (RGB; alpha dropped), resized to
+    `size` = (height, width) with Lanczos filtering where it differs (as diffusers' image
+    processor resizes a PIL image). Refuses a missing file or one PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file: {path}")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path} is not an image file PIL can read ({error})") from None
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return image_batch(image)[0]
+
+
+def image_batch(image: Any) -> np.ndarray:
+    """A PIL image, a list of them, or an array (H, W, 3) or (N, H, W, 3), float in [0, 1]
+    or uint8 -> (N, H, W, 3) float32 in [0, 1]; anything else refused."""
+    if isinstance(image, list | tuple):
+        return np.concatenate([image_batch(part) for part in image])
+    if hasattr(image, "convert"):  # a PIL image
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(
+            f"image has shape {array.shape}; expected (height, width, 3) or (batch, height, "
+            "width, 3) RGB (NHWC, as jaxfusion's images), or a PIL image"
+        )
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    array = array.astype(np.float32)
+    if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+        raise ValueError("image values must be finite and in [0, 1] (or uint8 in [0, 255])")
+    return array
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

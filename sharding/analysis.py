@@ -7,11 +7,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sharding.context import Exchange, PatchContext
 from sharding.loops import Denoiser, Loop, Sampling, step_context, step_function
-from sharding.parallel import ParallelConfig
+from sharding.parallel import MESH_AXES, ParallelConfig
 
 COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
 
@@ -41,12 +42,12 @@ class TracedStep:
 
     def collectives(self) -> list[Collective]:
         """Every collective of the step, in program order (inner programs included)."""
-        axis_sizes = {"cfg": self.parallel.cfg, "patch": self.parallel.patches}
+        axis_sizes = dict(zip(MESH_AXES, self.parallel.mesh(abstract=True).axis_sizes, strict=True))
         return [_collective(eqn, axis_sizes) for eqn in _nested_equations(self.jaxpr)]
 
     def stale_bytes_per_device(self) -> int:
         """Memory of the stale buffers on one device."""
-        devices = self.parallel.cfg * self.parallel.patches
+        devices = self.parallel.data * self.parallel.cfg * self.parallel.patches
         leaves = jax.tree.leaves(self.buffers)
         return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) // devices
 
@@ -57,17 +58,25 @@ def trace_step(
     latents: jax.ShapeDtypeStruct | jax.Array,
     parallel: ParallelConfig,
     exchange: Exchange,
+    refresh_kv: bool = True,
 ) -> TracedStep:
     """Traces one step (step 1) of `parallel` with `exchange` ("displaced", "sync" or
     "none") on the mesh's shape, without devices. A displaced step reads the stale buffers
-    that a synchronous warm-up step leaves (traced too, for their shapes). `latents`:
-    (B, h, w, C), the whole latent."""
+    that a synchronous warm-up step leaves (traced too, for their shapes), and exchanges
+    K/V unless `refresh_kv` is False (`ParallelConfig.kv_refresh`). `latents`: (B, h, w,
+    C), the whole latent."""
     _, weights = nnx.split(denoiser)
     mesh = parallel.mesh(abstract=True)
     buffers = nnx.State({})
     if exchange == "displaced":
         buffers = stale_buffers(denoiser, sampling, latents, parallel)
-    context = PatchContext(parallel.patches, exchange, parallel.group_norm)
+    context = PatchContext(
+        parallel.patches,
+        exchange,
+        parallel.group_norm,
+        compress=parallel.compress,
+        refresh_kv=refresh_kv,
+    )
     state = jax.eval_shape(sampling.schedule.init_state, latents)
     traced = jax.make_jaxpr(step_function(denoiser, parallel, context, mesh))
     closed = traced(weights, buffers, sampling, latents, state, jnp.int32(1))
@@ -103,7 +112,13 @@ def local_step(denoiser: Denoiser, parallel: ParallelConfig, patch: int = 1):
     if parallel.cfg != 1:
         raise ValueError("local_step times one patch device: use cfg=1")
     graphdef, _ = nnx.split(denoiser)
-    context = PatchContext(parallel.patches, "local", parallel.group_norm, local_index=patch)
+    context = PatchContext(
+        parallel.patches,
+        "local",
+        parallel.group_norm,
+        local_index=patch,
+        compress=parallel.compress,
+    )
 
     def run(weights, buffers, sampling, latents, state, i):
         loop = Loop.start(graphdef, weights, sampling, parallel)
@@ -136,3 +151,55 @@ def _collective(eqn, axis_sizes: dict[str, int]) -> Collective:
         "psum": 2 * (n - 1) * size // n,
     }.get(eqn.primitive.name, size)
     return Collective(eqn.primitive.name, axes, operand.shape, str(operand.dtype), received)
+
+
+def host_links(traced: TracedStep, hosts: int) -> dict[str, dict[str, int]]:
+    """Which of a step's collectives cross the host boundary, and their bytes: per
+    collective kind, the bytes per step that travel between devices of the same host
+    ("within_host") and between hosts ("cross_host"), summed over the whole mesh.
+
+    The mesh's devices lie on `hosts` hosts of N / hosts devices each, in mesh order (as
+    `ParallelConfig.mesh` orders them by process: the patch axis innermost). The link model
+    counts point-to-point transfers: a ppermute sends its operand along each pair of its
+    permutation; an all_gather sends each member's operand to every other member; an
+    all_to_all each member's 1/n of it to every other member; a psum is a ring all-reduce
+    over the members in mesh order, 2 (n - 1) / n of the operand along each ring edge.
+    """
+    parallel = traced.parallel
+    shape = parallel.mesh(abstract=True).axis_sizes
+    devices = math.prod(shape)
+    if hosts < 1 or devices % hosts:
+        raise ValueError(f"{devices} devices do not spread evenly over {hosts} hosts")
+    per_host = devices // hosts
+    index = np.arange(devices).reshape(shape)
+    totals: dict[str, dict[str, int]] = {}
+    for eqn in _nested_equations(traced.jaxpr):
+        kind = eqn.primitive.name
+        axes = eqn.params["axis_name"]
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        operand = eqn.invars[0].aval
+        size = operand.size * operand.dtype.itemsize
+        for group in _groups(index, [MESH_AXES.index(a) for a in axes]):
+            n = len(group)
+            if kind == "ppermute":
+                pairs = [(group[a], group[b]) for a, b in eqn.params["perm"]]
+                per_pair = size
+            elif kind == "psum":
+                pairs = [(group[i], group[(i + 1) % n]) for i in range(n)] if n > 1 else []
+                per_pair = 2 * (n - 1) * size // n
+            else:
+                pairs = [(a, b) for a in group for b in group if a != b]
+                per_pair = size // n if kind == "all_to_all" else size
+            entry = totals.setdefault(kind, {"within_host": 0, "cross_host": 0})
+            for a, b in pairs:
+                side = "cross_host" if a // per_host != b // per_host else "within_host"
+                entry[side] += per_pair
+    return totals
+
+
+def _groups(index: np.ndarray, axes: list[int]) -> list[list[int]]:
+    """The device groups of a collective over mesh `axes`: the flat device indices that
+    differ only along those axes, each in mesh order."""
+    others = [a for a in range(index.ndim) if a not in axes]
+    moved = np.moveaxis(index, others + axes, range(index.ndim))
+    return moved.reshape(-1, math.prod(index.shape[a] for a in axes)).tolist()

@@ -10,26 +10,39 @@ class KVExchange(PatchPrimitive):
     """Gives a patch's self-attention the keys and values of every patch.
 
     On one device, and in naive patches, the patch's own keys and values. In the
-    patch-parallel program every patch's (all-gathered along tokens, patches in order): this
-    step's in a synchronous step; in a displaced step the previous step's of the other
-    patches with this patch's own fresh ones in their place, while this step's are gathered
-    for the next. Stale buffer (displaced steps): `kv` (2, B, P * tokens, heads, head_dim).
+    patch-parallel program every patch's (all-gathered, patches in order): this step's in a
+    synchronous step; in a displaced step the stale ones of the other patches with this
+    patch's own fresh ones in their place, while this step's are gathered (compressed as
+    `PatchContext.compress` says) for the next. The message of a patch: (2, B, tokens,
+    heads * head_dim), keys then values; stale buffer (displaced steps): `kv`, every patch's
+    (2, B, P, tokens, heads * head_dim) in the codec's form (`sharding.codecs`).
     """
 
     def __call__(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
         """key, value: (B, tokens, heads, head_dim) of this patch -> (B, P * tokens, heads,
         head_dim) of the whole image."""
-        own = jnp.stack([key, value])
+        b, tokens, heads, head_dim = key.shape
+        own = jnp.stack([key, value]).reshape(2, b, tokens, heads * head_dim)
 
-        def gather() -> jax.Array:
-            return jax.lax.all_gather(own, AXIS, axis=2, tiled=True)
+        def gather(messages):
+            return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, axis=2), messages)
 
         context = self.patch
-        received = None if context is None else context.receive(self, "kv", gather)
+        if context is None:
+            return key, value
+        index = context.index()
+        received = context.receive(
+            self,
+            "kv",
+            own,
+            gather,
+            own_in=lambda kv: jax.lax.dynamic_index_in_dim(kv, index, axis=2, keepdims=False),
+            refresh=context.refresh_kv,
+        )
         if received is None:
             return key, value
         kv = received.value
         if received.stale:
-            start = context.index() * key.shape[1]
-            kv = jax.lax.dynamic_update_slice_in_dim(kv, own, start, axis=2)
+            kv = jax.lax.dynamic_update_index_in_dim(kv, own, index, axis=2)
+        kv = kv.reshape(2, b, -1, heads, head_dim)
         return kv[0], kv[1]

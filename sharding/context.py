@@ -10,13 +10,14 @@ models never see it. How each kind of exchange behaves is written once, in
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding.names import GroupNormRule
+from sharding.codecs import CODECS, Transport
+from sharding.names import Compression, GroupNormRule
 
 Exchange = Literal["sync", "displaced", "none", "local"]
 AXIS = "patch"
@@ -30,10 +31,10 @@ class StaleBuffer(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class Received:
-    """What a primitive got from the other patches: `value`, from this step (`stale` False)
-    or from the previous one (`stale` True)."""
+    """What a primitive got from the other patches: `value` (the structure of what its
+    transport returns), from this step (`stale` False) or from an earlier one (`stale` True)."""
 
-    value: jax.Array
+    value: Any
     stale: bool
 
 
@@ -52,6 +53,10 @@ class PatchContext:
     keep_stale: synchronous steps also store what they received as stale buffers (the
         warm-up steps before displaced ones).
     local_index: the patch a "local" step computes (there is no mesh axis to ask).
+    compress: the codec of the displaced exchanges and the stale buffers of the primitives
+        that allow one (`sharding.codecs`); synchronous steps exchange exact values.
+    refresh_kv: whether a displaced step exchanges self-attention keys and values (False:
+        they keep the stale buffers of an earlier step, `ParallelConfig.kv_refresh`).
     """
 
     patches: int
@@ -59,6 +64,8 @@ class PatchContext:
     group_norm: GroupNormRule = "corrected"
     keep_stale: bool = False
     local_index: int = 1
+    compress: Compression = "none"
+    refresh_kv: bool = True
 
     def index(self) -> jax.Array:
         """This device's patch, i."""
@@ -75,40 +82,49 @@ class PatchContext:
         self,
         module: nnx.Module,
         name: str,
-        collective: Callable[[], jax.Array],
+        own: Any,
+        transport: Transport,
         *,
         current: bool = False,
+        compressible: bool = True,
+        own_in: Callable[[Any], Any] | None = None,
+        refresh: bool = True,
     ) -> Received | None:
-        """What `module` gets from the other patches in this step; `collective()` runs the
-        exchange of this step's values. By the kind of exchange:
+        """What `module` gets from the other patches in this step. `own`: this step's
+        messages (a pytree of arrays (..., rows, cols)); `transport(own)` runs their
+        exchange (it takes their compressed payloads too). By the kind of exchange:
 
           none: nothing (None): every patch computes alone.
-          sync: this step's values; with `keep_stale` also stored as the stale buffer
-            `module.<name>` (created by the first such step).
-          displaced: the previous step's values, from the stale buffer, which this step's
-            values replace for the next step.
-          local: the previous step's values; no collective runs.
+          sync: `transport(own)`; with `keep_stale` also kept as the stale buffer
+            `module.<name>` (created by the first such step), in the codec's form.
+          displaced: the stale values, which this step's exchange (compressed by the codec)
+            replaces for the next step; with `refresh` False nothing is exchanged and the
+            stale buffer stays.
+          local: the stale values; no collective runs.
 
         current: the module always takes this step's values and keeps no stale buffer (sync
         in displaced steps too, nothing in local ones), as it declares where it is built.
+        compressible: whether `compress` applies (else the values are exact).
+        own_in: where `own` sits in `transport(own)` (see `sharding.codecs.Codec`).
         """
         exchange = self.exchange
         if current:
             exchange = "sync" if self.exchanges else "none"
         if exchange == "none":
             return None
+        codec = CODECS[self.compress if compressible else "none"]
         if exchange == "sync":
-            fresh = collective()
+            fresh = transport(own)
             if self.keep_stale and not current:
-                _store(module, name, fresh)
+                _store(module, name, codec.initial(own, fresh, own_in))
             return Received(fresh, stale=False)
-        stale = getattr(module, name).get_value()
-        if exchange == "displaced":
-            _store(module, name, collective())
-        return Received(stale, stale=True)
+        state = getattr(module, name).get_value()
+        if exchange == "displaced" and refresh:
+            _store(module, name, codec.exchange(state, own, transport, own_in))
+        return Received(codec.read(state, jax.tree.leaves(own)[0].dtype), stale=True)
 
 
-def _store(module: nnx.Module, name: str, value: jax.Array) -> None:
+def _store(module: nnx.Module, name: str, value: Any) -> None:
     if hasattr(module, name):
         getattr(module, name).set_value(value)
     else:

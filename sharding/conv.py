@@ -8,18 +8,31 @@ from sharding.context import AXIS, PatchPrimitive
 from sharding.parameters import parameter, uniform
 
 
-def neighbour_rows(x: jax.Array, above: int, below: int, patches: int) -> jax.Array:
-    """The halo this patch receives, (B, above + below, W, C): the last `above` rows of the
-    patch above, then the first `below` rows of the patch below; zeros at the image's top and
-    bottom edge (the conv's zero padding). Each device sends to its two neighbours only."""
+def halo_messages(x: jax.Array, above: int, below: int) -> dict[str, jax.Array]:
+    """What this patch sends of `x` (B, H, W, C), as (B, rows * W, C) messages: "down" its
+    last `above` rows (the halo above of the patch below), "up" its first `below` rows."""
+    b, h, w, c = x.shape
+    messages = {}
+    if above:
+        messages["down"] = x[:, h - above :].reshape(b, above * w, c)
+    if below:
+        messages["up"] = x[:, :below].reshape(b, below * w, c)
+    return messages
+
+
+def neighbour_rows(messages: dict, patches: int) -> dict:
+    """The halo messages this patch receives (or their payloads): "above" the "down"
+    message of the patch above, "below" the "up" message of the patch below; zeros at the
+    image's top and bottom edge (the conv's zero padding). Each device sends to its two
+    neighbours only."""
     down = [(i, i + 1) for i in range(patches - 1)]
     up = [(i + 1, i) for i in range(patches - 1)]
-    parts = []
-    if above:
-        parts.append(jax.lax.ppermute(x[:, x.shape[1] - above :], AXIS, down))
-    if below:
-        parts.append(jax.lax.ppermute(x[:, :below], AXIS, up))
-    return jnp.concatenate(parts, axis=1)
+    routes = {"above": ("down", down), "below": ("up", up)}
+    return {
+        side: jax.tree.map(lambda m, pairs=pairs: jax.lax.ppermute(m, AXIS, pairs), messages[sent])
+        for side, (sent, pairs) in routes.items()
+        if sent in messages
+    }
 
 
 class Conv2d(PatchPrimitive):
@@ -35,7 +48,8 @@ class Conv2d(PatchPrimitive):
     `conv_in` sees the 4-channel latent).
 
     Parameters: `kernel` (kh, kw, in, out), `bias` (out,). Stale buffer (displaced steps):
-    `halo` (B, before + after, W, in), the rows received in the previous step.
+    `halo`, the rows received in the previous step: {"above": (B, before * W, in), "below":
+    (B, after * W, in)} in the codec's form (`sharding.codecs`).
     """
 
     def __init__(
@@ -77,17 +91,25 @@ class Conv2d(PatchPrimitive):
     def pad_rows(self, x: jax.Array) -> jax.Array:
         """Pads `x` (B, H, W, C) with `before` rows on top and `after` underneath: zeros on
         one device and in naive patches, else the rows the neighbours send
-        (`PatchContext.receive`)."""
+        (`PatchContext.receive`; compressed in displaced steps as it says, but for a
+        `current_halo`)."""
         above, below = self.padding
         received = None
         if self.patch is not None and above + below:
+            patches = self.patch.patches
             received = self.patch.receive(
                 self,
                 "halo",
-                lambda: neighbour_rows(x, above, below, self.patch.patches),
+                halo_messages(x, above, below),
+                lambda messages: neighbour_rows(messages, patches),
                 current=self.current_halo,
             )
         if received is None:
             return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))
+        b, _, w, c = x.shape
         halo = received.value
-        return jnp.concatenate([halo[:, :above], x, halo[:, above:]], axis=1)
+        parts = [halo["above"].reshape(b, above, w, c)] if above else []
+        parts.append(x)
+        if below:
+            parts.append(halo["below"].reshape(b, below, w, c))
+        return jnp.concatenate(parts, axis=1)

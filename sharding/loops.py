@@ -24,7 +24,7 @@ from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from sharding.context import AXIS, PatchContext, StaleBuffer, set_patch_context
-from sharding.parallel import CFG_AXIS, ParallelConfig, StepKind
+from sharding.parallel import CFG_AXIS, DATA_AXIS, ParallelConfig, StepKind
 
 SINGLE = ParallelConfig()
 
@@ -46,16 +46,24 @@ class Denoiser(Protocol):
 
 class Schedule(Protocol):
     """A sampler's precomputed schedule: a pytree whose methods work elementwise per pixel,
-    so they run on a row slab unchanged (`jaxfusion.schedulers.make_schedule` makes one)."""
+    so they run on a row slab unchanged (`jaxfusion.schedulers.make_schedule` makes one).
+    Samplers that `draws_noise` get step i's fresh noise (`step_noise`, the rows of it that
+    the slab holds) in `step`; the others get None."""
 
     timesteps: jax.Array
+    draws_noise: bool
 
     def init_state(self, sample: jax.Array) -> Any: ...
 
     def scale_model_input(self, sample: jax.Array, i: jax.Array) -> jax.Array: ...
 
     def step(
-        self, state: Any, model_output: jax.Array, sample: jax.Array, i: jax.Array
+        self,
+        state: Any,
+        model_output: jax.Array,
+        sample: jax.Array,
+        i: jax.Array,
+        noise: jax.Array | None,
     ) -> tuple[Any, jax.Array]: ...
 
 
@@ -81,14 +89,50 @@ class Sampling:
         (unconditional first) with guidance, else B. Inside the patch-parallel program with
         C = 2, each cfg device holds its half, B.
     guidance_scale: () float32, or None for no classifier-free guidance.
+    noise_key: the PRNG key of the fresh noise of samplers that draw some (`step_noise`),
+        else None.
     """
 
     schedule: Schedule
     conditioning: Any
     guidance_scale: jax.Array | None
+    noise_key: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(Sampling)
+
+
+def step_noise(key: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Step i's fresh noise for the whole latent of `shape` (B, h, w, C): standard normal,
+    float32, `jax.random.normal(jax.random.fold_in(key, i), shape)`."""
+    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+
+
+def slab_noise(
+    sampling: Sampling, latents: jax.Array, i: jax.Array, parallel: ParallelConfig
+) -> jax.Array | None:
+    """Step i's `step_noise` as this device holds the latent: `latents` is its slab (of
+    `latent_spec`) inside the patch-parallel program, so every device takes its rows (or
+    columns) of the same whole-latent noise; None for samplers that draw none."""
+    if not sampling.schedule.draws_noise:
+        return None
+    if sampling.noise_key is None:
+        raise ValueError(
+            f"{type(sampling.schedule).__name__} draws fresh noise at each step: give "
+            "Sampling a noise_key (jax.random.key(...))"
+        )
+    if parallel.mode == "single":
+        return step_noise(sampling.noise_key, i, latents.shape)
+    axis = tuple(latent_spec(parallel)).index(AXIS)
+    whole = list(latents.shape)
+    whole[0] *= parallel.data
+    whole[axis] *= parallel.patches
+    noise = step_noise(sampling.noise_key, i, tuple(whole))
+    for mesh_axis, array_axis in ((DATA_AXIS, 0), (AXIS, axis)):
+        size = latents.shape[array_axis]
+        start = jax.lax.axis_index(mesh_axis) * size
+        noise = jax.lax.dynamic_slice_in_dim(noise, start, size, array_axis)
+    return noise
 
 
 def sampler_step(
@@ -97,12 +141,14 @@ def sampler_step(
     latents: jax.Array,
     state: Any,
     i: jax.Array,
+    noise: jax.Array | None = None,
     *,
     cfg_split: bool = False,
 ) -> tuple[jax.Array, Any]:
     """Step i of the sampler on `latents` (B, h, w, C), the whole latent or a slab:
-    (latents, scheduler state) after it. With `cfg_split` this device computes one guidance
-    half and gets the other's prediction from the mesh axis "cfg"."""
+    (latents, scheduler state) after it. `noise`: step i's fresh noise as `latents` holds
+    it (`slab_noise`), for samplers that draw some. With `cfg_split` this device computes
+    one guidance half and gets the other's prediction from the mesh axis "cfg"."""
     schedule = sampling.schedule
     model_input = schedule.scale_model_input(latents, i)
     guided = sampling.guidance_scale is not None
@@ -113,7 +159,7 @@ def sampler_step(
         if cfg_split:
             noise_pred = jax.lax.all_gather(noise_pred, CFG_AXIS, tiled=True)
         noise_pred = guide(noise_pred, sampling.guidance_scale)
-    state, latents = schedule.step(state, noise_pred, latents, i)
+    state, latents = schedule.step(state, noise_pred, latents, i, noise)
     return latents, state
 
 
@@ -142,20 +188,42 @@ def denoise(
         out_specs=slab,
         check_vma=False,
     )
-    return run(weights, sampling, latents)
+    return run(weights, group_batches(sampling, parallel), latents)
 
 
 def latent_spec(parallel: ParallelConfig) -> P:
-    """How the (B, h, w, C) latent is split over the mesh: by rows, or by columns for naive
-    column slabs; replicated over "cfg"."""
+    """How the (B, h, w, C) latent is split over the mesh: the batch over "data", by rows,
+    or by columns for naive column slabs; replicated over "cfg"."""
     if parallel.mode == "naive" and parallel.naive_split == "col":
-        return P(None, None, AXIS)
-    return P(None, AXIS)
+        return P(DATA_AXIS, None, AXIS)
+    return P(DATA_AXIS, AXIS)
 
 
 def sampling_spec(parallel: ParallelConfig) -> Sampling:
-    """Everything replicated, but the conditioning split over "cfg" with C = 2."""
-    return Sampling(P(), P(CFG_AXIS) if parallel.cfg == 2 else P(), P())
+    """Everything replicated, but the conditioning split over "data" (B / D prompts per
+    group, as `group_batches` lays it out) and over "cfg" with C = 2 (one guidance half
+    per cfg device)."""
+    conditioning = P((CFG_AXIS, DATA_AXIS)) if parallel.cfg == 2 else P(DATA_AXIS)
+    return Sampling(P(), conditioning, P(), P())
+
+
+def group_batches(sampling: Sampling, parallel: ParallelConfig) -> Sampling:
+    """`sampling` with its conditioning laid out for `sampling_spec`'s split over "data".
+
+    The guided conditioning is (2B, ...), [uncond of prompts 0..B-1; cond of them]: split
+    over ("cfg", "data") with C = 2 each device gets its group's half as it stands; with
+    C = 1 each data group needs both halves of its own B / D prompts, so the batch is
+    reordered to [uncond, cond of group 0; uncond, cond of group 1; ...].
+    """
+    if parallel.data == 1 or parallel.cfg == 2 or sampling.guidance_scale is None:
+        return sampling
+
+    def regroup(x: jax.Array) -> jax.Array:
+        halves = x.reshape(2, parallel.data, -1, *x.shape[1:])
+        return jnp.swapaxes(halves, 0, 1).reshape(x.shape)
+
+    conditioning = jax.tree.map(regroup, sampling.conditioning)
+    return dataclasses.replace(sampling, conditioning=conditioning)
 
 
 NO_BUFFERS = nnx.State({})
@@ -200,15 +268,16 @@ class Loop:
         set_patch_context(model, context)
         parallel = self.parallel
 
-        def step(latents, state):
+        def step(latents, state, noise):
             return sampler_step(
-                model, self.sampling, latents, state, i, cfg_split=parallel.cfg == 2
+                model, self.sampling, latents, state, i, noise, cfg_split=parallel.cfg == 2
             )
 
+        noise = slab_noise(self.sampling, latents, i, parallel)
         if parallel.mode == "naive" and parallel.naive_split == "alternate":
-            latents, state = jax.lax.cond(i % 2, column_step(step), step, latents, state)
+            latents, state = jax.lax.cond(i % 2, column_step(step), step, latents, state, noise)
         else:
-            latents, state = step(latents, state)
+            latents, state = step(latents, state, noise)
         return latents, state, nnx.state(model, StaleBuffer)
 
     def scan(
@@ -226,6 +295,7 @@ class Loop:
         scan starts from zeros of the shapes one such step gives them. That step is traced
         once, under `jax.jit`, whose cache hands the same trace to the scan's body.
         """
+        parallel = self.parallel
         if context is not None and context.keep_stale:
 
             @jax.jit
@@ -238,6 +308,17 @@ class Loop:
             def body(carry, i):
                 latents, state, _ = carry
                 return warm_step(latents, state, i), None
+        elif context is not None and context.exchange == "displaced" and parallel.kv_refresh > 1:
+            # Each step a branch: exchange K/V (every kv_refresh-th step), or keep them.
+            kept = dataclasses.replace(context, refresh_kv=False)
+            run_steps = self.sampling.schedule.timesteps.shape[0]
+
+            def body(carry, i):
+                def run(context):
+                    return lambda carry: self.step(context, *carry, i)
+
+                refresh = parallel.refreshes_kv(i, run_steps)
+                return jax.lax.cond(refresh, run(context), run(kept), carry), None
         else:
 
             def body(carry, i):
@@ -254,7 +335,11 @@ def step_context(kind: StepKind, parallel: ParallelConfig) -> PatchContext | Non
         return None
     exchange = {"sync": "sync", "warm-up": "sync", "naive": "none", "displaced": "displaced"}
     return PatchContext(
-        parallel.patches, exchange[kind], parallel.group_norm, keep_stale=kind == "warm-up"
+        parallel.patches,
+        exchange[kind],
+        parallel.group_norm,
+        keep_stale=kind == "warm-up",
+        compress=parallel.compress,
     )
 
 
@@ -290,13 +375,13 @@ def step_function(
     devices.
     """
     graphdef, _ = nnx.split(denoiser)
-    slab, per_device = latent_spec(parallel), P((CFG_AXIS, AXIS))
+    slab, per_device = latent_spec(parallel), P((DATA_AXIS, CFG_AXIS, AXIS))
 
     def run(weights, buffers, sampling, latents, state, i):
         loop = Loop.start(graphdef, weights, sampling, parallel)
         return loop.step(context, latents, state, buffers, i)
 
-    return jax.shard_map(
+    step = jax.shard_map(
         run,
         mesh=parallel.mesh() if mesh is None else mesh,
         in_specs=(P(), per_device, sampling_spec(parallel), slab, slab, P()),
@@ -304,10 +389,16 @@ def step_function(
         check_vma=False,
     )
 
+    def grouped(weights, buffers, sampling, latents, state, i):
+        return step(weights, buffers, group_batches(sampling, parallel), latents, state, i)
+
+    return grouped
+
 
 def column_step(step):
-    """`step` run on column slabs: the row slabs (latent and scheduler state) are traded
-    for column slabs by an all-to-all, and back afterwards."""
+    """`step` run on column slabs: the row slabs (latent, scheduler state and the step's
+    noise) are traded for column slabs by an all-to-all, and (latent and state) back
+    afterwards."""
 
     def to_columns(x):
         return jax.lax.all_to_all(x, AXIS, split_axis=2, concat_axis=1, tiled=True)
@@ -315,8 +406,8 @@ def column_step(step):
     def to_rows(x):
         return jax.lax.all_to_all(x, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
-    def run(latents, state):
-        latents, state = step(*jax.tree.map(to_columns, (latents, state)))
+    def run(latents, state, noise):
+        latents, state = step(*jax.tree.map(to_columns, (latents, state, noise)))
         return jax.tree.map(to_rows, (latents, state))
 
     return run

@@ -9,3 +9,13 @@ NaiveSplit = Literal["row", "col", "alternate"]
 NAIVE_SPLITS: tuple[NaiveSplit, ...] = ("row", "col", "alternate")
 GroupNormRule = Literal["corrected", "stale", "separate", "sync"]
 GROUP_NORM_RULES: tuple[GroupNormRule, ...] = ("corrected", "stale", "separate", "sync")
+# How displaced steps compress what they exchange and keep (`sharding.codecs.CODECS`).
+Compression = Literal["none", "fp8", "int8", "residual-int4", "residual-int2", "residual-1bit"]
+COMPRESSIONS: tuple[Compression, ...] = (
+    "none",
+    "fp8",
+    "int8",
+    "residual-int4",
+    "residual-int2",
+    "residual-1bit",
+)

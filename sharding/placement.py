@@ -9,8 +9,8 @@ import jax
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding.context import AXIS
 from sharding.parallel import ParallelConfig
+from sharding.rows import ROWS
 
 
 class Placement:
@@ -28,10 +28,11 @@ class Placement:
         return NamedSharding(parallel.mesh(), P())
 
     def rows(self, parallel: ParallelConfig) -> Sharding:
-        """Arrays (B, H, ...) split by rows over the patch axis (on one device: whole)."""
+        """Arrays (B, H, ...) split by rows over the patch axis and by batch over the data
+        axis (on one device: whole)."""
         if parallel.mode == "single":
             return SingleDeviceSharding(jax.devices()[0])
-        return NamedSharding(parallel.mesh(), P(None, AXIS))
+        return NamedSharding(parallel.mesh(), ROWS)
 
     def on(self, parallel: ParallelConfig):
         """The weights replicated on the devices of `parallel`: placed on the first call for

@@ -14,9 +14,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sharding.context import AXIS, PatchContext, set_patch_context
-from sharding.parallel import ParallelConfig
+from sharding.parallel import DATA_AXIS, ParallelConfig
 
-ROWS = P(None, AXIS)
+ROWS = P(DATA_AXIS, AXIS)
 
 
 def map_rows(
@@ -25,10 +25,11 @@ def map_rows(
     x: jax.Array,
     parallel: ParallelConfig,
 ) -> jax.Array:
-    """fn(model, x) on the (cfg, patch) mesh of `parallel`, exactly.
+    """fn(model, x) on the (data, cfg, patch) mesh of `parallel`, exactly.
 
-    x: (B, H, ...) split by rows over the patch axis (replicated over cfg): H must divide
-    by P, and so must every feature map's height `fn` makes. Returns fn's (B, H', ...)
+    x: (B, H, ...) split by batch over the data axis and by rows over the patch axis
+    (replicated over cfg): B must divide by D, H by P, and so must every feature map's
+    height `fn` makes. Returns fn's (B, H', ...)
     result split by rows likewise. On one device, plainly fn(model, x).
     """
     if parallel.mode == "single":

@@ -23,7 +23,8 @@ What is stale in a displaced step, per layer kind (module inside the UNet):
   patch i's input slab gets p = padding rows on top from the last p rows of patch i-1's input
   to this conv *at step t-1*, and p rows below from the first p rows of patch i+1's input at
   step t-1; zeros at the image's top and bottom edges. Columns are zero-padded as usual, and the
-  conv runs with row padding 0. Fresh value: the patch's own input slab.
+  conv runs with row padding 0. Fresh values: the first and the last p rows of the patch's
+  input slab.
 * `conv_in`: its halo rows are *current*: patch i's latent slab is padded with the neighbours'
   rows of the current step's (scaled) latent. Nothing stale.
 * `nn.GroupNorm`: patch moments m1 = E[x], m2 = E[x^2] per (sample, group), in float32, shape
@@ -48,6 +49,13 @@ What is stale in a displaced step, per layer kind (module inside the UNet):
 * Everything else (cross-attention `attn2`, 1x1 convs, linear layers, LayerNorm, feed-forward,
   nearest upsampling, time / text embeddings) is local and unchanged.
 
+Compression (`compress`, a codec of `codec_reference.py`): what the halo convs and the
+self-attentions record becomes stale through the codec, one message stream per (layer, patch,
+message): K/V the patch's (2, B, T, heads * head_dim); a conv's halo its first p rows (sent up)
+and its last p rows (sent down), each as (B, p * W, C). The stale value of a message is what
+`codec_reference.Channel.send` returns for it at the end of each step (synchronous steps send
+exactly). GroupNorm moments and conv_in stay exact.
+
 Other modes of `reference_denoise`:
 
 * "naive": every step, every patch runs the unmodified UNet on its own latent slab, with no
@@ -68,6 +76,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from codec_reference import Channel
 from torch import nn
 
 GN_RULES = ("corrected", "stale", "separate", "sync")
@@ -79,9 +88,14 @@ class _State:
     """What the hooked layers share: the phase of the current UNet call, the patch being run
     and the buffers, keyed by module name, each a list of P per-patch values."""
 
-    def __init__(self, patches: int, gn: str):
+    def __init__(self, patches: int, gn: str, compress: str = "none"):
         self.patches = patches
         self.gn = gn
+        self.compress = compress
+        self.channels: dict[tuple, Channel] = {}  # (layer, patch, message): its stream
+        self.compressible: set[str] = set()  # the layers whose records go through the codec
+        self.kv_layers: set[str] = set()  # the self-attentions
+        self.refresh_kv = True  # False: this displaced step's K/V do not replace the stale ones
         self.phase = "full"  # "full": synchronous step; "patch": one patch of a displaced step
         self.stale: dict[str, list] = {}  # recorded at the previous step
         self.fresh: dict[str, list] = {}  # recorded at the current step
@@ -105,18 +119,25 @@ class _State:
                 raise RuntimeError(f"{name} ran twice for patch {i} in one step")
             slots[i] = value
 
-    def record_full(self, name: str, full: torch.Tensor, dim: int) -> None:
-        """Records the P equal slices of a full-image activation along `dim`."""
-        if full.shape[dim] % self.patches:
-            raise ValueError(f"{name}: size {full.shape[dim]} does not divide by {self.patches}")
-        for i, part in enumerate(full.chunk(self.patches, dim)):
-            self.record(name, i, part)
-
     def end_step(self) -> None:
         for name, slots in self.fresh.items():
             if any(slot is None for slot in slots):
                 raise RuntimeError(f"{name}: not every patch recorded a value")
+            if name in self.kv_layers and self.phase == "patch" and not self.refresh_kv:
+                self.fresh[name] = self.stale[name]
+            elif name in self.compressible:
+                self.fresh[name] = [self._send(name, i, slot) for i, slot in enumerate(slots)]
         self.stale, self.fresh = self.fresh, {}
+
+    def _send(self, name: str, i: int, messages: dict) -> dict:
+        """What the receivers of patch i's `messages` ({message: (..., rows, cols)}) hold."""
+        sent = {}
+        for message, value in messages.items():
+            key = (name, i, message)
+            channel = self.channels.setdefault(key, Channel(self.compress))
+            held = channel.send(value.double().numpy(), exact=self.phase == "full")
+            sent[message] = torch.from_numpy(held).to(value.dtype)
+        return sent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,33 +145,60 @@ class _State:
 
 
 def _halo_conv(conv: nn.Conv2d, x, above, below) -> torch.Tensor:
-    """`conv` on slab `x` whose row padding comes from the neighbouring slabs `above` (its last
-    p rows) and `below` (its first p rows); None means the image edge (zeros)."""
+    """`conv` on slab `x` whose row padding comes from the neighbouring slabs: `above` (the
+    last p rows of the slab above) and `below` (the first p rows of the slab below), (B, C, p,
+    W); None means the image edge (zeros)."""
     p = conv.padding[0]
     if p:
-        top = above[:, :, -p:] if above is not None else torch.zeros_like(x[:, :, :p])
-        bottom = below[:, :, :p] if below is not None else torch.zeros_like(x[:, :, :p])
+        top = above if above is not None else torch.zeros_like(x[:, :, :p])
+        bottom = below if below is not None else torch.zeros_like(x[:, :, :p])
         x = torch.cat([top, x, bottom], dim=2)
     return F.conv2d(
         x, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups
     )
 
 
+def _halo_messages(slab: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
+    """What a patch's slab (B, C, h, W) sends: its first p rows ("up") and its last p rows
+    ("down"), each as (B, p * W, C)."""
+    b, c, _, w = slab.shape
+
+    def rows(part):
+        return part.permute(0, 2, 3, 1).reshape(b, p * w, c)
+
+    return {"up": rows(slab[:, :, :p]), "down": rows(slab[:, :, -p:])}
+
+
+def _halo_rows(message: torch.Tensor, channels: int, width: int) -> torch.Tensor:
+    """A (B, p * W, C) halo message back as rows (B, C, p, W)."""
+    return message.reshape(message.shape[0], -1, width, channels).permute(0, 3, 1, 2)
+
+
 def _conv_forward(conv: nn.Conv2d, name: str, state: _State, x: torch.Tensor) -> torch.Tensor:
+    p = conv.padding[0]
     if state.phase == "full":
-        if name != "conv_in":
-            state.record_full(name, x, dim=2)
+        if name != "conv_in" and p:
+            if x.shape[2] % state.patches:
+                raise ValueError(f"{name}: height {x.shape[2]} does not divide by {state.patches}")
+            state.compressible.add(name)
+            for i, part in enumerate(x.chunk(state.patches, dim=2)):
+                state.record(name, i, _halo_messages(part, p))
         return nn.Conv2d.forward(conv, x)
     i, last = state.index, state.patches - 1
+    if not p:
+        return _halo_conv(conv, x, None, None)
     if name == "conv_in":  # halo rows from the current latent
-        neighbours = state.conv_in_input.chunk(state.patches, dim=2)
-        if not torch.equal(neighbours[i], x):
+        slabs = state.conv_in_input.chunk(state.patches, dim=2)
+        if not torch.equal(slabs[i], x):
             raise RuntimeError("conv_in's input is not patch i's slab of the current latent")
+        above = slabs[i - 1][:, :, -p:] if i > 0 else None
+        below = slabs[i + 1][:, :, :p] if i < last else None
     else:
-        state.record(name, i, x)
-        neighbours = state.stale[name]
-    above = neighbours[i - 1] if i > 0 else None
-    below = neighbours[i + 1] if i < last else None
+        state.record(name, i, _halo_messages(x, p))
+        channels, width = x.shape[1], x.shape[3]
+        stale = state.stale[name]
+        above = _halo_rows(stale[i - 1]["down"], channels, width) if i > 0 else None
+        below = _halo_rows(stale[i + 1]["up"], channels, width) if i < last else None
     return _halo_conv(conv, x, above, below)
 
 
@@ -245,14 +293,20 @@ class _SelfAttentionProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
+        state.compressible.add(name)
+        state.kv_layers.add(name)
         if state.phase == "full":
             # Tokens are rows flattened row-major: P equal token chunks are the P row slabs.
-            state.record_full(name, torch.stack([key, value]), dim=2)
+            kv = torch.stack([key, value])
+            if kv.shape[2] % state.patches:
+                raise ValueError(f"{name}: {kv.shape[2]} tokens do not divide by {state.patches}")
+            for j, part in enumerate(kv.chunk(state.patches, dim=2)):
+                state.record(name, j, {"kv": part})
         else:
             i = state.index
-            state.record(name, i, torch.stack([key, value]))
+            state.record(name, i, {"kv": torch.stack([key, value])})
             kv = [
-                torch.stack([key, value]) if j == i else stale
+                torch.stack([key, value]) if j == i else stale["kv"]
                 for j, stale in enumerate(state.stale[name])
             ]
             key, value = torch.cat(kv, dim=2)
@@ -312,11 +366,11 @@ class DisplacedUNet:
     """The UNet of one DistriFusion run: `sync` and `displaced` predict the noise of one step
     and record that step's fresh values, which the next `displaced` call reads as stale."""
 
-    def __init__(self, unet, patches: int, gn: str = "corrected"):
+    def __init__(self, unet, patches: int, gn: str = "corrected", compress: str = "none"):
         if gn not in GN_RULES:
             raise ValueError(f"gn={gn!r}: use one of {GN_RULES}")
         self.unet = unet
-        self.state = _State(patches, gn)
+        self.state = _State(patches, gn, compress)
 
     def _call(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
         return self.unet(
@@ -406,6 +460,8 @@ def reference_denoise(
     gn: str = "corrected",
     mode: str = "displaced",
     split: str = "row",
+    compress: str = "none",
+    kv_refresh: int = 1,
 ) -> torch.Tensor:
     """The final latents (B, C, h, w), float32, of a denoising loop whose UNet predictions
     follow `mode` ("displaced", "naive" or "single"; see the module docstring).
@@ -416,6 +472,9 @@ def reference_denoise(
     `scheduler.set_timesteps(num_inference_steps)` is called here. Steps 0..warmup_steps are
     synchronous in "displaced" mode; "naive" and "single" ignore `warmup_steps` and `gn`.
     `split` ("row", "col" or "alternate") is the slabs of "naive"; the other modes ignore it.
+    `compress`: the codec of "displaced" (see the module docstring). `kv_refresh` K: the
+    self-attentions' stale K/V are replaced only after displaced steps W+K, W+2K, ... (W =
+    `warmup_steps`); the other displaced steps read the same ones as the step before.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}")
@@ -427,7 +486,7 @@ def reference_denoise(
         raise ValueError("warmup_steps must be >= 0 (step 0 is always synchronous)")
     if (mode != "naive" or split != "col") and latents.shape[2] % patches:
         raise ValueError(f"latent height {latents.shape[2]} does not divide by {patches}")
-    displaced = DisplacedUNet(unet, patches, gn) if mode == "displaced" else None
+    displaced = DisplacedUNet(unet, patches, gn, compress) if mode == "displaced" else None
 
     def predict(step: int, sample, timestep):
         if mode == "single":
@@ -448,6 +507,7 @@ def reference_denoise(
             return torch.cat(outs, dim=dim)
         if step <= warmup_steps:
             return displaced.sync(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        displaced.state.refresh_kv = (step - warmup_steps) % kv_refresh == 0
         return displaced.displaced(sample, timestep, encoder_hidden_states, added_cond_kwargs)
 
     scheduler.set_timesteps(num_inference_steps)

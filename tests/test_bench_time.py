@@ -23,6 +23,7 @@ from jaxfusion import cli, diffusers_backend
 from jaxfusion.bench import timing
 from jaxfusion.bench.options import TimingOptions
 from jaxfusion.pipelines.base import TextToImagePipeline
+from sharding.parallel import ParallelConfig
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
 # Seconds of the scripted calls: a fixed cost and a cost per step per mode.
@@ -107,16 +108,19 @@ def bench_time(clock: Clock, **options) -> list[timing.TimingRecord]:
 
 
 def test_baseline_steps_leave_displaced_steps_between():
-    synchronous = timing.WARMUP_STEPS + 1
     for steps in range(2, 40):
+        synchronous = ParallelConfig().warmup(steps) + 1
         baseline = timing.baseline_steps(steps)
         assert 1 <= baseline < steps
         assert baseline >= min(steps // 2, synchronous)
         if steps > synchronous:  # steps baseline..steps-1 are displaced ones
             assert baseline >= synchronous
-    assert [timing.baseline_steps(n) for n in (2, 3, 5, 6, 10, 50)] == [1, 1, 2, 5, 5, 25]
-    assert not timing.displaced_steps(synchronous)
-    assert timing.displaced_steps(synchronous + 2) == range(synchronous, synchronous + 2)
+    # The default warm-up min(4, max(1, steps // 4)): 1 up to 7 steps, 2 at 10, 4 at 50.
+    assert [timing.baseline_steps(n) for n in (2, 3, 5, 6, 10, 50)] == [1, 2, 2, 3, 5, 25]
+    assert not timing.displaced_steps(2)
+    assert timing.displaced_steps(4) == range(2, 4)
+    assert timing.displaced_steps(50) == range(5, 50)
+    assert timing.displaced_steps(7, warmup_steps=5) == range(6, 7)
 
 
 def test_scripted_timings(scripted, tmp_path):
@@ -162,17 +166,19 @@ def test_scripted_timings(scripted, tmp_path):
 
 
 def test_displaced_without_displaced_steps_and_noise(scripted, tmp_path, monkeypatch):
-    """Four steps are all synchronous ones in displaced mode; a step count whose medians
-    do not differ gives no step time, and no speed-up per step."""
+    """Two steps are both synchronous ones in displaced mode (the default warm-up is at
+    least 1); a step count whose medians do not differ gives no step time, and no speed-up
+    per step."""
     monkeypatch.setitem(PER_STEP, "displaced", 0.0)
     out = tmp_path / "times.json"
-    bench_time(scripted, devices=[1, 2], modes=["displaced"], steps=4, runs=3, json=out)
+    bench_time(scripted, devices=[1, 2], modes=["displaced"], steps=2, runs=3, json=out)
     data = json.loads(out.read_text())
     single, displaced = data["records"]
     assert single["median_step_s"] == pytest.approx(PER_STEP["single"])
     assert displaced["median_step_s"] is displaced["step_speedup_vs_single"] is None
-    assert displaced["speedup_vs_single"] == pytest.approx((FIXED + 0.4) / FIXED)
-    assert "with 4 steps it has no displaced step" in data["note"]
+    assert displaced["speedup_vs_single"] == pytest.approx((FIXED + 0.2) / FIXED)
+    assert displaced["warmup_steps"] == 1 and single["warmup_steps"] is None
+    assert "steps 0..1 synchronously (the default warm-up of 2 steps): none is" in data["note"]
     assert "a step time is missing" in data["note"]
 
 

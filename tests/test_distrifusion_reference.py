@@ -223,7 +223,8 @@ def test_other_patches_are_stale(sdxl, gn):
 
 def test_hooked_layers_in_a_full_step():
     """The recording (full) phase leaves each hooked layer's output as diffusers computes it,
-    and records the P row slabs."""
+    and records what each of the P row slabs sends: its first and its last row (the conv's
+    padding), each (B, W, C)."""
     from diffusers.models.downsampling import Downsample2D
 
     torch.manual_seed(0)
@@ -240,6 +241,9 @@ def test_hooked_layers_in_a_full_step():
     assert [m.shape for m in state.fresh["0"]] == [(2, 2, 4)] * 3
     conv = {module: name for name, module in model.named_modules()}[model[1].conv]
     for recorded, slab in zip(state.fresh[conv], normalized, strict=True):
-        torch.testing.assert_close(recorded, slab, rtol=1e-5, atol=1e-5)
+        assert set(recorded) == {"up", "down"}
+        for message, row in (("up", 0), ("down", -1)):
+            expected_row = slab[:, :, row].transpose(1, 2)  # (B, W, C)
+            torch.testing.assert_close(recorded[message], expected_row, rtol=1e-5, atol=1e-5)
     # The hooks are gone afterwards.
     assert "forward" not in vars(model[0]) and "forward" not in vars(model[1].conv)

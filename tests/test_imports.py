@@ -91,7 +91,7 @@ def test_help_lists_the_choices():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    choices = ["{auto,xla,chunked,cudnn}", "{euler,ddim,dpmpp}", "{row,col,alternate}"]
+    choices = ["{auto,xla,chunked,cudnn}", "{euler,ddim,dpmpp,euler_a,lcm}", "{row,col,alternate}"]
     choices += ["{single,sync,displaced,naive}", "{corrected,stale,separate,sync}"]
     for listed in choices:
         assert listed in result.stdout

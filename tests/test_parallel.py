@@ -24,7 +24,7 @@ from sharding import GroupNorm, ParallelConfig
 from sharding.analysis import TracedStep, trace_step
 from sharding.context import AXIS, PatchContext, StaleBuffer, set_patch_context
 from sharding.loops import Sampling, denoise
-from sharding.names import GROUP_NORM_RULES
+from sharding.names import COMPRESSIONS, GROUP_NORM_RULES
 
 STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
 # SDXL_LIKE with one resnet and one transformer layer per block: still every layer kind the
@@ -90,6 +90,8 @@ class Case:
         warmup: int = WARMUP,
         scheduler: str = "euler",
         split: str = "row",
+        compress: str = "none",
+        kv_refresh: int = 1,
     ) -> np.ndarray:
         """Final latents of the sequential PyTorch reference (diffusers' scheduler)."""
         ehs, text_embeds, time_ids = (torch.from_numpy(x) for x in self.conditioning)
@@ -106,6 +108,8 @@ class Case:
             gn=gn,
             mode=mode,
             split=split,
+            compress=compress,
+            kv_refresh=kv_refresh,
         )
         return out.numpy()
 
@@ -324,11 +328,20 @@ def axis_names(eqn) -> tuple:
     return names if isinstance(names, tuple) else (names,)
 
 
-@pytest.mark.parametrize("cfg", [1, 2])
-def test_displaced_exchanges_do_not_block(case, cfg):
+@pytest.mark.parametrize(
+    ("cfg", "compress"),
+    [
+        (1, "none"),
+        (2, "none"),
+        *[pytest.param(1, name, marks=pytest.mark.slow) for name in COMPRESSIONS[1:-1]],
+        (1, COMPRESSIONS[-1]),
+    ],
+)
+def test_displaced_exchanges_do_not_block(case, cfg, compress):
     """In a displaced step, every collective feeds only the stale buffers of the next step,
-    except the latent's conv_in halo (4 channels, two ppermutes) and the CFG exchange."""
-    parallel = ParallelConfig(4 * cfg, cfg, mode="displaced")
+    except the latent's conv_in halo (4 channels, two ppermutes) and the CFG exchange; under
+    every codec (its payloads' collectives too)."""
+    parallel = ParallelConfig(4 * cfg, cfg, mode="displaced", compress=compress)
     traced = step_jaxpr(case, parallel, "displaced")
     jaxpr, buffer_count = traced.jaxpr, len(jax.tree.leaves(traced.buffers))
     this_step = jaxpr.outvars[: len(jaxpr.outvars) - buffer_count]  # latents, scheduler state

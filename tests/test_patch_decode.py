@@ -82,11 +82,12 @@ OPTIONS = dict(prompt="a red circle at the top left", height=128, width=128, num
 
 @pytest.mark.slow
 def test_latent_and_image_are_never_gathered(pipe):
-    """The compiled displaced program returns the image split by rows, and none of its
-    collectives has the shape of the whole latent or the whole image."""
+    """The compiled displaced program returns the image split by rows (the batch over the
+    "data" axis, of size 1 here), and none of its collectives has the shape of the whole
+    latent or the whole image."""
     parallel = ParallelConfig(4, warmup_steps=1)
     program = pipe.compile(*pipe.prepare(**OPTIONS, parallel=parallel))
-    assert program.output_shardings.spec == jax.sharding.PartitionSpec(None, "patch")
+    assert program.output_shardings.spec == jax.sharding.PartitionSpec("data", "patch")
     whole = {(1, 128 // 4, 128 // 4, 4), (1, 128, 128, 3), (1, 128 // 4, 128 // 4, 8)}
     shapes = {c.shape for c in hlo_collectives(program.as_text(), 4)}
     assert shapes and not shapes & whole, shapes

@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from jaxfusion import schedulers
 from jaxfusion.schedulers import SchedulerConfig
+from sharding.loops import step_noise
 
 DIFFUSERS = {
     "euler": EulerDiscreteScheduler,
@@ -83,14 +84,18 @@ def diffusers_sample(kind: str, config: dict, steps: int, noise: np.ndarray):
 
 
 @jax.jit
-def jax_sample(schedule: schedulers.Schedule, noise: jax.Array) -> jax.Array:
-    """The final sample of one compiled scan over all steps."""
+def jax_sample(
+    schedule: schedulers.Schedule, noise: jax.Array, key: jax.Array | None = None
+) -> jax.Array:
+    """The final sample of one compiled scan over all steps; samplers that draw fresh noise
+    add `step_noise(key, i)` at step i."""
 
     def body(carry, i):
         sample, state = carry
         model_input = schedulers.scale_model_input(schedule, sample, i)
         model_output = fake_model(model_input, schedule.timesteps[i], jnp.sin)
-        state, sample = schedulers.step(schedule, state, model_output, sample, i)
+        fresh = step_noise(key, i, sample.shape) if schedule.draws_noise else None
+        state, sample = schedulers.step(schedule, state, model_output, sample, i, fresh)
         return (sample, state), None
 
     sample = noise * schedule.init_noise_sigma

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ from jaxfusion.models.configs import TEXT_ENCODER_CONFIGS, UNET_CONFIGS, VAE_CON
 from jaxfusion.models.scaled_dot_product import AttentionBackend, set_attention
 from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImagePipeline
 from jaxfusion.pipelines.base import Models, Options, Request
-from sharding.analysis import trace_step
+from sharding.analysis import host_links, trace_step
 from sharding.context import PatchContext
 from sharding.loops import NO_BUFFERS, SINGLE, Loop, Sampling, step_function
 from sharding.parallel import ParallelConfig
@@ -41,7 +42,17 @@ from sharding.parallel import ParallelConfig
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
 TEXT_TOKENS = 77
 HLO_COLLECTIVES = ("all-gather", "collective-permute", "all-reduce", "all-to-all")
-HLO_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1}
+HLO_BYTES = {
+    "f64": 8,
+    "f32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +125,10 @@ class StepAnalysis:
     FLOPs come from the step with `xla` attention: `cost_analysis` counts a loop's body
     once, and chunked attention is a loop. Memory comes from the programs with `attention`.
     None: not measured (the whole generation of a model whose pipeline is not known).
+    compress: the codec of the displaced exchange (`ParallelConfig.compress`); the traffic
+        counts its payloads' bytes (packed codes and scales), the reference stays the
+        uncompressed scheme's.
+    projected_step_model: `projected_step_seconds`, a model, not a measurement.
     """
 
     model: str
@@ -137,6 +152,10 @@ class StepAnalysis:
     memory_bytes_generation_per_device: int | None = None
     weights_bytes_per_device: int | None = None
     temp_bytes_generation_per_device: int | None = None
+    hosts: int = 1
+    host_links: dict[str, dict[str, int]] | None = None
+    compress: str = "none"
+    projected_step_model: dict | None = None
 
 
 def abstract_inputs(
@@ -265,11 +284,13 @@ def analyze(
     single: dict | None = None,
     attention: AttentionBackend = "auto",
     pipeline: TextToImagePipeline | None = None,
+    hosts: int = 1,
 ) -> StepAnalysis:
     """Compiles the steady-state step of `parallel` (a displaced step for displaced mode)
     for the first C x P devices and reads it, with the single-device step for comparison
     (`single`: its `single_step_cost` with xla attention, computed here when not given),
-    and the whole generation of `pipeline` (an `abstract_pipeline`; None: not measured)."""
+    and the whole generation of `pipeline` (an `abstract_pipeline`; None: not measured);
+    with `hosts` > 1, what crosses hosts (`host_links`, the whole mesh's bytes per step)."""
     unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
     single = single or single_step_cost(config, height, width, dtype)
     generation = {}
@@ -286,6 +307,7 @@ def analyze(
         dtype=jnp.dtype(dtype).name,
         flops_single_step=float(single["flops"]),
         attention=attention,
+        hosts=hosts,
         **generation,
     )
     if parallel.mode == "single":
@@ -306,7 +328,14 @@ def analyze(
     exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
     traced = trace_step(unet, sampling, latents, parallel, exchange)
-    context = PatchContext(parallel.patches, exchange, parallel.group_norm)
+    context = PatchContext(
+        parallel.patches, exchange, parallel.group_norm, compress=parallel.compress
+    )
+    uncompressed = traced
+    if parallel.compress != "none":
+        uncompressed = trace_step(
+            unet, sampling, latents, dataclasses.replace(parallel, compress="none"), exchange
+        )
 
     def compile_step(backend: AttentionBackend):
         set_attention(unet, backend)
@@ -329,11 +358,32 @@ def analyze(
         bytes_accessed_per_device_step=float(cost["bytes accessed"]),
         comm_bytes_per_device_step=sum(c.received_bytes for c in traced.collectives()),
         comm_bytes_hlo_per_device_step=sum(c.received_bytes for c in hlo),
-        comm_bytes_reference_per_device_step=reference_bytes(traced, config, latents),
+        comm_bytes_reference_per_device_step=reference_bytes(uncompressed, config, latents),
         memory_bytes_per_device=_memory_bytes(memory),
         stale_bytes_per_device=traced.stale_bytes_per_device(),
         collectives=by_op,
+        host_links=host_links(traced, hosts) if hosts > 1 else None,
+        compress=parallel.compress,
     )
+
+
+def projected_step_seconds(
+    record: StepAnalysis, link_gbs: Sequence[float], device_tflops: float
+) -> dict:
+    """A model of one step's time on slow links, not a measurement: compute (the step's
+    FLOPs per device at `device_tflops` TFLOP/s) + the bytes it receives in the program's
+    own dtypes (`comm_bytes_per_device_step`: the CPU compiler widens bfloat16 collectives
+    to float32 in its HLO, but not the codecs' uint8 codes) over a link of each speed of
+    `link_gbs` GB/s, with no overlap of the two (DistriFusion hides the exchange behind
+    the step where the link is fast enough; this is the time where it is not)."""
+    compute = record.flops_per_device_step / (device_tflops * 1e12)
+    received = record.comm_bytes_per_device_step
+    return {
+        "kind": "model, not a measurement",
+        "device_tflops": device_tflops,
+        "compute_s": compute,
+        "step_s_by_link_gbs": {str(gbs): compute + received / (gbs * 1e9) for gbs in link_gbs},
+    }
 
 
 def reference_bytes(traced, config: UNetConfig, latents: jax.ShapeDtypeStruct) -> int:
@@ -388,20 +438,32 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
         display.note(f"{model}: only the UNet is known, the whole generation is not measured")
+    if options.mode != "displaced" and set(options.compress) != {"none"}:
+        raise ValueError(
+            f"--compress compresses displaced steps: drop it for --parallel {options.mode}"
+        )
     rows = []  # every row checked before the first compiles
     for height in options.heights:
         width = options.width or height
         for devices in options.devices:
             mode = "single" if devices == 1 else options.mode
             cfg = 2 if options.cfg_parallel and devices > 1 else 1
-            parallel = ParallelConfig(devices, cfg, mode=mode, group_norm=options.group_norm)
-            parallel.check_size(height, width, 8 * 2 ** (config.num_levels - 1))
-            rows.append((height, width, parallel))
+            codecs = options.compress if mode == "displaced" else ("none",)
+            for compress in codecs:
+                parallel = ParallelConfig(
+                    devices, cfg, mode=mode, group_norm=options.group_norm, compress=compress
+                )
+                parallel.check_size(height, width, 8 * 2 ** (config.num_levels - 1))
+                if devices > 1 and devices % options.hosts:
+                    raise ValueError(
+                        f"--devices {devices} do not spread evenly over --hosts {options.hosts}"
+                    )
+                rows.append((height, width, parallel))
     records = []
     singles = {}  # the single-device step, compiled once per size
     for height, width, parallel in rows:
-        devices, mode = parallel.devices, parallel.mode
-        with display(f"{model} {height}x{width}, {devices} device(s), {mode}"):
+        devices, mode, compress = parallel.devices, parallel.mode, parallel.compress
+        with display(f"{model} {height}x{width}, {devices} device(s), {mode} {compress}"):
             if (height, width) not in singles:
                 singles[height, width] = single_step_cost(config, height, width, dtype)
             record = analyze(
@@ -414,12 +476,27 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                 singles[height, width],
                 attention=options.attention,
                 pipeline=pipeline,
+                hosts=options.hosts,
             )
+        model_times = projected_step_seconds(record, options.link_gbs, options.device_tflops)
+        record = dataclasses.replace(record, projected_step_model=model_times)
         records.append(record)
+        display.note(
+            f"  projected step (a model, not a measurement; {options.device_tflops:g} TFLOP/s): "
+            + ", ".join(
+                f"{gbs} GB/s {t:.3f} s" for gbs, t in model_times["step_s_by_link_gbs"].items()
+            )
+        )
         display.note(
             f"  step {record.memory_bytes_per_device / 1e9:.2f} GB per device, whole "
             f"generation {_megabytes(record.memory_bytes_generation_per_device)} MB"
         )
+        if record.host_links:
+            crossing = {k: v["cross_host"] for k, v in record.host_links.items()}
+            display.note(
+                f"  across {options.hosts} hosts: {sum(crossing.values()) / 1e6:,.1f} MB per "
+                "step (" + ", ".join(f"{k} {v / 1e6:,.1f}" for k, v in crossing.items()) + ")"
+            )
     print_table(records, display)
     if options.json:
         text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
@@ -444,7 +521,7 @@ def print_table(records: list[StepAnalysis], display) -> None:
             r.model,
             f"{r.height}x{r.width}",
             f"{r.devices} (C={r.cfg})",
-            r.mode,
+            r.mode if r.compress == "none" else f"{r.mode} {r.compress}",
             f"{r.flops_per_device_step / 1e9:,.1f}",
             f"{r.flops_per_device_step / r.flops_single_step:.3f}",
             f"{r.comm_bytes_per_device_step / 1e6:,.1f}",

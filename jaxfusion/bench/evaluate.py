@@ -70,6 +70,7 @@ def run(
         )
 
     compared = [name for name in modes if name != REFERENCE]
+    codecs = {name: f"displaced-{options.group_norm[0]}" for name in modes if "+" in name}
     records = [
         dict(
             prompt_index=i,
@@ -77,6 +78,9 @@ def run(
             seed=seed,
             files={name: f"images/p{i}-s{seed}-{name}.png" for name in modes},
             metrics={name: compare(images[name][k], images[REFERENCE][k]) for name in compared},
+            against_uncompressed={
+                name: compare(images[name][k], images[plain][k]) for name, plain in codecs.items()
+            },
         )
         for k, (i, seed) in enumerate(pairs)
     ]
@@ -87,6 +91,15 @@ def run(
         }
         for name in compared
     }
+    against_uncompressed = {
+        name: {
+            metric: float(np.mean([r["against_uncompressed"][name][metric] for r in records]))
+            for metric in ("psnr_db", "ssim")
+        }
+        for name in codecs
+    }
+    for name, mean in against_uncompressed.items():
+        display.note(f"{name} against {codecs[name]}: {mean['psnr_db']:.2f} dB, {mean['ssim']:.4f}")
     metrics = dict(
         config=dict(
             model=options.model or "built-in",
@@ -103,6 +116,7 @@ def run(
         reference=REFERENCE,
         psnr_note="null: identical to the reference (infinite PSNR)",
         mean=means,
+        mean_against_uncompressed=against_uncompressed,
         images=records,
         grid=dict(
             rows=[f"p{i}-s{seed}" for i, seed in pairs],
@@ -119,8 +133,9 @@ def run(
 
 
 def mode_configs(options: EvalOptions) -> dict[str, ParallelConfig]:
-    """The reference first: single; displaced-RULE per GroupNorm rule; naive (on
-    `options.devices` each)."""
+    """The reference first: single; displaced-RULE per GroupNorm rule; displaced-RULE+CODEC
+    per codec of `options.compress` but none (the first rule), also compared with
+    displaced-RULE; naive (on `options.devices` each)."""
     modes = {REFERENCE: ParallelConfig(devices=1, mode="single")}
     for rule in options.group_norm:
         modes[f"displaced-{rule}"] = ParallelConfig(
@@ -128,7 +143,11 @@ def mode_configs(options: EvalOptions) -> dict[str, ParallelConfig]:
             mode="displaced",
             group_norm=rule,
             warmup_steps=options.warmup_steps,
-        )
+        ).for_steps(options.steps)
+    for codec in options.compress:
+        if codec != "none":
+            plain = f"displaced-{options.group_norm[0]}"
+            modes[f"{plain}+{codec}"] = dataclasses.replace(modes[plain], compress=codec)
     modes["naive"] = ParallelConfig(
         devices=options.devices, mode="naive", naive_split=options.naive_split
     )

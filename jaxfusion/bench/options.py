@@ -21,7 +21,7 @@ from sharding.names import GROUP_NORM_RULES
 if TYPE_CHECKING:
     from jaxfusion.models.names import AttentionBackend
     from jaxfusion.schedulers.config import Kind
-    from sharding.names import GroupNormRule, Mode, NaiveSplit
+    from sharding.names import Compression, GroupNormRule, Mode, NaiveSplit
     from sharding.parallel import ParallelConfig
 
 DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
@@ -41,7 +41,7 @@ class Generation:
     height, width: pixels; None: the model's native size.
     steps: denoising steps.
     guidance: the classifier-free guidance scale; None: the pipeline's default (as diffusers).
-    scheduler: "euler", "ddim" or "dpmpp"; None: the model folder's own.
+    scheduler: "euler", "ddim", "dpmpp", "euler_a" or "lcm"; None: the model folder's own.
     """
 
     height: int | None = None
@@ -94,10 +94,12 @@ class ProfileOptions(Generation):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalOptions(Generation):
     """`eval`: every prompt of `prompts` with every seed of `seeds`, under single, displaced
-    on `devices` patch devices with each GroupNorm rule of `group_norm` (`warmup_steps`
-    synchronous steps first), and naive (`naive_split`); the images and metrics go to `out`,
-    a new or empty folder (made a `Path`); `model`: the model's name in the metrics (None:
-    the built-in model)."""
+    on `devices` patch devices with each GroupNorm rule of `group_norm` (steps
+    0..`warmup_steps` synchronous; None: `ParallelConfig`'s default for `steps`), and naive
+    (`naive_split`), and displaced with each codec of `compress` (the first rule; each also
+    compared with its uncompressed run); the images and metrics go to `out`, a new or empty
+    folder (made a `Path`); `model`: the model's name in the metrics (None: the built-in
+    model)."""
 
     out: Path
     model: str | None = None
@@ -105,8 +107,9 @@ class EvalOptions(Generation):
     seeds: Sequence[int] = (0, 1)
     devices: int = 4
     group_norm: Sequence[GroupNormRule] = GROUP_NORM_RULES
-    warmup_steps: int = 4
+    warmup_steps: int | None = None
     naive_split: NaiveSplit = "row"
+    compress: Sequence[Compression] = ()
     steps: int = 25
 
     def __post_init__(self) -> None:
@@ -124,7 +127,12 @@ class AnalyzeOptions:
     """`bench analyze`, from shapes alone: `model` ("sd15", "sd21", "sdxl", or a model
     folder) at each height of `heights` (width: `width`, or the height) on each count of
     `devices` (1 runs single, more run `mode`), CFG halves on separate devices with
-    `cfg_parallel`; `json`: write the records there; `plot`: a .png of them."""
+    `cfg_parallel`; `hosts`: also count what crosses hosts with the devices spread over
+    that many (`sharding.analysis.host_links`); each codec of `compress` (multi-device
+    displaced runs); a projected step time per link
+    speed of `link_gbs` (GB/s), computing at `device_tflops` (a model, not a measurement:
+    `jaxfusion.bench.analyze.projected_step_seconds`); `json`: write the records there;
+    `plot`: a .png of them."""
 
     model: str = "sdxl"
     heights: Sequence[int] = (1024, 2048)
@@ -133,6 +141,10 @@ class AnalyzeOptions:
     mode: Mode = "displaced"
     group_norm: GroupNormRule = "corrected"
     cfg_parallel: bool = False
+    hosts: int = 1
+    compress: Sequence[Compression] = ("none",)
+    link_gbs: Sequence[float] = (25.0, 3.0, 0.5)  # PCIe 4 x16, a slow PCIe / host link, 500 MB/s
+    device_tflops: float = 400.0  # dense bfloat16 at ~40% of an H100's 989 TFLOP/s
     dtype: str = "bfloat16"
     attention: AttentionBackend = "auto"
     json: str | Path | None = None

@@ -301,7 +301,7 @@ def run(
         devices=parallel.devices,
         mode=parallel.mode,
         steps=steps,
-        warmup_steps=parallel.warmup_steps,
+        warmup_steps=parallel.warmup(steps),
         dtype=np.dtype(pipe.dtype).name,
         parts=[
             dict(

@@ -10,12 +10,12 @@ dispatch). Each configuration also runs with fewer steps, `b`, and
     step time = (median time at `steps` steps - median time at `b` steps) / (steps - b).
 
 `b` is half of `steps`, raised to the first displaced step of displaced mode's schedule
-(`ParallelConfig.schedule`) when `steps` has displaced steps: the steps between `b` and
-`steps` are then displaced steps in displaced mode (the loop's ordinary steps in the other
-modes). With fewer steps displaced mode runs synchronous steps only, and the output says
-so. The timed calls alternate between the two step counts, so that a change in the
-machine's load shifts both medians alike. A difference at or below zero is timing noise:
-that step time is left out.
+(`ParallelConfig.schedule`, with the default warm-up of `steps` steps, kept at `b` steps)
+when `steps` has displaced steps: the steps between `b` and `steps` are then displaced
+steps in displaced mode (the loop's ordinary steps in the other modes). With fewer steps
+displaced mode runs synchronous steps only, and the output says so. The timed calls
+alternate between the two step counts, so that a change in the machine's load shifts both
+medians alike. A difference at or below zero is timing noise: that step time is left out.
 
 Speed-ups are over jaxfusion on one device (mode single): its median over the row's.
 """
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from jaxfusion.pipelines import TextToImagePipeline
     from sharding.names import Mode
 
-WARMUP_STEPS = ParallelConfig().warmup_steps
-
 
 @dataclasses.dataclass(frozen=True)
 class TimingRecord:
@@ -59,6 +57,8 @@ class TimingRecord:
         medians differ by timing noise only.
     speedup_vs_single, step_speedup_vs_single: jaxfusion single's median over this row's,
         per image and per step; None without a single row or without step times.
+    warmup_steps: displaced mode's W (steps 0..W synchronous, at both step counts); None
+        in the other modes.
     """
 
     model: str
@@ -79,26 +79,30 @@ class TimingRecord:
     step_method: str
     speedup_vs_single: float | None = None
     step_speedup_vs_single: float | None = None
+    warmup_steps: int | None = None
 
 
-def displaced_steps(steps: int, warmup_steps: int = WARMUP_STEPS) -> range:
+def displaced_steps(steps: int, warmup_steps: int | None = None) -> range:
     """The displaced steps of displaced mode's loop of `steps` steps (none: an empty range),
-    from `ParallelConfig.schedule`."""
+    from `ParallelConfig.schedule` (warmup_steps None: the default warm-up)."""
     schedule = ParallelConfig(mode="displaced", warmup_steps=warmup_steps).schedule(steps)
     return dict(schedule).get("displaced", range(0))
 
 
-def baseline_steps(steps: int, warmup_steps: int = WARMUP_STEPS) -> int:
+def baseline_steps(steps: int, warmup_steps: int | None = None) -> int:
     """The smaller step count of the per-step difference: half of `steps`, raised to the
     first displaced step when displaced mode has displaced steps in `steps`."""
     displaced = displaced_steps(steps, warmup_steps)
     return max(steps // 2, displaced.start) if displaced else steps // 2
 
 
-def configurations(devices: Sequence[int], modes: Sequence[Mode]) -> list[ParallelConfig]:
-    """Mode single on 1 device, each of `modes` on more; each devices count once."""
+def configurations(
+    devices: Sequence[int], modes: Sequence[Mode], steps: int
+) -> list[ParallelConfig]:
+    """Mode single on 1 device, each of `modes` on more; each devices count once; with the
+    default warm-up of `steps` steps (also for the calls with fewer)."""
     return [
-        ParallelConfig(devices=n, mode=mode)
+        ParallelConfig(devices=n, mode=mode).for_steps(steps)
         for n in dict.fromkeys(devices)
         for mode in (["single"] if n == 1 else modes)
     ]
@@ -107,7 +111,7 @@ def configurations(devices: Sequence[int], modes: Sequence[Mode]) -> list[Parall
 def check(pipe: TextToImagePipeline, options: TimingOptions) -> list[ParallelConfig]:
     """Refuses options that some configuration cannot run (an abstract pipeline is enough:
     nothing compiles); returns the configurations."""
-    configs = configurations(options.devices, options.modes)
+    configs = configurations(options.devices, options.modes, options.steps)
     height, width = pipe.size(options.height, options.width)
     guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
     for parallel in configs:
@@ -162,6 +166,7 @@ def run(
                 backend="jax",
                 platform=device.platform,
                 device_kind=device.device_kind,
+                warmup_steps=parallel.warmup_steps if parallel.mode == "displaced" else None,
                 **times,
             )
         )
@@ -265,10 +270,14 @@ def notes(records: list[TimingRecord], platform: str) -> str:
             f"CPU: the simulated devices share this host's {os.cpu_count()} cores, so "
             "multi-device times measure the overhead of patch parallelism, not a speed-up."
         )
-    if not displaced_steps(first.steps) and any(r.mode == "displaced" for r in records):
+    displaced = next((r for r in records if r.mode == "displaced"), None)
+    if displaced is not None:
+        warm, steps = displaced.warmup_steps, first.steps
+        kept = displaced_steps(steps, warm)
+        rest = f"steps {kept.start}..{steps - 1} are displaced" if kept else "none is displaced"
         lines.append(
-            f"displaced mode runs steps 0..{WARMUP_STEPS} synchronously: with {first.steps} "
-            "steps it has no displaced step."
+            f"displaced mode runs steps 0..{warm} synchronously (the default warm-up of "
+            f"{steps} steps): {rest}."
         )
     if any(r.median_step_s is None for r in records):
         lines.append(

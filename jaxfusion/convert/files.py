@@ -61,6 +61,21 @@ def resolve_component(
     )
 
 
+def read_model_index(path: str | Path) -> dict:
+    """The `model_index.json` of a diffusers pipeline folder, or of a model id on the
+    Hugging Face hub (that file alone downloaded)."""
+    folder = Path(path)
+    if not folder.exists():
+        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
+            raise FileNotFoundError(f"no such folder: {path}")
+        from huggingface_hub import hf_hub_download
+
+        return read_json(Path(hf_hub_download(str(path), "model_index.json")))
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    return read_json(folder / "model_index.json")
+
+
 def resolve_pipeline_folder(
     path: str | Path, components: list[str], *, variant: str | None = None
 ) -> Path:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from jaxfusion.models import row_blocks
 from jaxfusion.models.layers import Linear
 
 
@@ -13,7 +14,10 @@ class ResnetBlock2D(nnx.Module):
     """norm1 -> SiLU -> conv1 -> + time_emb_proj(SiLU(temb)) -> norm2 -> SiLU -> conv2,
     plus the input (through the 1x1 `conv_shortcut` when the width changes), divided by
     `output_scale_factor`. Without `temb_channels` (the VAE's resnets) there is no
-    `time_emb_proj` and no time embedding."""
+    `time_emb_proj` and no time embedding.
+
+    `row_blocks_threshold`: inputs larger than this many bytes run norm -> SiLU -> conv by
+    blocks of rows (`row_blocks`, exact); None (the default) never."""
 
     def __init__(
         self,
@@ -24,10 +28,13 @@ class ResnetBlock2D(nnx.Module):
         groups: int,
         eps: float,
         output_scale_factor: float = 1.0,
+        row_blocks_threshold: int | None = None,
         dtype: jnp.dtype,
         rngs: nnx.Rngs | None,
     ):
         self.output_scale_factor = output_scale_factor
+        self.row_blocks_threshold = row_blocks_threshold
+        self.row_block_bytes = row_blocks.BLOCK_BYTES
         self.norm1 = sharding.GroupNorm(groups, in_channels, epsilon=eps, dtype=dtype, rngs=rngs)
         self.conv1 = sharding.Conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
         if temb_channels is None:
@@ -46,12 +53,34 @@ class ResnetBlock2D(nnx.Module):
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         """x: (B, H, W, in_channels), temb: (B, temb_channels) or None when the block has no
         `time_emb_proj` -> (B, H, W, out_channels)."""
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        blocked = row_blocks.applies(x, self.row_blocks_threshold)
+        if blocked:
+            h = row_blocks.norm_silu_conv(
+                self.norm1, self.conv1, x, block_bytes=self.row_block_bytes
+            )
+        else:
+            h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        if blocked:
+            return row_blocks.norm_silu_conv(
+                self.norm2,
+                self.conv2,
+                h,
+                block_bytes=self.row_block_bytes,
+                residual=lambda start, rows: self.shortcut(
+                    jax.lax.optimization_barrier(
+                        jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+                    )
+                ),
+                output_scale_factor=self.output_scale_factor,
+            )
         h = self.conv2(jax.nn.silu(self.norm2(h)))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return (shortcut + h) / self.output_scale_factor
+        return (self.shortcut(x) + h) / self.output_scale_factor
+
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        """The residual branch: x, or `conv_shortcut(x)` when the width changes."""
+        return x if self.conv_shortcut is None else self.conv_shortcut(x)
 
 
 class Downsample2D(nnx.Module):
@@ -79,11 +108,25 @@ class Downsample2D(nnx.Module):
 
 
 class Upsample2D(nnx.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 `conv`: (B, H, W, C) -> (B, 2H, 2W, C)."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 `conv`: (B, H, W, C) -> (B, 2H, 2W, C).
 
-    def __init__(self, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
+    `row_blocks_threshold`: inputs larger than this many bytes are upsampled and convolved
+    by blocks of rows (`row_blocks`, exact); None (the default) never."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        row_blocks_threshold: int | None = None,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs | None,
+    ):
         self.conv = sharding.Conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
+        self.row_blocks_threshold = row_blocks_threshold
+        self.row_block_bytes = row_blocks.BLOCK_BYTES
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if row_blocks.applies(x, self.row_blocks_threshold):
+            return row_blocks.upsample_conv(self.conv, x, block_bytes=self.row_block_bytes)
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)

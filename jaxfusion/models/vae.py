@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from jaxfusion.models import row_blocks
 from jaxfusion.models.configuration import freeze, from_diffusers_config
 from jaxfusion.models.vae_blocks import (
     EPS,
@@ -174,7 +175,10 @@ class Encoder(nnx.Module):
 
 class Decoder(nnx.Module):
     """`conv_in`, `mid_block`, `up_blocks.i`, `conv_norm_out`, SiLU, `conv_out`:
-    (B, h, w, latent_channels) -> (B, h*f, w*f, out_channels)."""
+    (B, h, w, latent_channels) -> (B, h*f, w*f, out_channels).
+
+    The up blocks' resnets and upsamplers and the output layers run by blocks of rows on
+    inputs over `row_blocks.THRESHOLD_BYTES` (`row_blocks`, exact; `set_row_blocks`)."""
 
     def __init__(self, config: VAEConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
         reversed_channels = config.block_out_channels[::-1]
@@ -198,6 +202,7 @@ class Decoder(nnx.Module):
                     num_layers=config.layers_per_block + 1,
                     groups=groups,
                     add_upsample=level < levels - 1,
+                    row_blocks_threshold=row_blocks.THRESHOLD_BYTES,
                     dtype=dtype,
                     rngs=rngs,
                 )
@@ -210,11 +215,17 @@ class Decoder(nnx.Module):
         self.conv_out = sharding.Conv2d(
             reversed_channels[-1], config.out_channels, 3, dtype=dtype, rngs=rngs
         )
+        self.row_blocks_threshold = row_blocks.THRESHOLD_BYTES
+        self.row_block_bytes = row_blocks.BLOCK_BYTES
 
     def __call__(self, z: jax.Array) -> jax.Array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
+        if row_blocks.applies(x, self.row_blocks_threshold):
+            return row_blocks.norm_silu_conv(
+                self.conv_norm_out, self.conv_out, x, block_bytes=self.row_block_bytes
+            )
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 

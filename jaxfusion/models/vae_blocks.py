@@ -18,7 +18,15 @@ from jaxfusion.models.scaled_dot_product import DotProductAttention
 EPS = 1e-6
 
 
-def _resnets(in_channels: int, out_channels: int, num_layers: int, groups: int, dtype, rngs):
+def _resnets(
+    in_channels: int,
+    out_channels: int,
+    num_layers: int,
+    groups: int,
+    dtype,
+    rngs,
+    row_blocks_threshold: int | None = None,
+):
     """`num_layers` resnets without time embedding, the first changing the width."""
     return nnx.List(
         [
@@ -28,6 +36,7 @@ def _resnets(in_channels: int, out_channels: int, num_layers: int, groups: int, 
                 temb_channels=None,
                 groups=groups,
                 eps=EPS,
+                row_blocks_threshold=row_blocks_threshold,
                 dtype=dtype,
                 rngs=rngs,
             )
@@ -130,7 +139,8 @@ class DownEncoderBlock2D(nnx.Module):
 
 class UpDecoderBlock2D(nnx.Module):
     """`num_layers` resnets, then (unless the last level) a 2x nearest upsampler with its
-    3x3 conv: (B, H, W, in) -> (B, 2H, 2W, out)."""
+    3x3 conv: (B, H, W, in) -> (B, 2H, 2W, out). `row_blocks_threshold`: see
+    `ResnetBlock2D`."""
 
     def __init__(
         self,
@@ -140,13 +150,17 @@ class UpDecoderBlock2D(nnx.Module):
         num_layers: int,
         groups: int,
         add_upsample: bool,
+        row_blocks_threshold: int | None = None,
         dtype: jnp.dtype,
         rngs: nnx.Rngs | None,
     ):
-        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, dtype, rngs)
-        self.upsamplers = (
-            nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
+        self.resnets = _resnets(
+            in_channels, out_channels, num_layers, groups, dtype, rngs, row_blocks_threshold
         )
+        upsampler = Upsample2D(
+            out_channels, row_blocks_threshold=row_blocks_threshold, dtype=dtype, rngs=rngs
+        )
+        self.upsamplers = nnx.List([upsampler]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:

@@ -1,13 +1,14 @@
-"""Text-to-image pipelines that read diffusers pipeline folders and run in JAX."""
+"""Text-to-image and image-to-image pipelines that read diffusers pipeline folders and run
+in JAX."""
 
 from pathlib import Path
 
-from jaxfusion.convert.files import read_json
+from jaxfusion.convert.files import read_model_index
 from jaxfusion.pipelines.base import Stage, TextToImagePipeline, no_display
 from jaxfusion.pipelines.stable_diffusion import SDPipeline
-from jaxfusion.pipelines.stable_diffusion_xl import SDXLPipeline
+from jaxfusion.pipelines.stable_diffusion_xl import SDXLImg2ImgPipeline, SDXLPipeline
 
-PIPELINES = {cls.pipeline_class: cls for cls in (SDXLPipeline, SDPipeline)}
+PIPELINES = {cls.pipeline_class: cls for cls in (SDXLPipeline, SDXLImg2ImgPipeline, SDPipeline)}
 
 
 BUILTIN = "builtin"
@@ -21,18 +22,11 @@ def load_pipeline(path: str | Path = BUILTIN, **kwargs) -> TextToImagePipeline:
         from jaxfusion.builtin import builtin_model_path
 
         path = builtin_model_path()
-    index = Path(path) / "model_index.json"
-    if not Path(path).exists():
-        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
-            raise FileNotFoundError(f"no such folder: {path}")
-        from huggingface_hub import hf_hub_download
-
-        index = Path(hf_hub_download(str(path), "model_index.json"))
-    if not index.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    name = read_json(index).get("_class_name")
+    name = read_model_index(path).get("_class_name")
     if name not in PIPELINES:
-        raise ValueError(f"{index} names {name!r}; supported pipelines: {list(PIPELINES)}")
+        raise ValueError(
+            f"{path}/model_index.json names {name!r}; supported pipelines: {list(PIPELINES)}"
+        )
     return PIPELINES[name].from_pretrained(path, **kwargs)
 
 
@@ -40,6 +34,7 @@ __all__ = [
     "BUILTIN",
     "PIPELINES",
     "SDPipeline",
+    "SDXLImg2ImgPipeline",
     "SDXLPipeline",
     "Stage",
     "TextToImagePipeline",

@@ -1,4 +1,5 @@
-"""SD 1.x/2.x text-to-image: diffusers' `StableDiffusionPipeline` (without the safety checker)."""
+"""SD 1.x/2.x: diffusers' `StableDiffusionPipeline` (without the safety checker), and its
+`StableDiffusionImg2ImgPipeline` when given a starting image."""
 
 import jax
 
@@ -13,11 +14,13 @@ class SDPipeline(TextToImagePipeline):
 
         pipe = SDPipeline.from_pretrained("path/to/sd15", dtype="bfloat16")
         images = pipe("a photo of a cat", num_inference_steps=30, seed=0)  # (1, 512, 512, 3)
+        edited = pipe("a photo of a dog", image=images[0], strength=0.6)  # image-to-image
     """
 
     pipeline_class = "StableDiffusionPipeline"
     text_components = (("tokenizer", "text_encoder"),)
     default_guidance_scale = 7.5
+    default_strength = 0.8  # StableDiffusionImg2ImgPipeline's
 
     def encode_prompt(
         self,

@@ -7,6 +7,7 @@ are not those of numpy). `predict_x0_eps` runs inside the compiled loop.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxfusion.schedulers.config import SchedulerConfig
@@ -47,6 +48,12 @@ def sigmas_at(config: SchedulerConfig, alpha_bar: np.ndarray, timesteps: np.ndar
     final = 0.0 if config.final_sigmas_type == "zero" else table[0]
     sigmas = np.interp(timesteps, np.arange(len(table)), table)
     return np.append(sigmas, final).astype(np.float32)
+
+
+def noised(sample: jax.Array, noise: jax.Array, signal, level) -> jax.Array:
+    """signal * sample + level * noise in float32 (signal and level scalars): a clean
+    sample brought to a noise level, as diffusers' `add_noise`."""
+    return signal * sample.astype(jnp.float32) + level * noise.astype(jnp.float32)
 
 
 def predict_x0_eps(

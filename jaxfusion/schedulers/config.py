@@ -5,12 +5,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-Kind = Literal["euler", "ddim", "dpmpp"]
+Kind = Literal["euler", "ddim", "dpmpp", "euler_a", "lcm"]
 
 CLASS_NAMES: dict[str, Kind] = {
     "EulerDiscreteScheduler": "euler",
     "DDIMScheduler": "ddim",
     "DPMSolverMultistepScheduler": "dpmpp",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LCMScheduler": "lcm",
 }
 KINDS: tuple[Kind, ...] = tuple(CLASS_NAMES.values())
 SPACINGS = ("leading", "trailing", "linspace")
@@ -33,6 +35,24 @@ _KEYS: dict[Kind, tuple[str, ...]] = {
     "euler": (*_COMMON_KEYS, "final_sigmas_type"),
     "ddim": (*_COMMON_KEYS, "clip_sample", "clip_sample_range", "set_alpha_to_one"),
     "dpmpp": (*_COMMON_KEYS, "final_sigmas_type", "lower_order_final", "euler_at_final"),
+    "euler_a": _COMMON_KEYS,
+    "lcm": (
+        *_COMMON_KEYS,
+        "clip_sample",
+        "clip_sample_range",
+        "original_inference_steps",
+        "timestep_scaling",
+    ),
+}
+# The diffusers __init__ defaults of a kind that differ from SchedulerConfig's (which are
+# those of the other kinds): what `from_diffusers` takes for a key the config does not give.
+_DEFAULTS: dict[Kind, dict[str, Any]] = {
+    "lcm": {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+    },
 }
 _OFF = (False, None)
 # The diffusers __init__ arguments that change the result but are not implemented: the values
@@ -63,6 +83,8 @@ _FIXED: dict[Kind, dict[str, tuple]] = {
         "variance_type": (None,),
         "rescale_betas_zero_snr": _OFF,
     },
+    "euler_a": {"rescale_betas_zero_snr": _OFF},
+    "lcm": {"thresholding": _OFF, "rescale_betas_zero_snr": _OFF},
 }
 
 
@@ -75,12 +97,19 @@ def _check(name: str, value: Any, valid: tuple) -> None:
 class SchedulerConfig:
     """A sampler (`kind`) and its noise schedule. Field names, meanings and defaults are those
     of the diffusers scheduler `kind` stands for: euler = EulerDiscreteScheduler,
-    ddim = DDIMScheduler (eta = 0), dpmpp = DPMSolverMultistepScheduler (DPM-Solver++ 2M).
+    ddim = DDIMScheduler (eta = 0), dpmpp = DPMSolverMultistepScheduler (DPM-Solver++ 2M),
+    euler_a = EulerAncestralDiscreteScheduler, lcm = LCMScheduler (the last two draw fresh
+    noise at each step). LCMScheduler's own defaults of the noise schedule and clip_sample
+    differ: `from_diffusers` fills those in for lcm; the defaults here are the others'.
 
-    `timestep_spacing=None` means that scheduler's default: "leading" for ddim, "linspace"
-    otherwise. Fields a kind does not read are ignored (clip_sample and set_alpha_to_one are
-    ddim's, final_sigmas_type is euler's and dpmpp's, lower_order_final and euler_at_final
-    are dpmpp's).
+    `timestep_spacing=None` means that scheduler's default: "leading" for ddim and lcm,
+    "linspace" otherwise (lcm reads none: its timesteps are every k-th of
+    `original_inference_steps` evenly spaced ones, k = num_train_timesteps //
+    original_inference_steps). Fields a kind does not read are ignored (clip_sample and
+    clip_sample_range are ddim's and lcm's, set_alpha_to_one ddim's, final_sigmas_type is
+    euler's and dpmpp's, lower_order_final and euler_at_final are dpmpp's,
+    original_inference_steps and timestep_scaling (of LCM's boundary conditions
+    c_skip, c_out) are lcm's).
     """
 
     kind: Kind
@@ -98,11 +127,13 @@ class SchedulerConfig:
     final_sigmas_type: str = "zero"
     lower_order_final: bool = True
     euler_at_final: bool = False
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     def __post_init__(self):
         _check("scheduler", self.kind, KINDS)
         if self.timestep_spacing is None:
-            spacing = "leading" if self.kind == "ddim" else "linspace"
+            spacing = "leading" if self.kind in ("ddim", "lcm") else "linspace"
             object.__setattr__(self, "timestep_spacing", spacing)
         _check("timestep_spacing", self.timestep_spacing, SPACINGS)
         _check("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -116,6 +147,11 @@ class SchedulerConfig:
                     f"trained_betas has {len(self.trained_betas)} values; "
                     f"num_train_timesteps={self.num_train_timesteps} needs one per timestep"
                 )
+        if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
+            raise ValueError(
+                f"original_inference_steps={self.original_inference_steps} is not supported "
+                f"(use 1..num_train_timesteps={self.num_train_timesteps})"
+            )
 
     @classmethod
     def from_diffusers(
@@ -123,7 +159,7 @@ class SchedulerConfig:
     ) -> "SchedulerConfig":
         """From a diffusers `scheduler_config.json` dict (or a diffusers scheduler's `.config`).
 
-        kind: "euler" | "ddim" | "dpmpp" overrides the config's `_class_name`, as diffusers'
+        kind: one of `KINDS` overrides the config's `_class_name`, as diffusers'
         `Scheduler.from_config(config)` does: only that scheduler's arguments are read, and
         the ones missing (or listed in `_use_default_values`) take its defaults. None: the
         config's own class, which must be one of `CLASS_NAMES`.
@@ -146,4 +182,5 @@ class SchedulerConfig:
                     f"{key}={given[key]!r} is not supported by the {kind} scheduler "
                     f"(use one of {list(valid)})"
                 )
-        return cls(kind=kind, **{key: given[key] for key in _KEYS[kind] if key in given})
+        values = {**_DEFAULTS.get(kind, {}), **given}
+        return cls(kind=kind, **{key: values[key] for key in _KEYS[kind] if key in values})

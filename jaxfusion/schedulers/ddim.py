@@ -1,11 +1,13 @@
 """DDIM: diffusers' DDIMScheduler with eta = 0 (deterministic), as SD pipelines run it."""
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxfusion.schedulers.common import alphas_cumprod, predict_x0_eps, spaced_timesteps
+from jaxfusion.schedulers.common import alphas_cumprod, noised, predict_x0_eps, spaced_timesteps
 from jaxfusion.schedulers.config import SchedulerConfig
 
 
@@ -31,6 +33,7 @@ class DDIMSchedule:
     init_noise_sigma: jax.Array
     prediction_type: str = struct.field(pytree_node=False)
     clip_sample_range: float | None = struct.field(pytree_node=False)
+    draws_noise: ClassVar[bool] = False
 
     def init_state(self, sample: jax.Array) -> tuple[()]:
         """DDIM keeps no state between steps."""
@@ -41,9 +44,23 @@ class DDIMSchedule:
         return sample
 
     def step(
-        self, state: tuple[()], model_output: jax.Array, sample: jax.Array, i: jax.Array
+        self,
+        state: tuple[()],
+        model_output: jax.Array,
+        sample: jax.Array,
+        i: jax.Array,
+        noise: None = None,
     ) -> tuple[tuple[()], jax.Array]:
         """(state, the sample at step i's target timestep), same shape and dtype as sample."""
+        x0, eps = self.x0_eps(model_output, sample, i)
+        prev = self.alpha_prev[i] * x0 + self.sigma_prev[i] * eps
+        return state, prev.astype(sample.dtype)
+
+    def x0_eps(
+        self, model_output: jax.Array, sample: jax.Array, i: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """The clean sample (clipped to clip_sample_range, if any) and the noise that the
+        model's output at step i implies: float32, sample's shape."""
         x0, eps = predict_x0_eps(
             self.prediction_type,
             model_output.astype(jnp.float32),
@@ -53,8 +70,19 @@ class DDIMSchedule:
         )
         if self.clip_sample_range is not None:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
-        prev = self.alpha_prev[i] * x0 + self.sigma_prev[i] * eps
-        return state, prev.astype(sample.dtype)
+        return x0, eps
+
+    def add_noise(self, sample: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+        """Clean `sample` noised to step i's level, float32: alpha[i] * sample +
+        sigma[i] * noise (diffusers' `add_noise` at timesteps[i])."""
+        return noised(sample, noise, self.alpha[i], self.sigma[i])
+
+    def restrict(self, steps: range) -> "DDIMSchedule":
+        """Steps `steps` (contiguous) alone: what diffusers runs from timesteps[steps.start]."""
+        names = ("timesteps", "alpha", "sigma", "alpha_prev", "sigma_prev")
+        return self.replace(
+            **{name: getattr(self, name)[steps.start : steps.stop] for name in names}
+        )
 
 
 def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> DDIMSchedule:

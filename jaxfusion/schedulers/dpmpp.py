@@ -1,12 +1,20 @@
 """DPM-Solver++ 2M: diffusers' DPMSolverMultistepScheduler with algorithm_type "dpmsolver++",
 solver_order 2, solver_type "midpoint"."""
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxfusion.schedulers.common import alphas_cumprod, predict_x0_eps, sigmas_at, spaced_timesteps
+from jaxfusion.schedulers.common import (
+    alphas_cumprod,
+    noised,
+    predict_x0_eps,
+    sigmas_at,
+    spaced_timesteps,
+)
 from jaxfusion.schedulers.config import SchedulerConfig
 
 
@@ -38,6 +46,7 @@ class DPMSolverSchedule:
     d1_coef: jax.Array
     init_noise_sigma: jax.Array
     prediction_type: str = struct.field(pytree_node=False)
+    draws_noise: ClassVar[bool] = False
 
     def init_state(self, sample: jax.Array) -> jax.Array:
         """The previous step's predicted x0: float32, sample's shape (unused at step 0)."""
@@ -48,7 +57,12 @@ class DPMSolverSchedule:
         return sample
 
     def step(
-        self, state: jax.Array, model_output: jax.Array, sample: jax.Array, i: jax.Array
+        self,
+        state: jax.Array,
+        model_output: jax.Array,
+        sample: jax.Array,
+        i: jax.Array,
+        noise: None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """(this step's predicted x0 as the new state, the next sample)."""
         x = sample.astype(jnp.float32)
@@ -57,6 +71,20 @@ class DPMSolverSchedule:
         )
         prev = self.sample_coef[i] * x + self.x0_coef[i] * x0 + self.d1_coef[i] * (x0 - state)
         return x0, prev.astype(sample.dtype)
+
+    def add_noise(self, sample: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+        """Clean `sample` noised to step i's level, float32: alpha[i] * sample +
+        sigma[i] * noise (diffusers' `add_noise` before step i)."""
+        return noised(sample, noise, self.alpha[i], self.sigma[i])
+
+    def restrict(self, steps: range) -> "DPMSolverSchedule":
+        """Steps `steps` (contiguous) alone: what diffusers runs after `set_begin_index`,
+        whose first step is first order (no previous x0) and whose last keeps the order it
+        has in the whole schedule."""
+        names = ("timesteps", "alpha", "sigma", "sample_coef", "x0_coef", "d1_coef")
+        part = {name: getattr(self, name)[steps.start : steps.stop] for name in names}
+        part["d1_coef"] = part["d1_coef"].at[0].set(0.0)
+        return self.replace(**part)
 
 
 def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> DPMSolverSchedule:

@@ -1,11 +1,19 @@
 """Euler: diffusers' EulerDiscreteScheduler (deterministic, s_churn = 0)."""
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxfusion.schedulers.common import alphas_cumprod, predict_x0_eps, sigmas_at, spaced_timesteps
+from jaxfusion.schedulers.common import (
+    alphas_cumprod,
+    noised,
+    predict_x0_eps,
+    sigmas_at,
+    spaced_timesteps,
+)
 from jaxfusion.schedulers.config import SchedulerConfig
 
 
@@ -25,6 +33,7 @@ class EulerSchedule:
     input_scale: jax.Array
     init_noise_sigma: jax.Array
     prediction_type: str = struct.field(pytree_node=False)
+    draws_noise: ClassVar[bool] = False
 
     def init_state(self, sample: jax.Array) -> tuple[()]:
         """Euler keeps no state between steps."""
@@ -35,12 +44,23 @@ class EulerSchedule:
         return (sample * self.input_scale[i]).astype(sample.dtype)
 
     def step(
-        self, state: tuple[()], model_output: jax.Array, sample: jax.Array, i: jax.Array
+        self,
+        state: tuple[()],
+        model_output: jax.Array,
+        sample: jax.Array,
+        i: jax.Array,
+        noise: None = None,
     ) -> tuple[tuple[()], jax.Array]:
         """(state, the sample at noise level sigmas[i + 1]): an Euler step of the probability
         flow ODE dx / dsigma = eps."""
-        alpha = self.input_scale[i]
         x = sample.astype(jnp.float32)
+        prev = x + self.eps(model_output, x, i) * (self.sigmas[i + 1] - self.sigmas[i])
+        return state, prev.astype(sample.dtype)
+
+    def eps(self, model_output: jax.Array, x: jax.Array, i: jax.Array) -> jax.Array:
+        """The noise eps = dx / dsigma that the model's output at step i implies for the
+        float32 sample x (same shape), float32."""
+        alpha = self.input_scale[i]
         _, eps = predict_x0_eps(
             self.prediction_type,
             model_output.astype(jnp.float32),
@@ -48,8 +68,21 @@ class EulerSchedule:
             alpha,
             self.sigmas[i] * alpha,
         )
-        prev = x + eps * (self.sigmas[i + 1] - self.sigmas[i])
-        return state, prev.astype(sample.dtype)
+        return eps
+
+    def add_noise(self, sample: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+        """Clean `sample` noised to step i's level, float32: sample + sigmas[i] * noise
+        (diffusers' `add_noise` before step i)."""
+        return noised(sample, noise, 1.0, self.sigmas[i])
+
+    def restrict(self, steps: range) -> "EulerSchedule":
+        """Steps `steps` (contiguous) alone: what diffusers runs after `set_begin_index`."""
+        start, stop = steps.start, steps.stop
+        return self.replace(
+            timesteps=self.timesteps[start:stop],
+            sigmas=self.sigmas[start : stop + 1],
+            input_scale=self.input_scale[start:stop],
+        )
 
 
 def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> EulerSchedule:
