@@ -11,7 +11,6 @@ not a measurement), its compute from the FLOPs `bench analyze` measured for the 
 
 import argparse
 import json
-import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -75,11 +74,8 @@ def main() -> None:
                 stale_of_none=stale / none["stale"],
             )
             if flops is not None:
-                step = types.SimpleNamespace(
-                    flops_per_device_step=flops, comm_bytes_per_device_step=received
-                )
                 record["projected_step_model"] = projected_step_seconds(
-                    step, LINK_GBS, DEVICE_TFLOPS
+                    flops, received, LINK_GBS, DEVICE_TFLOPS
                 )
             records.append(record)
             print(

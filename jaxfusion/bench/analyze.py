@@ -368,7 +368,10 @@ def analyze(
 
 
 def projected_step_seconds(
-    record: StepAnalysis, link_gbs: Sequence[float], device_tflops: float
+    flops_per_device_step: float,
+    comm_bytes_per_device_step: int,
+    link_gbs: Sequence[float],
+    device_tflops: float,
 ) -> dict:
     """A model of one step's time on slow links, not a measurement: compute (the step's
     FLOPs per device at `device_tflops` TFLOP/s) + the bytes it receives in the program's
@@ -376,13 +379,14 @@ def projected_step_seconds(
     to float32 in its HLO, but not the codecs' uint8 codes) over a link of each speed of
     `link_gbs` GB/s, with no overlap of the two (DistriFusion hides the exchange behind
     the step where the link is fast enough; this is the time where it is not)."""
-    compute = record.flops_per_device_step / (device_tflops * 1e12)
-    received = record.comm_bytes_per_device_step
+    compute = flops_per_device_step / (device_tflops * 1e12)
     return {
         "kind": "model, not a measurement",
         "device_tflops": device_tflops,
         "compute_s": compute,
-        "step_s_by_link_gbs": {str(gbs): compute + received / (gbs * 1e9) for gbs in link_gbs},
+        "step_s_by_link_gbs": {
+            str(gbs): compute + comm_bytes_per_device_step / (gbs * 1e9) for gbs in link_gbs
+        },
     }
 
 
@@ -478,7 +482,12 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                 pipeline=pipeline,
                 hosts=options.hosts,
             )
-        model_times = projected_step_seconds(record, options.link_gbs, options.device_tflops)
+        model_times = projected_step_seconds(
+            record.flops_per_device_step,
+            record.comm_bytes_per_device_step,
+            options.link_gbs,
+            options.device_tflops,
+        )
         record = dataclasses.replace(record, projected_step_model=model_times)
         records.append(record)
         display.note(

@@ -93,8 +93,18 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> DDIMSche
     final = 1.0 if config.set_alpha_to_one else alpha_bar[0]
     alpha_bar_prev = np.where(target >= 0, alpha_bar[np.maximum(target, 0)], final)
     # Index like diffusers: the timestep -1 of the trailing quirk reads alpha_bar[-1].
-    alpha_bar_t = alpha_bar[timesteps]
-    return DDIMSchedule(
+    return DDIMSchedule(**schedule_fields(config, timesteps, alpha_bar[timesteps], alpha_bar_prev))
+
+
+def schedule_fields(
+    config: SchedulerConfig,
+    timesteps: np.ndarray,
+    alpha_bar_t: np.ndarray,
+    alpha_bar_prev: np.ndarray,
+) -> dict:
+    """`DDIMSchedule`'s fields for (S,) timesteps and the float64 alpha_bar of each step's
+    timestep and of the one it steps to."""
+    return dict(
         timesteps=jnp.asarray(timesteps, jnp.float32),
         alpha=jnp.asarray(np.sqrt(alpha_bar_t), jnp.float32),
         sigma=jnp.asarray(np.sqrt(1 - alpha_bar_t), jnp.float32),

@@ -13,7 +13,7 @@ from flax import struct
 
 from jaxfusion.schedulers.common import alphas_cumprod
 from jaxfusion.schedulers.config import SchedulerConfig
-from jaxfusion.schedulers.ddim import DDIMSchedule
+from jaxfusion.schedulers.ddim import DDIMSchedule, schedule_fields
 
 SIGMA_DATA = 0.5  # diffusers' get_scalings_for_boundary_condition_discrete
 
@@ -70,14 +70,7 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> LCMSched
     alpha_bar_prev = np.append(alpha_bar[timesteps[1:]], 1.0)
     scaled = timesteps * config.timestep_scaling
     return LCMSchedule(
-        timesteps=jnp.asarray(timesteps, jnp.float32),
-        alpha=jnp.asarray(np.sqrt(alpha_bar_t), jnp.float32),
-        sigma=jnp.asarray(np.sqrt(1 - alpha_bar_t), jnp.float32),
-        alpha_prev=jnp.asarray(np.sqrt(alpha_bar_prev), jnp.float32),
-        sigma_prev=jnp.asarray(np.sqrt(1 - alpha_bar_prev), jnp.float32),
-        init_noise_sigma=jnp.asarray(1.0, jnp.float32),
-        prediction_type=config.prediction_type,
-        clip_sample_range=config.clip_sample_range if config.clip_sample else None,
+        **schedule_fields(config, timesteps, alpha_bar_t, alpha_bar_prev),
         c_skip=jnp.asarray(SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), jnp.float32),
         c_out=jnp.asarray(scaled / np.sqrt(scaled**2 + SIGMA_DATA**2), jnp.float32),
     )
