@@ -17,7 +17,8 @@ primitive keeps between steps and what its displaced step sends:
     feedback: what one step rounds away is in the next step's difference, so errors do not
     accumulate). The stale values are the base, kept in the values' dtype.
 
-`CODECS` maps each name of `sharding.names.COMPRESSIONS` to its codec.
+`CODECS` maps each name of `sharding.names.COMPRESSIONS` to its codec; a primitive picks its
+codec through one of the maps below (its `PatchContext.receive` call says which).
 """
 
 import dataclasses
@@ -282,3 +283,18 @@ CODECS: dict[Compression, Codec] = {
     "residual-1bit": Residual(Sign()),
 }
 assert tuple(CODECS) == COMPRESSIONS, "sharding.names.COMPRESSIONS names the codecs in order"
+
+# The codec a kind of message goes through under each `ParallelConfig.compress`:
+# self-attention K/V, the bulk of the exchange, the named one;
+AS_NAMED: dict[Compression, Compression] = {name: name for name in COMPRESSIONS}
+# conv halos at 4 bits or more: they are a few rows per patch (4-14% of SDXL's exchange),
+# but each feeds a conv output at the seam directly, and below 4 bits the seams show (8
+# devices, built-in model at 256x256: residual-1bit loses 2.8 dB against uncompressed
+# displaced with 1-bit halos, 0.13 dB with 4-bit ones, docs/performance.md);
+HALO: dict[Compression, Compression] = {
+    **AS_NAMED,
+    "residual-int2": "residual-int4",
+    "residual-1bit": "residual-int4",
+}
+# GroupNorm moments exact: tiny, and a variance's precision matters.
+EXACT: dict[Compression, Compression] = {name: "none" for name in COMPRESSIONS}

@@ -9,14 +9,14 @@ models never see it. How each kind of exchange behaves is written once, in
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding.codecs import CODECS, Transport
+from sharding.codecs import AS_NAMED, CODECS, Transport
 from sharding.names import Compression, GroupNormRule
 
 Exchange = Literal["sync", "displaced", "none", "local"]
@@ -86,7 +86,7 @@ class PatchContext:
         transport: Transport,
         *,
         current: bool = False,
-        compressible: bool = True,
+        codec_of: Mapping[Compression, Compression] = AS_NAMED,
         own_in: Callable[[Any], Any] | None = None,
         refresh: bool = True,
     ) -> Received | None:
@@ -104,7 +104,8 @@ class PatchContext:
 
         current: the module always takes this step's values and keeps no stale buffer (sync
         in displaced steps too, nothing in local ones), as it declares where it is built.
-        compressible: whether `compress` applies (else the values are exact).
+        codec_of: the codec these messages go through under each `compress`
+            (`sharding.codecs.AS_NAMED`, `HALO`, `EXACT`).
         own_in: where `own` sits in `transport(own)` (see `sharding.codecs.Codec`).
         """
         exchange = self.exchange
@@ -112,7 +113,7 @@ class PatchContext:
             exchange = "sync" if self.exchanges else "none"
         if exchange == "none":
             return None
-        codec = CODECS[self.compress if compressible else "none"]
+        codec = CODECS[codec_of[self.compress]]
         if exchange == "sync":
             fresh = transport(own)
             if self.keep_stale and not current:

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.codecs import HALO
 from sharding.context import AXIS, PatchPrimitive
 from sharding.parameters import parameter, uniform
 
@@ -91,8 +92,8 @@ class Conv2d(PatchPrimitive):
     def pad_rows(self, x: jax.Array) -> jax.Array:
         """Pads `x` (B, H, W, C) with `before` rows on top and `after` underneath: zeros on
         one device and in naive patches, else the rows the neighbours send
-        (`PatchContext.receive`; compressed in displaced steps as it says, but for a
-        `current_halo`)."""
+        (`PatchContext.receive`; compressed in displaced steps as `sharding.codecs.HALO`
+        says, but for a `current_halo`)."""
         above, below = self.padding
         received = None
         if self.patch is not None and above + below:
@@ -103,6 +104,7 @@ class Conv2d(PatchPrimitive):
                 halo_messages(x, above, below),
                 lambda messages: neighbour_rows(messages, patches),
                 current=self.current_halo,
+                codec_of=HALO,
             )
         if received is None:
             return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))

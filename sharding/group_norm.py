@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.codecs import EXACT
 from sharding.context import AXIS, GroupNormRule, PatchPrimitive, Received
 from sharding.parameters import ones, parameter, zeros
 
@@ -106,6 +107,6 @@ class GroupNorm(PatchPrimitive):
             local,
             lambda moments: jax.lax.all_gather(moments, AXIS),
             current=context.group_norm == "sync",
-            compressible=False,  # tiny, and a variance's precision matters
+            codec_of=EXACT,
         )
         return image_moments(local, received, context.group_norm, context.index())

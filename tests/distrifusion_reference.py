@@ -54,7 +54,8 @@ self-attentions record becomes stale through the codec, one message stream per (
 message): K/V the patch's (2, B, T, heads * head_dim); a conv's halo its first p rows (sent up)
 and its last p rows (sent down), each as (B, p * W, C). The stale value of a message is what
 `codec_reference.Channel.send` returns for it at the end of each step (synchronous steps send
-exactly). GroupNorm moments and conv_in stay exact.
+exactly). Halos never go below 4 bits: under residual-int2 and residual-1bit they go through
+residual-int4 (K/V through the named codec). GroupNorm moments and conv_in stay exact.
 
 Other modes of `reference_denoise`:
 
@@ -134,7 +135,10 @@ class _State:
         sent = {}
         for message, value in messages.items():
             key = (name, i, message)
-            channel = self.channels.setdefault(key, Channel(self.compress))
+            codec = self.compress
+            if name not in self.kv_layers and codec in ("residual-int2", "residual-1bit"):
+                codec = "residual-int4"  # a halo
+            channel = self.channels.setdefault(key, Channel(codec))
             held = channel.send(value.double().numpy(), exact=self.phase == "full")
             sent[message] = torch.from_numpy(held).to(value.dtype)
         return sent
