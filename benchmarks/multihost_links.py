@@ -6,26 +6,17 @@ no devices or weights). Writes docs/results/multihost_links.json.
 """
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
-from jaxfusion.bench.analyze import abstract_inputs, load_config
+from jaxfusion.bench.analyze import abstract_inputs, data_group, load_config
 from jaxfusion.files import write_text_atomically
 from sharding import ParallelConfig
 from sharding.analysis import host_links, trace_step
 
 LAYOUTS = [dict(data=1, cfg=2), dict(data=2, cfg=1), dict(data=2, cfg=2)]
-
-
-def batched(tree, batch: int):
-    """Shapes with their leading (batch) axis `batch` times as long."""
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct((s.shape[0] * batch, *s.shape[1:]), s.dtype), tree
-    )
 
 
 def main() -> None:
@@ -41,10 +32,9 @@ def main() -> None:
     for layout in LAYOUTS:
         parallel = ParallelConfig(devices=args.devices, mode="displaced", **layout)
         parallel.check_size(args.size, args.size, 8 * 2 ** (config.num_levels - 1))
-        batch = parallel.data  # one prompt per data group
-        inputs = dataclasses.replace(sampling, conditioning=batched(sampling.conditioning, batch))
-        traced = trace_step(unet, inputs, batched(latents, batch), parallel, "displaced")
-        links = host_links(traced, args.hosts)
+        # one prompt per data group; the groups run the same step and exchange nothing
+        traced = trace_step(unet, sampling, latents, data_group(parallel), "displaced")
+        links = host_links(traced, args.hosts, parallel.data)
         record = dict(
             model="sdxl",
             size=args.size,
@@ -53,7 +43,7 @@ def main() -> None:
             data=parallel.data,
             cfg=parallel.cfg,
             patch=parallel.patches,
-            prompts=batch,
+            prompts=parallel.data,
             links=links,
             cross_host_bytes_per_step=sum(v["cross_host"] for v in links.values()),
             within_host_bytes_per_step=sum(v["within_host"] for v in links.values()),

@@ -67,18 +67,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     display = StageDisplay()
     show_warnings_as_notes(display)
+    joined = False  # a multi-process run
     try:
         if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
             import jax
 
             jax.config.update("jax_platforms", "cpu")
             simulate_cpu_devices(devices)
-        elif not start_processes(args, devices) and devices > 1:
-            simulate_cpu_devices(devices)
+        else:
+            joined = start_processes(args, devices)
+            if not joined and devices > 1:
+                simulate_cpu_devices(devices)
         return args.command(args, display)
     except (ValueError, TypeError, OSError, ImportError) as error:
         display.note(f"[red]error:[/red] {escape(str(error))}")
-        return 2
+        code = 2
+    except Exception:
+        if not joined:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if joined:  # the others may wait for this one in a collective: end now, not at exit
+        from sharding.distributed import exit_now
+
+        exit_now(code)
+    return code
 
 
 def end_on_termination() -> None:
@@ -129,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--out", help="a .png with jaxfusion's image, diffusers' and their difference (x10)"
     )
+    add_image_options(compare)  # --refiner and --high-noise-frac are refused
     compare.set_defaults(command=run_compare)
 
     convert = commands.add_parser(
@@ -173,11 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--gn", choices=GROUP_NORM_RULES, default=AnalyzeOptions.group_norm)
     analyze.add_argument("--cfg-parallel", action="store_true")
     analyze.add_argument(
-        "--hosts", type=int, default=1, help="also count the bytes that cross between H hosts"
+        "--data-parallel",
+        type=int,
+        default=AnalyzeOptions.data,
+        metavar="D",
+        help="D groups of --devices / D devices, one prompt each (figures per group device)",
     )
     analyze.add_argument(
-        "--compress", choices=COMPRESSIONS, nargs="+", default=["none"], help=COMPRESS_HELP
+        "--hosts", type=int, default=1, help="also count the bytes that cross between H hosts"
     )
+    add_codec_options(analyze, ["none"], COMPRESS_HELP)
     analyze.add_argument(
         "--link-gbs",
         type=float,
@@ -210,10 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument(
         "--runs", type=int, default=TimingOptions.runs, help="timed runs after a warm-up run"
     )
+    add_codec_options(timing, ["none"], "displaced mode once per codec: " + COMPRESS_HELP)
     timing.add_argument(
         "--torch", action="store_true", help="also time diffusers (PyTorch) on the same config"
     )
     timing.add_argument("--json", help="write one record per configuration")
+    add_distributed_options(timing)
     timing.set_defaults(command=run_time)
 
     profile = commands.add_parser(
@@ -223,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_measurement_options(profile, ProfileOptions.steps, ProfileOptions.prompt)
     add_parallel_options(profile)
     profile.add_argument("--out", required=True, help="new folder for the trace and reports")
+    add_distributed_options(profile)
     profile.set_defaults(command=run_profile)
 
     evaluate = commands.add_parser(
@@ -243,16 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-steps", type=int, default=EvalOptions.warmup_steps, help=WARMUP_HELP
     )
     evaluate.add_argument("--naive-split", choices=NAIVE_SPLITS, default=EvalOptions.naive_split)
-    evaluate.add_argument(
-        "--compress",
-        choices=COMPRESSIONS,
-        nargs="+",
-        default=[],
-        help="also displaced with each codec, compared with single and with uncompressed",
+    add_codec_options(
+        evaluate, [], "also displaced with each codec, compared with single and with uncompressed"
     )
     evaluate.add_argument("--out", required=True, help="new folder: images, metrics.json, grid")
+    add_distributed_options(evaluate)
     evaluate.set_defaults(command=run_eval)
     return parser
+
+
+def add_codec_options(parser: argparse.ArgumentParser, default: list[str], help: str) -> None:
+    """--compress NAME [NAME ...] and --kv-refresh K of the measurements (one K for all)."""
+    parser.add_argument(
+        "--compress", choices=COMPRESSIONS, nargs="+", default=default, metavar="CODEC", help=help
+    )
+    parser.add_argument("--kv-refresh", type=int, default=1, metavar="K", help=KV_REFRESH_HELP)
 
 
 def add_attention_option(parser: argparse.ArgumentParser) -> None:
@@ -527,22 +556,35 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
     diffusers_backend.check_installed()
-    if args.lora:
-        raise ValueError("compare runs diffusers without LoRAs: leave out --lora")
-    kwargs = generation_kwargs(args)
+    for option, value in (("--refiner", args.refiner), ("--high-noise-frac", args.high_noise_frac)):
+        if value is not None:
+            raise ValueError(
+                f"compare runs one pipeline, not the base -> refiner hand-off: leave out "
+                f"{option} (to compare the refiner alone, pass it as --model with --image)"
+            )
+    kwargs = dict(generation_kwargs(args), **image_kwargs(args))
     pipe, _ = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
-    height, width = pipe.size(args.height, args.width)
+    image = kwargs.get("image")
+    height, width = pipe.size(args.height, args.width) if image is None else image.shape[:2]
     if kwargs["latents"] is None:
         kwargs["latents"] = pipe.initial_latents(len(kwargs["prompt"]), height, width, args.seed)
     with display("loading the diffusers (PyTorch) pipeline"):
         torch_pipe = diffusers_backend.load_diffusers_pipeline(
-            model_path(args), dtype=args.dtype, scheduler=args.scheduler
+            model_path(args),
+            dtype=args.dtype,
+            scheduler=args.scheduler,
+            image_to_image=image is not None,
+            loras=args.lora,
         )
+    if image is not None:  # one starting image for every prompt, as jaxfusion takes it
+        image = np.repeat(image[None], len(kwargs["prompt"]), axis=0)
     torch_kwargs = dict(
         prompt=kwargs["prompt"],
         negative_prompt=kwargs["negative_prompt"],
         height=height,
         width=width,
+        image=image,
+        strength=pipe.default_strength if kwargs["strength"] is None else kwargs["strength"],
         num_inference_steps=args.steps,
         guidance_scale=pipe.default_guidance_scale if args.guidance is None else args.guidance,
         latents=kwargs["latents"],
@@ -603,8 +645,10 @@ def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
         mode=args.parallel,
         group_norm=args.gn,
         cfg_parallel=args.cfg_parallel,
+        data=args.data_parallel,
         hosts=args.hosts,
         compress=args.compress,
+        kv_refresh=args.kv_refresh,
         link_gbs=args.link_gbs,
         device_tflops=args.device_tflops,
         dtype=args.dtype,
@@ -625,15 +669,22 @@ def run_train(args: argparse.Namespace, display: StageDisplay) -> int:
 
 
 def run_time(args: argparse.Namespace, display: StageDisplay) -> int:
-    options = TimingOptions(
-        **request_options(args),
-        model=args.model,
-        prompt=args.prompt,
-        devices=args.devices,
-        modes=args.parallel,
-        runs=args.runs,
-        torch_model=model_path(args) if args.torch else None,
-        json=args.json,
+    from sharding.distributed import agree, is_main_process
+
+    writes = is_main_process()  # the others time their share of each call, and write nothing
+    options = agree(
+        lambda: TimingOptions(
+            **request_options(args),
+            model=args.model,
+            prompt=args.prompt,
+            devices=args.devices,
+            modes=args.parallel,
+            compress=args.compress,
+            kv_refresh=args.kv_refresh,
+            runs=args.runs,
+            torch_model=model_path(args) if args.torch else None,
+            json=args.json if writes else None,
+        )
     )
     from jaxfusion.bench import timing
 
@@ -643,8 +694,16 @@ def run_time(args: argparse.Namespace, display: StageDisplay) -> int:
 
 
 def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
-    options = ProfileOptions(
-        **request_options(args), out=args.out, parallel=parallel_config(args), prompt=args.prompt
+    from sharding.distributed import agree, is_main_process
+
+    writes = is_main_process()  # the others run the same calls, untraced, and write nothing
+    options = agree(
+        lambda: ProfileOptions(
+            **request_options(args),
+            out=args.out if writes else None,
+            parallel=parallel_config(args),
+            prompt=args.prompt,
+        )
     )
     from jaxfusion.bench import profile
 
@@ -654,17 +713,23 @@ def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
 
 
 def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
-    options = EvalOptions(
-        **request_options(args),
-        out=args.out,
-        model=args.model,
-        prompts=read_prompts(args.prompts) if args.prompts else EvalOptions.prompts,
-        seeds=args.seeds,
-        devices=args.devices,
-        group_norm=args.gn,
-        warmup_steps=args.warmup_steps,
-        naive_split=args.naive_split,
-        compress=args.compress,
+    from sharding.distributed import agree, is_main_process
+
+    writes = is_main_process()  # the others compute their share of the images only
+    options = agree(
+        lambda: EvalOptions(
+            **request_options(args),
+            out=args.out if writes else None,
+            model=args.model,
+            prompts=read_prompts(args.prompts) if args.prompts else EvalOptions.prompts,
+            seeds=args.seeds,
+            devices=args.devices,
+            group_norm=args.gn,
+            warmup_steps=args.warmup_steps,
+            naive_split=args.naive_split,
+            compress=args.compress,
+            kv_refresh=args.kv_refresh,
+        )
     )
     from jaxfusion.bench import evaluate
 
@@ -732,8 +797,8 @@ def loading_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The image-to-image arguments of the pipeline call of `generate`: --image read (and
-    resized to --height x --width where both are given), --strength."""
+    """The image-to-image arguments of the pipeline call of `generate` and `compare`: --image
+    read (and resized to --height x --width where both are given), --strength."""
     if args.image is None:
         return dict(strength=args.strength)  # the pipeline refuses a strength without image
     from jaxfusion.images import read_image

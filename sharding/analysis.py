@@ -153,20 +153,25 @@ def _collective(eqn, axis_sizes: dict[str, int]) -> Collective:
     return Collective(eqn.primitive.name, axes, operand.shape, str(operand.dtype), received)
 
 
-def host_links(traced: TracedStep, hosts: int) -> dict[str, dict[str, int]]:
+def host_links(traced: TracedStep, hosts: int, data: int = 1) -> dict[str, dict[str, int]]:
     """Which of a step's collectives cross the host boundary, and their bytes: per
     collective kind, the bytes per step that travel between devices of the same host
     ("within_host") and between hosts ("cross_host"), summed over the whole mesh.
 
-    The mesh's devices lie on `hosts` hosts of N / hosts devices each, in mesh order (as
-    `ParallelConfig.mesh` orders them by process: the patch axis innermost). The link model
+    The mesh: `traced`'s, or with `data` = D > 1 D copies of its (cfg, patch) submesh
+    along the data axis (a data group runs `traced` on its own prompts and exchanges
+    nothing with another). Its N devices lie on `hosts` hosts of N / hosts devices each,
+    in mesh order (as `ParallelConfig.mesh` orders them by process: the patch axis
+    innermost, the data axis outermost). The link model
     counts point-to-point transfers: a ppermute sends its operand along each pair of its
     permutation; an all_gather sends each member's operand to every other member; an
     all_to_all each member's 1/n of it to every other member; a psum is a ring all-reduce
     over the members in mesh order, 2 (n - 1) / n of the operand along each ring edge.
     """
     parallel = traced.parallel
-    shape = parallel.mesh(abstract=True).axis_sizes
+    if parallel.data != 1:
+        raise ValueError("host_links: trace one data group (data=1) and give its count as data")
+    shape = (data, *parallel.mesh(abstract=True).axis_sizes[1:])
     devices = math.prod(shape)
     if hosts < 1 or devices % hosts:
         raise ValueError(f"{devices} devices do not spread evenly over {hosts} hosts")

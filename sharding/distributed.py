@@ -4,18 +4,24 @@ Every process runs the same program over the global mesh (`ParallelConfig.mesh` 
 devices by process, then id, so a process's devices are neighbours on the patch axis); each
 computes the slabs of its own devices, and collectives cross processes (on CPU, through
 gloo). Every process must load the same weights and prepare the same request; `agree` ends
-all of them when one fails before the run, and a peer that dies during it is noticed by
-the coordinator's heartbeats, which end the others.
+all of them when one fails before the run, and a peer that dies during it (or fails and
+leaves by `exit_now`) is noticed by the coordinator's heartbeats, which end the others.
 """
 
-from collections.abc import Callable
-from typing import TypeVar
+import itertools
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import NoReturn, TypeVar
 
 import jax
 import numpy as np
 
 DEFAULT_TIMEOUT_S = 300
 Result = TypeVar("Result")
+# The run's timeout (`initialize`), for `wait_for_peers`, and the count of its barriers.
+_timeout_s = DEFAULT_TIMEOUT_S
+_barriers = itertools.count()
 
 
 class DistributedError(ConnectionError):
@@ -54,6 +60,8 @@ def initialize(
         raise ValueError(f"process id {process_id} is not in 0..{num_processes - 1}")
     if timeout_s < 1:
         raise ValueError(f"timeout {timeout_s} s: use 1 or more")
+    global _timeout_s
+    _timeout_s = timeout_s
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if devices is not None and num_processes is not None:
         if devices % num_processes:
@@ -75,6 +83,40 @@ def initialize(
             f"process {process_id} could not join the run at {coordinator} within {timeout_s} s "
             f"(all {num_processes} processes must start, with the same --coordinator): {error}"
         ) from error
+
+
+def wait_for_peers(devices: Iterable[jax.Device], what: str) -> None:
+    """Waits until every other process with some of `devices` gets here (at once where
+    they are all this process's), for the run's timeout: before a program over them runs,
+    so that a process still compiling it (a slower host, or one whose compilation cache
+    lacks it) is waited for as long as the timeout says, not the 30 s that a CPU (gloo)
+    collective waits for its peers when it first connects them. `what`: what comes next,
+    for the error."""
+    processes = sorted({device.process_index for device in devices})
+    if processes == [jax.process_index()]:
+        return
+    from jax._src import distributed  # the client JAX's own multi-host utilities use
+
+    barrier = f"jaxfusion-{next(_barriers)}"
+    try:
+        distributed.global_state.client.wait_at_barrier(barrier, _timeout_s * 1000, processes)
+    except Exception as error:  # XlaRuntimeError, DEADLINE_EXCEEDED
+        raise DistributedError(
+            f"process {jax.process_index()} waited {_timeout_s} s for processes {processes} "
+            f"before {what}: one is slower (compiling) or failed; --distributed-timeout S "
+            f"waits longer: {error}"
+        ) from error
+
+
+def exit_now(code: int) -> NoReturn:
+    """Ends this process of a multi-process run that failed, at once, with exit status
+    `code`: not through JAX's exit handler, whose shutdown barrier waits for every process
+    (while another may be waiting in a collective for this one: both would hang). The
+    others then end through the coordination service: its heartbeats miss this process
+    within the timeout (where this is process 0, the service itself is gone)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main_process() -> bool:

@@ -122,7 +122,7 @@ class ParallelConfig:
             raise ValueError(
                 f"{batch} prompt(s) do not split over data={self.data} device groups: give a "
                 f"multiple of {self.data} prompts (e.g. {lower} or {lower + self.data}), or a "
-                "smaller data"
+                f"smaller data that divides {batch} (--data-parallel D on the command line)"
             )
 
     def schedule(self, steps: int) -> list[tuple[StepKind, range]]:
@@ -161,13 +161,16 @@ class ParallelConfig:
 
     def mesh(self, abstract: bool = False) -> Mesh | AbstractMesh:
         """The (data, cfg, patch) mesh over the first D x C x P of `jax.devices()` ordered
-        by (process, id), the patch axis innermost; with `abstract`, its shape only, to
-        trace programs without the devices."""
+        by (process, id), the patch axis innermost (one device: this process's first, so
+        that every process of a multi-process run computes it); with `abstract`, its shape
+        only, to trace programs without the devices."""
         shape = (self.data, self.cfg, self.patches)
         needed = self.data * self.cfg * self.patches
         if abstract:
             return AbstractMesh(shape, MESH_AXES)
         available = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        if needed == 1:  # exchanges nothing: with several processes, each runs it alone
+            available = jax.local_devices()
         if len(available) < needed:
             raise ValueError(
                 f"{needed} devices asked, {len(available)} available ({available[0].platform}); "

@@ -24,14 +24,14 @@ class Placement:
     def replicated(self, parallel: ParallelConfig) -> Sharding:
         """The sharding of weights and other replicated inputs under `parallel`."""
         if parallel.mode == "single":
-            return SingleDeviceSharding(jax.devices()[0])
+            return single_device(parallel)
         return NamedSharding(parallel.mesh(), P())
 
     def rows(self, parallel: ParallelConfig) -> Sharding:
         """Arrays (B, H, ...) split by rows over the patch axis and by batch over the data
         axis (on one device: whole)."""
         if parallel.mode == "single":
-            return SingleDeviceSharding(jax.devices()[0])
+            return single_device(parallel)
         return NamedSharding(parallel.mesh(), ROWS)
 
     def on(self, parallel: ParallelConfig):
@@ -43,6 +43,12 @@ class Placement:
         if mesh not in self._replicas:
             self._replicas[mesh] = replicate(self.state, self.replicated(parallel))
         return self._replicas[mesh]
+
+
+def single_device(parallel: ParallelConfig) -> Sharding:
+    """The sharding of mode single: the one device of `parallel.mesh()` (this process's
+    first: every process of a multi-process run computes a single-device program alone)."""
+    return SingleDeviceSharding(parallel.mesh().devices.flat[0])
 
 
 def replicate(tree, sharding: Sharding):

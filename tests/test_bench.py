@@ -147,3 +147,25 @@ def test_analyze_measures_the_whole_generation(generation):
         assert generation_bytes >= weights + record["temp_bytes_generation_per_device"]
     temp = "temp_bytes_generation_per_device"
     assert 0 < eight[temp] < single[temp]
+
+
+def test_kv_refresh_traffic_is_the_mean_over_the_refresh_cycle():
+    """--kv-refresh 3: one displaced step in three all-gathers K/V; the record's traffic is
+    the mean of the three steps, traced apart (the kept steps still send their halos)."""
+    from jaxfusion.bench import analyze
+
+    config = load_config(str(builtin_model_path()))
+    unet, sampling, latents = abstract_inputs(config, 16, 16, "float32")
+    parallel = ParallelConfig(devices=4, mode="displaced", kv_refresh=3)
+
+    def received(refresh_kv: bool) -> tuple[int, int]:
+        traced = trace_step(unet, sampling, latents, parallel, "displaced", refresh_kv=refresh_kv)
+        collectives = traced.collectives()
+        gathered = [c for c in collectives if c.kind == "all_gather"]
+        return sum(c.received_bytes for c in collectives), len(gathered)
+
+    (refreshing, gathers), (kept, kept_gathers) = received(True), received(False)
+    assert kept_gathers < gathers and 0 < kept < refreshing
+    record = analyze.analyze("builtin", config, 128, 128, parallel, "float32")
+    assert record.kv_refresh == 3
+    assert record.comm_bytes_per_device_step == (refreshing + 2 * kept) // 3

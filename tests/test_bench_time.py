@@ -39,6 +39,7 @@ class Clock:
     def __init__(self):
         self.now = 0.0
         self.calls: list[tuple[str, int, int]] = []
+        self.configs: list[ParallelConfig] = []  # of the jaxfusion calls
 
     def perf_counter(self) -> float:
         return self.now
@@ -74,6 +75,7 @@ class FakePipeline:
         parallel = bound.arguments["parallel"]
         assert bound.arguments["height"] == bound.arguments["width"] == SIZE
         self.clock.call(parallel.mode, parallel.devices, bound.arguments["num_inference_steps"])
+        self.clock.configs.append(parallel)
 
 
 TORCH_MODEL = "tiny-diffusers"
@@ -182,9 +184,27 @@ def test_displaced_without_displaced_steps_and_noise(scripted, tmp_path, monkeyp
     assert "a step time is missing" in data["note"]
 
 
+def test_displaced_once_per_codec(scripted):
+    """--compress: one displaced row per codec, each call under its codec and --kv-refresh;
+    the other modes once, uncompressed."""
+    records = bench_time(
+        scripted, devices=[1, 2], modes=["sync", "displaced"], steps=10, runs=1,
+        compress=["none", "residual-int4"], kv_refresh=2,
+    )  # fmt: skip
+    rows = [("single", "none", 1), ("sync", "none", 1)]
+    rows += [("displaced", "none", 2), ("displaced", "residual-int4", 2)]
+    assert [(r.mode, r.compress, r.kv_refresh) for r in records] == rows
+    called = [(p.mode, p.compress, p.kv_refresh) for p in scripted.configs]
+    assert called == [row for row in rows for _ in range(4)]  # 2 warm-up + 2 timed calls each
+    assert [timing.mode_label(r) for r in records][2:] == [
+        "displaced none kv/2", "displaced residual-int4 kv/2",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
+        (["--parallel", "sync", "--compress", "fp8"], "add --parallel displaced"),
         (["--runs", "0"], "--runs 0"),
         (["--steps", "1"], "--steps 1"),
         (["--devices", "0"], "--devices 0"),

@@ -64,7 +64,8 @@ def test_data_and_cfg_on_eight_devices_equal_each_prompt_alone(pipe):
 def test_mismatched_counts_are_refused_before_compiling(pipe):
     with pytest.raises(ValueError, match="do not factor into 2 \\(data\\) x 2 \\(CFG\\)"):
         ParallelConfig(devices=6, data=2, cfg=2)
-    with pytest.raises(ValueError, match="3 prompt\\(s\\) do not split over data=2"):
+    with pytest.raises(ValueError, match="3 prompt\\(s\\) do not split over data=2") as refused:
         pipe.prepare(PROMPTS[:3], parallel=ParallelConfig(devices=4, data=2))
+    assert "(e.g. 2 or 4)" in str(refused.value) and "--data-parallel" in str(refused.value)
     with pytest.raises(ValueError, match="cfg and data must be 1"):
         ParallelConfig(devices=1, data=2, mode="single")

@@ -3,6 +3,7 @@ collectives), started as `jaxfusion generate` subprocesses on localhost: the ima
 single-process 4-device run's, only process 0 writes it, and a process that fails makes the
 other end with a clear error, not hang."""
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,9 @@ from sharding import ParallelConfig
 
 PROMPT = "a red circle at the top left"
 SIZE, STEPS, DEVICES, PROCESSES = 64, 3, 4, 2
-TIMEOUT_S = 240  # the whole run of both processes, compile included, on a busy machine
+TIMEOUT_S = 400  # the whole run of both processes, compile included, on a busy machine
+# --distributed-timeout: how long a process waits in a collective for one still compiling
+PEER_TIMEOUT_S = 120
 ROUNDING = 1e-5  # float32, relative L2
 
 
@@ -28,51 +31,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(tmp_path, mode: str, prompt_files: list[str | None] | None = None):
-    """`jaxfusion generate` as PROCESSES processes: each writes (or not) tmp_path/out-I.npy;
-    returns their (return code, stderr) and the wall time of the slowest."""
+def launch(tmp_path, arguments, timeout_s: int = PEER_TIMEOUT_S) -> list[subprocess.Popen]:
+    """`jaxfusion ARGUMENTS(I)` as process I of PROCESSES on a free localhost port, with
+    `--distributed-timeout timeout_s`; its stdout and stderr go to tmp_path/log-I.txt."""
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
     procs = []
-    start = time.perf_counter()
     for i in range(PROCESSES):
-        prompt = ["--prompt", PROMPT]
-        if prompt_files is not None:
-            prompt = ["--prompts", prompt_files[i]]
         command = [
-            sys.executable,
-            "-m",
-            "jaxfusion.cli",
-            "generate",
-            *prompt,
-            *("--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS)),
-            *(
-                "--devices",
-                str(DEVICES),
-                "--parallel",
-                mode,
-                "--out",
-                str(tmp_path / f"out-{i}.npy"),
-            ),
+            *(sys.executable, "-m", "jaxfusion.cli", *arguments(i)),
             *("--coordinator", f"localhost:{port}", "--num-processes", str(PROCESSES)),
-            *("--process-id", str(i), "--distributed-timeout", "30"),
+            *("--process-id", str(i), "--distributed-timeout", str(timeout_s)),
         ]
-        procs.append(
-            subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    results = []
+        with open(tmp_path / f"log-{i}.txt", "w") as log:
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log, text=True))
+    return procs
+
+
+def finish(tmp_path, procs: list[subprocess.Popen], start: float) -> list[tuple[int, str]]:
+    """Each process's (return code, output) once all ended, TIMEOUT_S after `start` at most
+    (then the test fails on the timeout, and the processes are killed)."""
     try:
         for proc in procs:
-            _, stderr = proc.communicate(timeout=TIMEOUT_S - (time.perf_counter() - start))
-            results.append((proc.returncode, stderr))
+            proc.wait(timeout=max(1.0, TIMEOUT_S - (time.perf_counter() - start)))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    return results, time.perf_counter() - start
+    return [(p.returncode, (tmp_path / f"log-{i}.txt").read_text()) for i, p in enumerate(procs)]
+
+
+def generate_arguments(
+    tmp_path, mode: str, prompt_files=None, devices=DEVICES, height=SIZE, steps=STEPS
+):
+    """The `jaxfusion generate` arguments of process I: it writes tmp_path/out-I.npy."""
+
+    def arguments(i: int) -> list[str]:
+        prompt = ["--prompt", PROMPT] if prompt_files is None else ["--prompts", prompt_files[i]]
+        return [
+            *("generate", *prompt, "--height", str(height), "--width", str(SIZE)),
+            *("--steps", str(steps), "--devices", str(devices), "--parallel", mode),
+            *("--out", str(tmp_path / f"out-{i}.npy")),
+        ]
+
+    return arguments
+
+
+def run_processes(tmp_path, mode: str, prompt_files=None, devices: int = DEVICES, height=SIZE):
+    """`jaxfusion generate` as PROCESSES processes: each writes (or not) tmp_path/out-I.npy;
+    returns their (return code, output) and the wall time of the slowest."""
+    start = time.perf_counter()
+    procs = launch(tmp_path, generate_arguments(tmp_path, mode, prompt_files, devices, height))
+    return finish(tmp_path, procs, start), time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +91,26 @@ def pipe():
     return jaxfusion.load_pipeline(builtin_model_path())
 
 
-def single_process(pipe, mode: str) -> np.ndarray:
-    parallel = ParallelConfig(devices=DEVICES, mode=mode)
-    return pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, parallel=parallel)[0]
+def single_process(pipe, mode: str, devices: int = DEVICES, height: int = SIZE) -> np.ndarray:
+    parallel = ParallelConfig(devices=devices, mode=mode)
+    call = dict(height=height, width=SIZE, num_inference_steps=STEPS, parallel=parallel)
+    return pipe(PROMPT, **call)[0]
 
 
-def check_equals_single_process(pipe, tmp_path, mode: str) -> None:
-    results, _ = run_processes(tmp_path, mode)
-    for rc, stderr in results:
-        assert rc == 0, stderr[-3000:]
+def check_equals_single_process(
+    pipe, tmp_path, mode: str, devices: int = DEVICES, height: int = SIZE
+) -> None:
+    results, wall = run_processes(tmp_path, mode, devices=devices, height=height)
+    for rc, output in results:
+        assert rc == 0, output[-3000:]
     assert not (tmp_path / "out-1.npy").exists()  # only process 0 writes
     image = np.load(tmp_path / "out-0.npy")
-    expected = single_process(pipe, mode)
+    expected = single_process(pipe, mode, devices, height)
     error = np.linalg.norm(image - expected) / np.linalg.norm(expected)
-    print(f"{mode}: relative L2 against the single-process run {error:.2e}")
+    print(
+        f"{mode}, {PROCESSES} processes x {devices // PROCESSES} devices: relative L2 against "
+        f"the single-process run {error:.2e} ({wall:.1f} s)"
+    )
     assert error < ROUNDING
 
 
@@ -102,10 +119,53 @@ def test_two_processes_sync_equal_one_process(pipe, tmp_path):
     check_equals_single_process(pipe, tmp_path, "sync")
 
 
+# P = 8 (2 processes x 4 devices) needs a height of 8 patches x 16 (the built-in model's
+# multiple per patch).
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["displaced", "naive"])
-def test_two_processes_equal_one_process(pipe, tmp_path, mode):
-    check_equals_single_process(pipe, tmp_path, mode)
+@pytest.mark.parametrize(
+    "mode, devices, height", [("displaced", 4, SIZE), ("naive", 4, SIZE), ("displaced", 8, 128)]
+)
+def test_two_processes_equal_one_process(pipe, tmp_path, mode, devices, height):
+    check_equals_single_process(pipe, tmp_path, mode, devices, height)
+
+
+@pytest.mark.slow
+def test_two_process_eval_equals_the_one_process_eval(pipe, tmp_path):
+    """`jaxfusion eval` on 2 processes x 2 devices: process 0 writes metrics.json and prints
+    the table, process 1 neither; the metrics equal those of the same eval in one process
+    (its displaced and naive images equal the one-process run's to float32 rounding)."""
+    from jaxfusion.bench import evaluate
+    from jaxfusion.bench.options import EvalOptions
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n")
+    request = dict(height=SIZE, width=SIZE, steps=STEPS, seeds=[0], group_norm=["corrected"])
+
+    def arguments(i: int) -> list[str]:
+        return [
+            *("eval", "--prompts", str(prompts), "--seeds", "0", "--gn", "corrected"),
+            *("--steps", str(STEPS), "--height", str(SIZE), "--width", str(SIZE)),
+            *("--devices", str(DEVICES), "--out", str(tmp_path / f"eval-{i}")),
+        ]
+
+    start = time.perf_counter()
+    (rc0, output0), (rc1, output1) = finish(tmp_path, launch(tmp_path, arguments), start)
+    assert rc0 == 0 and rc1 == 0, (output0 + output1)[-3000:]
+    assert not (tmp_path / "eval-1").exists()  # only process 0 writes, and checks its --out
+    assert "mean quality against single" in output0
+    assert "mean quality against single" not in output1
+    metrics = json.loads((tmp_path / "eval-0" / "metrics.json").read_text())
+    options = EvalOptions(out=tmp_path / "alone", prompts=[PROMPT], devices=DEVICES, **request)
+    expected = evaluate.run(pipe, options)
+    for name, mean in expected["mean"].items():
+        got = metrics["mean"][name]
+        print(
+            f"eval {name}: {got['psnr_db']:.4f} dB, SSIM {got['ssim']:.6f} on 2 processes; "
+            f"{mean['psnr_db']:.4f} dB, SSIM {mean['ssim']:.6f} in one"
+        )
+        assert got["psnr_db"] == pytest.approx(mean["psnr_db"], abs=1e-3)
+        assert got["ssim"] == pytest.approx(mean["ssim"], abs=1e-5)
+    assert set(metrics["mean"]) == set(expected["mean"]) == {"displaced-corrected", "naive"}
 
 
 def test_a_failing_process_ends_the_other(tmp_path):
@@ -119,6 +179,28 @@ def test_a_failing_process_ends_the_other(tmp_path):
     assert wall < TIMEOUT_S
 
 
+def test_a_killed_process_ends_the_other_within_the_timeout(tmp_path):
+    """Process 1 killed once it compiles: the coordinator misses its heartbeats for the
+    timeout and ends process 0 (JAX aborts it, naming the silent process), whatever
+    process 0 was doing (compiling, or waiting in a collective)."""
+    timeout_s = 10
+    start = time.perf_counter()  # 50 steps: process 1 is killed long before they end
+    procs = launch(tmp_path, generate_arguments(tmp_path, "sync", steps=50), timeout_s)
+    log = tmp_path / "log-1.txt"
+    while "compiling" not in log.read_text() and procs[1].poll() is None:
+        assert time.perf_counter() - start < TIMEOUT_S, log.read_text()
+        time.sleep(0.2)
+    procs[1].kill()
+    killed = time.perf_counter()
+    (rc0, output0), _ = finish(tmp_path, procs, start)
+    ended = time.perf_counter() - killed
+    print(f"process 0 ended {ended:.1f} s after process 1 was killed (timeout {timeout_s} s)")
+    assert rc0 != 0 and "stopped sending heartbeats" in output0, output0[-3000:]
+    assert "1\n" in output0.split("stopped sending heartbeats")[1][:40]  # names process 1
+    assert ended < timeout_s + 30  # the timeout, and a busy machine's slack
+    assert not (tmp_path / "out-0.npy").exists()
+
+
 def test_host_links_count_the_pairs_that_cross_the_host_boundary():
     from jaxfusion.bench.analyze import abstract_inputs, load_config
     from sharding.analysis import host_links, trace_step
@@ -126,9 +208,10 @@ def test_host_links_count_the_pairs_that_cross_the_host_boundary():
     config = load_config(str(builtin_model_path()))
     unet, sampling, latents = abstract_inputs(config, 32, 32, "float32")
 
-    def links(**layout):
-        parallel = ParallelConfig(devices=4, mode="displaced", **layout)
-        return host_links(trace_step(unet, sampling, latents, parallel, "displaced"), hosts=2)
+    def links(devices=4, hosts=2, data=1, **layout):
+        parallel = ParallelConfig(devices=devices, mode="displaced", **layout)
+        traced = trace_step(unet, sampling, latents, parallel, "displaced")
+        return host_links(traced, hosts, data)
 
     # P = 4 over hosts {0, 1}, {2, 3}: of the halo pairs (p, p +- 1) one in three crosses,
     # of the all_gather pairs 8 in 12.
@@ -139,3 +222,9 @@ def test_host_links_count_the_pairs_that_cross_the_host_boundary():
     halves = links(cfg=2)
     assert halves["ppermute"]["cross_host"] == 0
     assert halves["all_gather"]["cross_host"] > 0
+    # D = 2 groups of P = 2 (one traced), a group per host: each group's pairs as on one
+    # host alone, none across.
+    groups, one_group = links(devices=2, data=2), links(devices=2, hosts=1)
+    for kind in ("ppermute", "all_gather"):
+        assert groups[kind]["cross_host"] == 0
+        assert groups[kind]["within_host"] == 2 * one_group[kind]["within_host"] > 0

@@ -4,6 +4,7 @@ warm-up is synchronous patch parallelism, which equals single), by scikit-image'
 the written PNGs, and by the grid's layout; refusals come before the model is loaded or
 anything compiles."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pipelines import SIZE, save_random_pipeline
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from jaxfusion import cli
+from jaxfusion.bench import evaluate
 from jaxfusion.bench.options import EvalOptions
 
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
@@ -168,6 +170,29 @@ def test_options_are_checked_when_made(tmp_path):
         EvalOptions(out=out, prompts=[])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         EvalOptions(out=tmp_path / "missing" / "out")
+    with pytest.raises(ValueError, match="name them with --compress"):
+        EvalOptions(out=out, kv_refresh=2)
+
+
+def test_codec_runs_beside_the_uncompressed_one(tmp_path):
+    """--compress none residual-int4 --kv-refresh 2: both codecs with K/V every 2nd step,
+    named after them, beside displaced with K/V every step (what they are compared with)."""
+    options = EvalOptions(
+        out=tmp_path / "out", devices=4, steps=10, group_norm=["stale"],
+        compress=["none", "residual-int4"], kv_refresh=2,
+    )  # fmt: skip
+    modes = evaluate.mode_configs(options)
+    assert list(modes) == [
+        "single", "displaced-stale", "displaced-stale+none+kv2",
+        "displaced-stale+residual-int4+kv2", "naive",
+    ]  # fmt: skip
+    plain = modes["displaced-stale"]
+    assert (plain.compress, plain.kv_refresh, plain.group_norm) == ("none", 1, "stale")
+    for name, codec in [("none", "none"), ("residual-int4", "residual-int4")]:
+        run = modes[f"displaced-stale+{name}+kv2"]
+        assert run == dataclasses.replace(plain, compress=codec, kv_refresh=2)
+    without = evaluate.mode_configs(dataclasses.replace(options, compress=["none"], kv_refresh=1))
+    assert list(without) == ["single", "displaced-stale", "naive"]  # none alone adds nothing
 
 
 def test_invalid_size_is_refused_before_compiling(model, tmp_path):

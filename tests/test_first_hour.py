@@ -106,7 +106,8 @@ def test_compare_without_the_test_extras_says_what_to_install(folder, capsys, re
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     error = refused(capsys, "compare", "--model", str(folder), "--prompt", PROMPT,
                     "--lora", "some.safetensors")  # fmt: skip
-    assert "compare runs diffusers without LoRAs: leave out --lora" in error
+    assert "no LoRA file at some.safetensors" in error  # compare fuses LoRAs on both sides
+    assert reads == []
 
 
 def test_unwritable_out_folder_refused_before_loading(folder, capsys, reads):

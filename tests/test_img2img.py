@@ -2,9 +2,7 @@
 StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline on the same tiny random
 folders, the added noise given to both sides; under sync on 4 devices as on one."""
 
-import contextlib
-import sys
-from collections.abc import Iterator
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from commands import jaxfusion_command
 from pipelines import LATENT_SIZE, SIZE
 from test_pipelines import MIN_PSNR, NEGATIVE, PROMPT, Backends
 
+from jaxfusion.diffusers_backend import given_image_noise
 from jaxfusion.images import psnr, read_image
 from sharding.parallel import ParallelConfig
 
@@ -52,35 +51,11 @@ def added_noise(seed: int = 1) -> np.ndarray:
     return rng.standard_normal((1, 4, LATENT_SIZE, LATENT_SIZE)).astype(np.float32)
 
 
-@contextlib.contextmanager
-def given_noise(pipe, noise: np.ndarray | None) -> Iterator[None]:
-    """Inside: a diffusers img2img `pipe` adds `noise` (NCHW) to the image's latents (its
-    module's `randn_tensor`, which draws nothing else) and encodes images to the mean of the
-    VAE's latent distribution (its `retrieve_latents` in "argmax" mode) as jaxfusion does,
-    instead of drawing a sample of it."""
-    module = sys.modules[type(pipe).__module__]
-    drawn, retrieve = module.randn_tensor, module.retrieve_latents
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
-        assert noise is not None, "diffusers drew noise where none was given"
-        assert tuple(shape) == noise.shape, (shape, noise.shape)
-        return torch.from_numpy(noise).to(device=device, dtype=dtype)
-
-    def mean_latents(encoder_output, generator=None, sample_mode="sample"):
-        return retrieve(encoder_output, generator, sample_mode="argmax")
-
-    module.randn_tensor, module.retrieve_latents = randn_tensor, mean_latents
-    try:
-        yield
-    finally:
-        module.randn_tensor, module.retrieve_latents = drawn, retrieve
-
-
 def run_img2img(pipe, prompt, noise: np.ndarray | None, **options) -> np.ndarray:
     """A diffusers img2img pipeline's output (images (B, H, W, 3), or latents (B, C, h, w)
-    with output_type="latent") for `options`, adding `noise`."""
+    with output_type="latent") for `options`, adding `noise` (`given_image_noise`)."""
     options = {"output_type": "np", **options}
-    with torch.inference_mode(), given_noise(pipe, noise):
+    with torch.inference_mode(), given_image_noise(pipe, noise):
         result = pipe(prompt, **options).images
     return np.asarray(result, np.float32)
 
@@ -155,6 +130,52 @@ def test_command_starts_from_an_image(backends, tmp_path):
     value = psnr(np.load(out)[None], expected)
     print(f"PSNR jaxfusion generate --image: {value:.1f} dB")
     assert value >= MIN_PSNR, value
+
+
+def compare_command(tmp_path: Path, folder: Path, *options: str) -> float:
+    """`jaxfusion compare` of `folder` from `image_file` (--strength 0.6) with `options` ->
+    the PSNR it printed (jaxfusion against diffusers' img2img pipeline of the folder, given
+    the noise jaxfusion adds); its --out image written to tmp_path / "compare.png"."""
+    result = jaxfusion_command(
+        tmp_path / "cache", "compare", "--model", str(folder), "--prompt", PROMPT,
+        "--negative-prompt", NEGATIVE, "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+        "--image", str(image_file(tmp_path)), "--strength", "0.6", "--height", str(SIZE),
+        "--width", str(SIZE), "--runs", "1", "--out", str(tmp_path / "compare.png"), *options,
+    )  # fmt: skip
+    match = re.search(r"PSNR ([\d.]+|inf) dB", result.stderr)
+    assert match, result.stderr
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_compare_command_image_to_image_with_two_loras(backends, tmp_path):
+    """`jaxfusion compare --image IN.png --strength 0.6 --lora FOLDER:0.8 --lora FILE:0.5` on
+    SDXL: diffusers' StableDiffusionXLImg2ImgPipeline of the same folder, both LoRAs fused on
+    both sides (diffusers' load_lora_weights, set_adapters + fuse_lora), agrees to the parity
+    bound, and the image is not the one without the LoRAs; --refiner is refused at once."""
+    from PIL import Image
+    from test_lora import save_kohya_sgm_lora, save_kohya_unet_lora
+
+    save_kohya_unet_lora(None, tmp_path / "a")
+    save_kohya_sgm_lora(None, tmp_path / "b")
+    loras = ["--lora", f"{tmp_path / 'a'}:0.8"]
+    loras += ["--lora", f"{tmp_path / 'b' / 'pytorch_lora_weights.safetensors'}:0.5"]
+    value = compare_command(tmp_path, backends.folder("sdxl"), *loras)
+    print(f"PSNR jaxfusion compare --image, two --lora (sdxl): {value:.1f} dB")
+    assert value >= MIN_PSNR, value
+    ours = np.asarray(Image.open(tmp_path / "compare.png"))[:, :SIZE] / 255
+    image = read_image(image_file(tmp_path), (SIZE, SIZE))
+    base = backends.jax("sdxl")(
+        PROMPT, negative_prompt=NEGATIVE, image=image, strength=0.6, seed=0,
+        num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+    )[0]  # fmt: skip
+    print(f"PSNR against the image without the LoRAs: {psnr(ours, base):.1f} dB")
+    assert psnr(ours, base) < 40  # (the PNG's rounding alone: about 59 dB)
+    refused = jaxfusion_command(
+        tmp_path / "cache", "compare", "--model", str(backends.folder("sdxl")), "--prompt",
+        PROMPT, "--image", str(image_file(tmp_path)), "--refiner", "refiner", expect=2,
+    )  # fmt: skip
+    assert "leave out --refiner" in refused.stderr and "loading" not in refused.stderr
 
 
 def test_refusals(backends):

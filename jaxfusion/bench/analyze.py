@@ -125,9 +125,15 @@ class StepAnalysis:
     FLOPs come from the step with `xla` attention: `cost_analysis` counts a loop's body
     once, and chunked attention is a loop. Memory comes from the programs with `attention`.
     None: not measured (the whole generation of a model whose pipeline is not known).
+    devices: N = data x cfg x patch; data: D, the groups that split a batch of prompts
+        (each of one group's C x P devices computes what it computes in a C x P run: a
+        group exchanges nothing with another, so the per-device figures are one group's).
     compress: the codec of the displaced exchange (`ParallelConfig.compress`); the traffic
         counts its payloads' bytes (packed codes and scales), the reference stays the
         uncompressed scheme's.
+    kv_refresh: K, displaced steps exchange K/V every K-th step (`ParallelConfig`): the
+        traced traffic is then the mean over K displaced steps (one exchanges K/V, K - 1 do
+        not); the HLO's, memory and FLOPs are the step's that exchanges them.
     projected_step_model: `projected_step_seconds`, a model, not a measurement.
     """
 
@@ -155,7 +161,9 @@ class StepAnalysis:
     hosts: int = 1
     host_links: dict[str, dict[str, int]] | None = None
     compress: str = "none"
+    kv_refresh: int = 1
     projected_step_model: dict | None = None
+    data: int = 1
 
 
 def abstract_inputs(
@@ -287,10 +295,12 @@ def analyze(
     hosts: int = 1,
 ) -> StepAnalysis:
     """Compiles the steady-state step of `parallel` (a displaced step for displaced mode)
-    for the first C x P devices and reads it, with the single-device step for comparison
-    (`single`: its `single_step_cost` with xla attention, computed here when not given),
-    and the whole generation of `pipeline` (an `abstract_pipeline`; None: not measured);
-    with `hosts` > 1, what crosses hosts (`host_links`, the whole mesh's bytes per step)."""
+    for the first C x P devices (one data group, `data_group`) and reads it, with the
+    single-device step for comparison (`single`: its `single_step_cost` with xla
+    attention, computed here when not given), and the whole generation of `pipeline` (an
+    `abstract_pipeline`; None: not measured); with `hosts` > 1, what crosses hosts
+    (`host_links`, the whole (D, C, P) mesh's bytes per step)."""
+    data, parallel = parallel.data, data_group(parallel)
     unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
     single = single or single_step_cost(config, height, width, dtype)
     generation = {}
@@ -300,7 +310,8 @@ def analyze(
         model=model,
         height=height,
         width=width,
-        devices=parallel.cfg * parallel.patches,
+        devices=data * parallel.devices,
+        data=data,
         patch=parallel.patches,
         cfg=parallel.cfg,
         mode=parallel.mode,
@@ -331,6 +342,11 @@ def analyze(
     context = PatchContext(
         parallel.patches, exchange, parallel.group_norm, compress=parallel.compress
     )
+    received = sum(c.received_bytes for c in traced.collectives())
+    if parallel.kv_refresh > 1 and exchange == "displaced":
+        kept = trace_step(unet, sampling, latents, parallel, exchange, refresh_kv=False)
+        kept_bytes = sum(c.received_bytes for c in kept.collectives())
+        received = (received + (parallel.kv_refresh - 1) * kept_bytes) // parallel.kv_refresh
     uncompressed = traced
     if parallel.compress != "none":
         uncompressed = trace_step(
@@ -346,7 +362,7 @@ def analyze(
     compiled = compile_step("xla")
     cost = _cost(compiled)
     memory = (compiled if attention == "xla" else compile_step(attention)).memory_analysis()
-    hlo = hlo_collectives(compiled.as_text(), record["devices"])
+    hlo = hlo_collectives(compiled.as_text(), parallel.devices)
     by_op: dict[str, dict[str, int]] = {}
     for c in hlo:
         entry = by_op.setdefault(c.op, {"count": 0, "received_bytes": 0})
@@ -356,15 +372,25 @@ def analyze(
         **record,
         flops_per_device_step=float(cost["flops"]),
         bytes_accessed_per_device_step=float(cost["bytes accessed"]),
-        comm_bytes_per_device_step=sum(c.received_bytes for c in traced.collectives()),
+        comm_bytes_per_device_step=received,
         comm_bytes_hlo_per_device_step=sum(c.received_bytes for c in hlo),
         comm_bytes_reference_per_device_step=reference_bytes(uncompressed, config, latents),
         memory_bytes_per_device=_memory_bytes(memory),
         stale_bytes_per_device=traced.stale_bytes_per_device(),
         collectives=by_op,
-        host_links=host_links(traced, hosts) if hosts > 1 else None,
+        host_links=host_links(traced, hosts, data) if hosts > 1 else None,
         compress=parallel.compress,
+        kv_refresh=parallel.kv_refresh,
     )
+
+
+def data_group(parallel: ParallelConfig) -> ParallelConfig:
+    """One data group of `parallel`: its C x P devices (data 1), which compute one image
+    as `parallel`'s groups do; mode single where that is one device."""
+    devices = parallel.devices // parallel.data
+    if devices == 1:
+        return ParallelConfig(mode="single")
+    return dataclasses.replace(parallel, devices=devices, data=1)
 
 
 def projected_step_seconds(
@@ -442,20 +468,35 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
         display.note(f"{model}: only the UNet is known, the whole generation is not measured")
-    if options.mode != "displaced" and set(options.compress) != {"none"}:
+    if options.mode != "displaced" and (
+        set(options.compress) != {"none"} or options.kv_refresh > 1
+    ):
         raise ValueError(
-            f"--compress compresses displaced steps: drop it for --parallel {options.mode}"
+            "--compress and --kv-refresh change displaced steps: drop them for --parallel "
+            + options.mode
         )
     rows = []  # every row checked before the first compiles
     for height in options.heights:
         width = options.width or height
         for devices in options.devices:
+            if devices % options.data:
+                raise ValueError(
+                    f"--devices {devices} do not split into --data-parallel {options.data} "
+                    f"groups: give --devices counts that are multiples of {options.data}"
+                )
+            group = devices // options.data  # a data group's devices
             mode = "single" if devices == 1 else options.mode
-            cfg = 2 if options.cfg_parallel and devices > 1 else 1
-            codecs = options.compress if mode == "displaced" else ("none",)
+            cfg = 2 if options.cfg_parallel and group > 1 else 1
+            codecs = options.compress if mode == "displaced" and group > 1 else ("none",)
             for compress in codecs:
                 parallel = ParallelConfig(
-                    devices, cfg, mode=mode, group_norm=options.group_norm, compress=compress
+                    devices,
+                    cfg,
+                    options.data,
+                    mode=mode,
+                    group_norm=options.group_norm,
+                    compress=compress,
+                    kv_refresh=options.kv_refresh if mode == "displaced" else 1,
                 )
                 parallel.check_size(height, width, 8 * 2 ** (config.num_levels - 1))
                 if devices > 1 and devices % options.hosts:
@@ -529,7 +570,7 @@ def print_table(records: list[StepAnalysis], display) -> None:
         table.add_row(
             r.model,
             f"{r.height}x{r.width}",
-            f"{r.devices} (C={r.cfg})",
+            f"{r.devices} (D={r.data}, C={r.cfg})" if r.data > 1 else f"{r.devices} (C={r.cfg})",
             r.mode if r.compress == "none" else f"{r.mode} {r.compress}",
             f"{r.flops_per_device_step / 1e9:,.1f}",
             f"{r.flops_per_device_step / r.flops_single_step:.3f}",

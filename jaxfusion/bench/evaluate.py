@@ -16,6 +16,7 @@ from jaxfusion.bench.options import EvalOptions
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_text_atomically
 from jaxfusion.images import grid, psnr, save_image, ssim
+from sharding.distributed import is_main_process
 from sharding.parallel import ParallelConfig
 
 if TYPE_CHECKING:
@@ -42,8 +43,9 @@ def run(
 ) -> dict[str, Any]:
     """Generates every (prompt, seed) of `options` with each mode from the same latents, one
     batch (one compiled program) per mode, writes the images, `metrics.json` and `grid.png`
-    to `options.out`, prints the mean metrics, and returns them as `metrics.json` holds them
-    (but with an infinite PSNR as inf, not null)."""
+    to `options.out` (if any), prints the mean metrics (process 0 of a multi-process run,
+    where every process takes part in each batch), and returns them as `metrics.json` holds
+    them (but with an infinite PSNR as inf, not null)."""
     display = display or StageDisplay()
     out, prompts = options.out, list(options.prompts)
     modes = check(pipe, options)
@@ -98,8 +100,6 @@ def run(
         }
         for name in codecs
     }
-    for name, mean in against_uncompressed.items():
-        display.note(f"{name} against {codecs[name]}: {mean['psnr_db']:.2f} dB, {mean['ssim']:.4f}")
     metrics = dict(
         config=dict(
             model=options.model or "built-in",
@@ -124,18 +124,26 @@ def run(
             difference_gain=DIFFERENCE_GAIN,
         ),
     )
-    with display(f"writing {len(pairs) * len(modes)} images, metrics.json and grid.png to {out}"):
-        write_outputs(out, images, metrics)
+    if out is not None:
+        files = f"{len(pairs) * len(modes)} images, metrics.json and grid.png"
+        with display(f"writing {files} to {out}"):
+            write_outputs(out, images, metrics)
+    if not is_main_process():
+        return metrics
+    for name, mean in against_uncompressed.items():
+        display.note(f"{name} against {codecs[name]}: {mean['psnr_db']:.2f} dB, {mean['ssim']:.4f}")
     print_table(means, modes, display)
-    columns = " | ".join(metrics["grid"]["columns"])
-    display.note(f"{out / 'grid.png'}: one row per (prompt, seed); columns: {columns}")
+    if out is not None:
+        columns = " | ".join(metrics["grid"]["columns"])
+        display.note(f"{out / 'grid.png'}: one row per (prompt, seed); columns: {columns}")
     return metrics
 
 
 def mode_configs(options: EvalOptions) -> dict[str, ParallelConfig]:
     """The reference first: single; displaced-RULE per GroupNorm rule; displaced-RULE+CODEC
     per codec of `options.compress` but none (the first rule), also compared with
-    displaced-RULE; naive (on `options.devices` each)."""
+    displaced-RULE; with `options.kv_refresh` K > 1 these are displaced-RULE+CODEC+kvK, none
+    included; naive (on `options.devices` each)."""
     modes = {REFERENCE: ParallelConfig(devices=1, mode="single")}
     for rule in options.group_norm:
         modes[f"displaced-{rule}"] = ParallelConfig(
@@ -144,10 +152,13 @@ def mode_configs(options: EvalOptions) -> dict[str, ParallelConfig]:
             group_norm=rule,
             warmup_steps=options.warmup_steps,
         ).for_steps(options.steps)
+    plain = f"displaced-{options.group_norm[0]}"
+    refresh = f"+kv{options.kv_refresh}" if options.kv_refresh > 1 else ""
     for codec in options.compress:
-        if codec != "none":
-            plain = f"displaced-{options.group_norm[0]}"
-            modes[f"{plain}+{codec}"] = dataclasses.replace(modes[plain], compress=codec)
+        if codec != "none" or refresh:
+            modes[f"{plain}+{codec}{refresh}"] = dataclasses.replace(
+                modes[plain], compress=codec, kv_refresh=options.kv_refresh
+            )
     modes["naive"] = ParallelConfig(
         devices=options.devices, mode="naive", naive_split=options.naive_split
     )

@@ -54,15 +54,18 @@ class Generation:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TimingOptions(Generation):
     """`bench time`: every mode of `modes` on every count of `devices` (1 runs single), a
-    warm-up call then `runs` timed calls of `steps` and of fewer steps each; `torch_model`:
-    also time diffusers (PyTorch) on this pipeline folder; `json`: write the records there;
-    `model`: the model's name in them (None: the built-in model)."""
+    warm-up call then `runs` timed calls of `steps` and of fewer steps each; displaced mode
+    once per codec of `compress`, each exchanging K/V every `kv_refresh`-th displaced step;
+    `torch_model`: also time diffusers (PyTorch) on this pipeline folder; `json`: write the
+    records there; `model`: the model's name in them (None: the built-in model)."""
 
     model: str | None = None
     prompt: str = DEFAULT_PROMPT
     steps: int = 10
     devices: Sequence[int] = (1, 2, 4)
     modes: Sequence[Mode] = ("sync", "displaced", "naive")
+    compress: Sequence[Compression] = ("none",)
+    kv_refresh: int = 1
     runs: int = 3
     torch_model: str | Path | None = None
     json: str | Path | None = None
@@ -75,20 +78,27 @@ class TimingOptions(Generation):
         _check_folder_of(self.json, "--json")
         if min(self.devices) < 1:
             raise ValueError(f"--devices {min(self.devices)}: give counts of at least 1")
+        if (set(self.compress) != {"none"} or self.kv_refresh != 1) and (
+            "displaced" not in self.modes
+        ):
+            raise ValueError(
+                "--compress and --kv-refresh change displaced steps: add --parallel displaced"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProfileOptions(Generation):
     """`profile`: one generation of `prompt` under `parallel`, traced; the trace and the
-    reports go to `out`, a new or empty folder (made a `Path`)."""
+    reports go to `out`, a new or empty folder (made a `Path`); None: the calls run untraced
+    and nothing is written (the processes but process 0 of a multi-process run)."""
 
-    out: Path
+    out: Path | None
     parallel: ParallelConfig
     prompt: str = DEFAULT_PROMPT
     steps: int = 4
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out", check_new_folder(self.out))
+        _check_out(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,12 +106,14 @@ class EvalOptions(Generation):
     """`eval`: every prompt of `prompts` with every seed of `seeds`, under single, displaced
     on `devices` patch devices with each GroupNorm rule of `group_norm` (steps
     0..`warmup_steps` synchronous; None: `ParallelConfig`'s default for `steps`), and naive
-    (`naive_split`), and displaced with each codec of `compress` (the first rule; each also
-    compared with its uncompressed run); the images and metrics go to `out`, a new or empty
-    folder (made a `Path`); `model`: the model's name in the metrics (None: the built-in
+    (`naive_split`), and displaced with each codec of `compress` (the first rule, K/V
+    exchanged every `kv_refresh`-th displaced step; each also compared with its uncompressed
+    run, "none" with K/V every step); the images and metrics go to `out`, a new or empty
+    folder (made a `Path`; None: nothing is written, as on the processes but process 0 of a
+    multi-process run); `model`: the model's name in the metrics (None: the built-in
     model)."""
 
-    out: Path
+    out: Path | None
     model: str | None = None
     prompts: Sequence[str] = PROMPTS
     seeds: Sequence[int] = (0, 1)
@@ -110,12 +122,18 @@ class EvalOptions(Generation):
     warmup_steps: int | None = None
     naive_split: NaiveSplit = "row"
     compress: Sequence[Compression] = ()
+    kv_refresh: int = 1
     steps: int = 25
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out", check_new_folder(self.out))
+        _check_out(self)
         if not self.prompts:
             raise ValueError("eval needs at least one prompt")
+        if self.kv_refresh > 1 and not self.compress:
+            raise ValueError(
+                f"--kv-refresh {self.kv_refresh} applies to the codec runs: name them with "
+                "--compress (none: uncompressed)"
+            )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {' '.join(map(str, self.seeds))}: a seed is repeated")
         if self.devices < 2:
@@ -127,12 +145,14 @@ class AnalyzeOptions:
     """`bench analyze`, from shapes alone: `model` ("sd15", "sd21", "sdxl", or a model
     folder) at each height of `heights` (width: `width`, or the height) on each count of
     `devices` (1 runs single, more run `mode`), CFG halves on separate devices with
-    `cfg_parallel`; `hosts`: also count what crosses hosts with the devices spread over
-    that many (`sharding.analysis.host_links`); each codec of `compress` (multi-device
-    displaced runs); a projected step time per link
-    speed of `link_gbs` (GB/s), computing at `device_tflops` (a model, not a measurement:
-    `jaxfusion.bench.analyze.projected_step_seconds`); `json`: write the records there;
-    `plot`: a .png of them."""
+    `cfg_parallel`, split into `data` groups (D: the data mesh axis; each group's devices
+    run one image, so the per-device figures are one group's); `hosts`: also count what
+    crosses hosts with the devices spread over that many (`sharding.analysis.host_links`,
+    data groups exchanging nothing); each codec of `compress` (multi-device displaced
+    runs), K/V exchanged every `kv_refresh`-th displaced step; a projected step time per
+    link speed of `link_gbs` (GB/s), computing at `device_tflops` (a model, not a
+    measurement: `jaxfusion.bench.analyze.projected_step_seconds`); `json`: write the
+    records there; `plot`: a .png of them."""
 
     model: str = "sdxl"
     heights: Sequence[int] = (1024, 2048)
@@ -141,8 +161,10 @@ class AnalyzeOptions:
     mode: Mode = "displaced"
     group_norm: GroupNormRule = "corrected"
     cfg_parallel: bool = False
+    data: int = 1
     hosts: int = 1
     compress: Sequence[Compression] = ("none",)
+    kv_refresh: int = 1
     link_gbs: Sequence[float] = (25.0, 3.0, 0.5)  # PCIe 4 x16, a slow PCIe / host link, 500 MB/s
     device_tflops: float = 400.0  # dense bfloat16 at ~40% of an H100's 989 TFLOP/s
     dtype: str = "bfloat16"
@@ -155,6 +177,8 @@ class AnalyzeOptions:
             raise ValueError(f"--plot {self.plot}: the file must end in .png")
         _check_folder_of(self.plot, "--plot")
         _check_folder_of(self.json, "--json")
+        if self.data < 1:
+            raise ValueError(f"--data-parallel {self.data}: use 1 or more groups")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -163,6 +187,12 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts {path} holds no prompt (one per line)")
     return prompts
+
+
+def _check_out(options: ProfileOptions | EvalOptions) -> None:
+    """`options.out` made a `Path` and checked as a folder to fill (or left None)."""
+    if options.out is not None:
+        object.__setattr__(options, "out", check_new_folder(options.out))
 
 
 def _check_folder_of(path: str | Path | None, option: str) -> None:

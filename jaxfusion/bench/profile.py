@@ -279,19 +279,24 @@ def run(
 ) -> dict[str, Any]:
     """`jaxfusion profile` on `pipe`: compiles and warms up, traces a run, writes the trace,
     the optimized HLO and the collectives report (`collectives.json`) to `options.out`,
-    prints the report, and returns what `collectives.json` holds."""
+    prints the report, and returns what `collectives.json` holds. With `options.out` None
+    (the processes but process 0 of a multi-process run) the same calls run, untraced,
+    and nothing is written or printed."""
     display = display or StageDisplay()
     out, parallel, steps = options.out, options.parallel, options.steps
     call = pipeline_call(options)
     compiled = pipe.compile(*pipe.prepare(**call), display)  # refuses what `check` refuses
     with display("warm-up run"):
         pipe(**call)
-    out.mkdir(parents=True, exist_ok=True)
-    trace = jax.profiler.trace(out / "trace", create_perfetto_trace=True)
-    with display(f"traced run ({steps} steps)"), trace:
-        pipe(**call)
+    if out is None:
+        with display(f"the traced run, untraced here ({steps} steps)"):
+            pipe(**call)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        trace = jax.profiler.trace(out / "trace", create_perfetto_trace=True)
+        with display(f"traced run ({steps} steps)"), trace:
+            pipe(**call)
     hlo = compiled.as_text()
-    write_text_atomically(out / "program.hlo.txt", hlo)
     parts = program_parts(loop_collectives(hlo, parallel.devices), parallel, steps)
     steady = steady_state(parts, parallel)
     pairs = async_collectives(hlo)
@@ -316,6 +321,9 @@ def run(
         steady_state=None if steady is None else dict(label=steady.label, per_step=steady.by_op()),
         async_collectives=[dict(dataclasses.asdict(p), overlapped=p.overlapped) for p in pairs],
     )
+    if out is None:
+        return report
+    write_text_atomically(out / "program.hlo.txt", hlo)
     write_text_atomically(out / "collectives.json", json.dumps(report, indent=2) + "\n")
     print_collectives(parts, display)
     display.note(describe_steady_state(steady, parallel, steps))

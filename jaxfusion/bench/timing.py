@@ -28,7 +28,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +39,11 @@ from jaxfusion import builtin, diffusers_backend
 from jaxfusion.bench.options import TimingOptions
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_text_atomically
+from sharding.distributed import is_main_process
 from sharding.parallel import ParallelConfig
 
 if TYPE_CHECKING:
     from jaxfusion.pipelines import TextToImagePipeline
-    from sharding.names import Mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,8 @@ class TimingRecord:
         per image and per step; None without a single row or without step times.
     warmup_steps: displaced mode's W (steps 0..W synchronous, at both step counts); None
         in the other modes.
+    compress, kv_refresh: displaced mode's codec and K/V refresh interval
+        (`ParallelConfig`); "none" and 1 in the other modes.
     """
 
     model: str
@@ -80,6 +82,19 @@ class TimingRecord:
     speedup_vs_single: float | None = None
     step_speedup_vs_single: float | None = None
     warmup_steps: int | None = None
+    compress: str = "none"
+    kv_refresh: int = 1
+
+
+def mode_label(parallel: ParallelConfig | TimingRecord) -> str:
+    """The mode, with the codec and the K/V refresh interval where displaced steps use
+    them: "displaced", "displaced fp8", "displaced none kv/2"."""
+    parts = [parallel.mode]
+    if parallel.compress != "none" or parallel.kv_refresh > 1:
+        parts.append(parallel.compress)
+    if parallel.kv_refresh > 1:
+        parts.append(f"kv/{parallel.kv_refresh}")
+    return " ".join(parts)
 
 
 def displaced_steps(steps: int, warmup_steps: int | None = None) -> range:
@@ -96,22 +111,26 @@ def baseline_steps(steps: int, warmup_steps: int | None = None) -> int:
     return max(steps // 2, displaced.start) if displaced else steps // 2
 
 
-def configurations(
-    devices: Sequence[int], modes: Sequence[Mode], steps: int
-) -> list[ParallelConfig]:
-    """Mode single on 1 device, each of `modes` on more; each devices count once; with the
-    default warm-up of `steps` steps (also for the calls with fewer)."""
+def configurations(options: TimingOptions) -> list[ParallelConfig]:
+    """Mode single on 1 device, each of `options.modes` on more (displaced once per codec of
+    `options.compress`, with `options.kv_refresh`); each devices count once; with the
+    default warm-up of `options.steps` steps (also for the calls with fewer)."""
     return [
-        ParallelConfig(devices=n, mode=mode).for_steps(steps)
-        for n in dict.fromkeys(devices)
-        for mode in (["single"] if n == 1 else modes)
+        ParallelConfig(devices=n, mode=mode, **codec).for_steps(options.steps)
+        for n in dict.fromkeys(options.devices)
+        for mode in (["single"] if n == 1 else options.modes)
+        for codec in (
+            [dict(compress=c, kv_refresh=options.kv_refresh) for c in options.compress]
+            if mode == "displaced"
+            else [{}]
+        )
     ]
 
 
 def check(pipe: TextToImagePipeline, options: TimingOptions) -> list[ParallelConfig]:
     """Refuses options that some configuration cannot run (an abstract pipeline is enough:
     nothing compiles); returns the configurations."""
-    configs = configurations(options.devices, options.modes, options.steps)
+    configs = configurations(options)
     height, width = pipe.size(options.height, options.width)
     guidance = pipe.default_guidance_scale if options.guidance is None else options.guidance
     for parallel in configs:
@@ -123,7 +142,8 @@ def run(
     pipe: TextToImagePipeline, options: TimingOptions, display: StageDisplay | None = None
 ) -> list[TimingRecord]:
     """`jaxfusion bench time` on `pipe`: checks every configuration, then times each (and
-    diffusers on `options.torch_model`); prints a table and the notes, writes the JSON file
+    diffusers on `options.torch_model`); prints a table and the notes (process 0 of a
+    multi-process run, where every process takes part in each call), writes the JSON file
     `options.json` asks for, and returns the records."""
     display = display or StageDisplay()
     configs = check(pipe, options)
@@ -157,12 +177,14 @@ def run(
         call = functools.partial(
             pipe, options.prompt, scheduler=options.scheduler, parallel=parallel, **request
         )
-        label = f"jaxfusion {parallel.mode}, {parallel.devices} device(s)"
+        label = f"jaxfusion {mode_label(parallel)}, {parallel.devices} device(s)"
         times = measure(call, steps, small, runs, label, display)
         records.append(
             record(
                 devices=parallel.devices,
                 mode=parallel.mode,
+                compress=parallel.compress,
+                kv_refresh=parallel.kv_refresh,
                 backend="jax",
                 platform=device.platform,
                 device_kind=device.device_kind,
@@ -190,8 +212,9 @@ def run(
     records = with_speedups(records)
 
     note = notes(records, device.platform)
-    print_table(records, display)
-    display.note(note)
+    if is_main_process():
+        print_table(records, display)
+        display.note(note)
     if options.json:
         text = json.dumps(
             {"note": note, "records": [dataclasses.asdict(r) for r in records]}, indent=2
@@ -311,7 +334,7 @@ def print_table(records: list[TimingRecord], display: StageDisplay) -> None:
         device = r.platform if r.device_kind == r.platform else f"{r.platform} ({r.device_kind})"
         table.add_row(
             "jaxfusion" if r.backend == "jax" else "diffusers",
-            r.mode,
+            mode_label(r),
             str(r.devices),
             device,
             f"{r.median_image_s:.3f}",

@@ -27,7 +27,7 @@ from jaxfusion.images import image_batch
 from jaxfusion.models import AutoencoderKL, CLIPTextModel, Conditioning, UNet2DConditionModel
 from jaxfusion.models.scaled_dot_product import AttentionBackend, check_backend, set_attention
 from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
-from sharding.distributed import to_host
+from sharding.distributed import to_host, wait_for_peers
 from sharding.loops import Sampling, concat_batches, denoise, step_noise
 from sharding.parallel import ParallelConfig
 from sharding.placement import Placement
@@ -453,6 +453,7 @@ class TextToImagePipeline:
         program = self.compile(request, options, stage)
         batch, steps = request.prompt_ids[0].shape[0], request.schedule.timesteps.shape[0]
         weights = self._placement.on(options.parallel)
+        wait_for_peers(options.parallel.mesh().devices.flat, "running the generation program")
         with stage(f"denoising {batch} image(s), {steps} steps"):
             # The request goes from the host to the devices that need it (no device copies).
             result = to_host(jax.block_until_ready(program(weights, jax.device_get(request))))
