@@ -161,15 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(command=run_convert)
 
     train = commands.add_parser(
-        "train", help="train the built-in model (coloured shapes) from scratch on this machine"
+        "train", help="train the built-in model (coloured shapes) on this machine"
     )
     train.add_argument("--out", required=True, help="new pipeline folder (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--vae-steps", type=int, default=TRAIN_DEFAULTS.vae_steps)
     train.add_argument("--unet-steps", type=int, default=TRAIN_DEFAULTS.unet_steps)
+    train.add_argument(
+        "--scale-steps",
+        type=int,
+        default=TRAIN_DEFAULTS.scale_steps,
+        help="steps of the multi-scale phase (64, 128 and 256 pixels), after the UNet steps",
+    )
+    train.add_argument(
+        "--from",
+        dest="start",
+        metavar="FOLDER",
+        help="continue from this trained built-in pipeline: keep its VAE, run the diffusion "
+        "phases from its weights (with --unet-steps 0: the multi-scale phase only)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace the output folder")
     train.add_argument(
-        "--snapshots", help="also write the pipeline every 1000 UNet steps to DIR/step-N"
+        "--snapshots", help="also write the pipeline every 1000 diffusion steps to DIR/step-N"
     )
     train.set_defaults(command=run_train)
 

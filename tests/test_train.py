@@ -1,14 +1,18 @@
 """`jaxfusion train` on a few steps: it writes a pipeline folder that both jaxfusion and
-diffusers load, with its loss curve and record, and the same seed gives the same weights."""
+diffusers load, with its loss curve and record, the same seed gives the same weights, and
+training continues from a trained folder (`--from`) at several sizes, keeping its VAE."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxfusion import cli
-from jaxfusion.train import shapes
+from jaxfusion.train import shapes, trainer
+from jaxfusion.train.config import TrainConfig
 
 STEPS = ["--vae-steps", "12", "--unet-steps", "3"]
 
@@ -29,6 +33,7 @@ def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
 
     record = json.loads((first / "training.json").read_text())
     assert record["config"]["vae_steps"] == 12 and record["config"]["unet_steps"] == 3
+    assert record["config"]["scale_steps"] == 0 and record["started_from"] is None
     assert (first / "loss.png").stat().st_size > 0
 
     from jaxfusion import diffusers_backend
@@ -38,6 +43,21 @@ def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
     theirs = diffusers_backend.load_diffusers_pipeline(first)
     assert ours.vae.config.scaling_factor == theirs.vae.config.scaling_factor
     assert ours.vae.config.scaling_factor != 1.0  # set from the trained VAE's latents
+
+    # Continuing from `first` at two sizes (small ones: the default scales' 256x256
+    # programs take minutes to compile here): its VAE is kept, the UNet moves.
+    config = TrainConfig(unet_steps=0, scale_steps=2, scales=((32, 2), (64, 2)))
+    continued, history = trainer.train(config, start=first)
+    assert len(history.unet) == 2 and set(history.seconds) == {"unet_scales"}
+    before = load_pipeline(first)
+    for old, new in zip(parameters(before.vae), parameters(continued.vae), strict=True):
+        np.testing.assert_array_equal(old, new)
+    pairs = zip(parameters(before.unet), parameters(continued.unet), strict=True)
+    assert any(not np.array_equal(old, new) for old, new in pairs)
+
+
+def parameters(module: nnx.Module) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(module, nnx.Param))]
 
 
 def test_scenes_are_deterministic_and_captions_use_the_vocabulary():

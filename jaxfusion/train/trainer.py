@@ -127,26 +127,66 @@ def no_progress(description: str, total: int, losses: list[float]) -> Iterator[i
 Snapshot = Callable[[int, SDXLPipeline], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of diffusion training: `steps` steps, learning rate warming up to `peak`;
+    step i draws a batch of `scales[i % len(scales)]` = (image size, batch size) from the
+    scene stream `data_seed`. Its size micro-conditioning (time_ids) is the image's size,
+    or, with `random_size_ids`, a random one of SIZE_CONDITIONING (the first phase, whose
+    images all have one size, so that the model accepts every size's time_ids)."""
+
+    description: str
+    steps: int
+    peak: float
+    scales: tuple[tuple[int, int], ...]
+    data_seed: int
+    random_size_ids: bool
+
+
+def diffusion_phases(config: TrainConfig) -> tuple[Phase, Phase]:
+    """The UNet and text encoders at `config.image_size`, then at every size of `config.scales`."""
+    sizes = ", ".join(str(size) for size in sorted({size for size, _ in config.scales}))
+    return (
+        Phase(
+            "training the UNet and text encoders",
+            config.unet_steps,
+            config.unet_learning_rate,
+            ((config.image_size, config.unet_batch_size),),
+            config.seed + 1,
+            random_size_ids=True,
+        ),
+        Phase(
+            f"training them at {sizes}",
+            config.scale_steps,
+            config.scale_learning_rate,
+            config.scales,
+            config.seed + 3,
+            random_size_ids=False,
+        ),
+    )
+
+
 def train(
     config: TrainConfig,
     progress: Progress = no_progress,
     snapshot: Snapshot | None = None,
     snapshot_every: int = 1000,
+    start: str | Path | None = None,
 ) -> tuple[SDXLPipeline, History]:
-    """Trains the built-in model from scratch. `progress(description, total, losses)` yields
-    each phase's step indices (a progress bar, say) and may read its losses as they grow;
-    `snapshot(step, pipeline)` receives the pipeline with the averaged weights every
-    `snapshot_every` UNet steps, to use during the call only (training reuses its buffers)."""
-    pipe = initial_pipeline(config.seed)
+    """Trains the built-in model from scratch, or, from `start` (a pipeline folder of the
+    built-in architecture), continues the diffusion phases from its weights and keeps its
+    VAE. `progress(description, total, losses)` yields each phase's step indices (a progress
+    bar, say) and may read its losses as they grow; `snapshot(step, pipeline)` receives the
+    pipeline with the averaged weights every `snapshot_every` diffusion steps (counted over
+    both phases), to use during the call only (training reuses its buffers)."""
+    pipe = initial_pipeline(config.seed) if start is None else SDXLPipeline.from_pretrained(start)
     models, history = pipe.models, History()
-
-    start = time.perf_counter()
-    train_vae(models.vae, config, history.vae, progress)
-    history.seconds["vae"] = time.perf_counter() - start
-    scaling_factor = latent_scaling_factor(models.vae, config)
-    models.vae.config = dataclasses.replace(models.vae.config, scaling_factor=scaling_factor)
-
-    start = time.perf_counter()
+    if start is None:
+        begin = time.perf_counter()
+        train_vae(models.vae, config, history.vae, progress)
+        history.seconds["vae"] = time.perf_counter() - begin
+        scaling_factor = latent_scaling_factor(models.vae, config)
+        models.vae.config = dataclasses.replace(models.vae.config, scaling_factor=scaling_factor)
 
     def pipeline_with(weights: nnx.State) -> SDXLPipeline:
         nnx.update(models, weights)
@@ -156,9 +196,15 @@ def train(
         if snapshot is not None and step % snapshot_every == 0:
             snapshot(step, pipeline_with(weights))
 
-    weights = train_diffusion(pipe, config, history.unet, progress, take_snapshot)
-    history.seconds["unet"] = time.perf_counter() - start
-    return pipeline_with(weights), history
+    for name, phase in zip(("unet", "unet_scales"), diffusion_phases(config), strict=True):
+        if phase.steps == 0:
+            continue
+        begin = time.perf_counter()
+        pipe = pipeline_with(
+            train_diffusion(pipe, phase, config, history.unet, progress, take_snapshot)
+        )
+        history.seconds[name] = time.perf_counter() - begin
+    return pipe, history
 
 
 def train_vae(
@@ -201,15 +247,17 @@ def latent_scaling_factor(vae: AutoencoderKL, config: TrainConfig) -> float:
 
 def train_diffusion(
     pipe: SDXLPipeline,
+    phase: Phase,
     config: TrainConfig,
     losses: list[float],
     progress: Progress,
     snapshot: Callable[[int, nnx.State], None],
 ) -> nnx.State:
-    """The UNet and both text encoders with the epsilon-prediction loss on the frozen VAE's
-    latents; the captions are encoded exactly as the pipeline encodes prompts. Returns the
-    exponential moving average of the trained weights; `snapshot(steps done, average)` sees
-    it after every step."""
+    """One phase of the UNet and both text encoders with the epsilon-prediction loss on the
+    frozen VAE's latents, from the pipeline's weights; the captions are encoded exactly as
+    the pipeline encodes prompts. Returns the exponential moving average of the trained
+    weights; `snapshot(diffusion steps done in all phases, average)` sees it after every step.
+    """
     alpha_bar = jnp.asarray(
         schedulers.common.alphas_cumprod(schedulers.SchedulerConfig.from_diffusers(SCHEDULER))
     )
@@ -234,19 +282,23 @@ def train_diffusion(
         return jnp.mean(weights[t] * errors)
 
     is_trainable = nnx.All(nnx.Param, lambda path, _: path[0] in ("unet", "text_encoders"))
-    optimizer = optax.adamw(schedule(config.unet_learning_rate, config.unet_steps, config))
+    optimizer = optax.adamw(schedule(phase.peak, phase.steps, config))
     step = training_step(loss_fn, optimizer, ema_decay=config.ema_decay)
     graphdef, params, rest = nnx.split(pipe.models, is_trainable, ...)
     opt_state = (optimizer.init(params), jax.tree.map(jnp.copy, params), jnp.float32(0))
-    key = jax.random.key(config.seed + 1)
-    sizes = np.random.default_rng([config.seed, 1]).choice(
-        SIZE_CONDITIONING, size=(config.unet_steps, config.unet_batch_size)
+    key = jax.random.key(phase.data_seed)
+    size_ids = np.random.default_rng([config.seed, 1]).choice(
+        SIZE_CONDITIONING, size=(phase.steps, max(b for _, b in phase.scales))
     )
-    for i in progress("training the UNet and text encoders", config.unet_steps, losses):
-        images, captions = shapes.batch(
-            config.seed + 1, i, config.unet_batch_size, config.image_size
+    for i in progress(phase.description, phase.steps, losses):
+        image_size, batch_size = phase.scales[i % len(phase.scales)]
+        images, captions = shapes.batch(phase.data_seed, i, batch_size, image_size)
+        size = (
+            size_ids[i, :batch_size, None]
+            if phase.random_size_ids
+            else np.full((batch_size, 1), image_size)
         )
-        size, crop = sizes[i][:, None], np.zeros((config.unet_batch_size, 1))
+        crop = np.zeros((batch_size, 1))
         batch = dict(
             images=images,
             token_ids=tuple(tokenize(tokenizer, captions) for tokenizer in pipe.tokenizers),
@@ -256,7 +308,7 @@ def train_diffusion(
             graphdef, params, rest, opt_state, jax.random.fold_in(key, i), batch
         )
         losses.append(float(loss))
-        snapshot(i + 1, opt_state[1])
+        snapshot(len(losses), opt_state[1])
     return opt_state[1]
 
 
@@ -297,15 +349,17 @@ def training_step(
 
 
 def save_loss_curve(history: History, path: Path) -> None:
-    """A PNG of both phases' losses against steps (log scale), written atomically."""
+    """A PNG of the losses of each phase that ran (VAE, diffusion) against steps (log scale),
+    written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     phases = (("VAE reconstruction", history.vae), ("diffusion (UNet)", history.unet))
-    for ax, (name, losses) in zip(axes, phases, strict=True):
+    phases = [(name, losses) for name, losses in phases if losses]  # --from: no VAE phase
+    figure, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+    for ax, (name, losses) in zip(axes[0], phases, strict=True):
         ax.plot(losses, linewidth=0.5, alpha=0.4)
         window = max(1, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
@@ -322,10 +376,14 @@ def final_losses(history: History) -> dict[str, float]:
     return {name: float(np.mean(losses[-100:])) for name, losses in phases if losses}
 
 
-def save_record(config: TrainConfig, history: History, path: Path) -> None:
-    """`training.json`: the configuration, wall times and final losses."""
+def save_record(
+    config: TrainConfig, history: History, path: Path, start: str | None = None
+) -> None:
+    """`training.json`: the configuration (and the folder training continued from, if any),
+    wall times and final losses."""
     record = {
         "config": dataclasses.asdict(config),
+        "started_from": start,
         "seconds": history.seconds,
         "final_loss": final_losses(history),
         "jax": jax.__version__,
@@ -341,7 +399,12 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    config = TrainConfig(
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        scale_steps=args.scale_steps,
+    )
 
     def progress_bar(description: str, total: int, losses: list[float]) -> Iterator[int]:
         columns = (
@@ -364,11 +427,13 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
     def save_snapshot(step: int, pipe: SDXLPipeline) -> None:
         pipe.save_pretrained(Path(args.snapshots) / f"step-{step}", overwrite=True)
 
-    pipe, history = train(config, progress_bar, save_snapshot if args.snapshots else None)
+    pipe, history = train(
+        config, progress_bar, save_snapshot if args.snapshots else None, start=args.start
+    )
     with display(f"writing {out}"), staging_folder(out, overwrite=args.overwrite) as folder:
         pipe.save_pretrained(folder, overwrite=True)
         save_loss_curve(history, folder / "loss.png")
-        save_record(config, history, folder / "training.json")
+        save_record(config, history, folder / "training.json", args.start)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in final_losses(history).items())
     display.note(
         f"trained in {sum(history.seconds.values()) / 60:.1f} min; final losses (mean of the "

@@ -1,0 +1,42 @@
+"""How well a built-in-architecture pipeline folder draws what it is asked, judged by the
+detector of tests/test_builtin_model.py (the oracle the shipped model's tests use): for each
+size, the detector's accuracy on its 18 one-shape prompts, the share drawn as one dominant
+shape, and which of seeds 0-3 draw the README's quick-start prompt as asked. For a training
+run's snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
+
+    python benchmarks/builtin_accuracy.py [FOLDER ...] [--sizes 64 256]
+
+FOLDER defaults to the shipped model.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import test_builtin_model as judge
+
+import jaxfusion
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="*", default=["builtin"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    args = parser.parse_args()
+    for folder in args.folders:
+        pipe = jaxfusion.load_pipeline(folder)
+        for size in args.sizes:
+            images = judge.generate(pipe, size)
+            quick_start = [judge.quick_start_ok(image) for image in judge.quick_start(pipe, size)]
+            print(
+                f"{folder} at {size}x{size}: detector accuracy {judge.accuracy(images):.0%}, "
+                f"one dominant shape {judge.one_shape_share(images):.0%}, "
+                f"quick-start prompt drawn as asked for seeds 0-3: {quick_start}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
