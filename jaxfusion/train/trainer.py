@@ -133,8 +133,10 @@ class Phase:
     step i draws a batch of `scales[i % len(scales)]` = (image size, batch size) from the
     scene stream `data_seed`. Its size micro-conditioning (time_ids) is the image's size,
     or, with `random_size_ids`, a random one of SIZE_CONDITIONING (the first phase, whose
-    images all have one size, so that the model accepts every size's time_ids)."""
+    images all have one size, so that the model accepts every size's time_ids). `name`
+    keys its wall time in `History.seconds`."""
 
+    name: str
     description: str
     steps: int
     peak: float
@@ -148,6 +150,7 @@ def diffusion_phases(config: TrainConfig) -> tuple[Phase, Phase]:
     sizes = ", ".join(str(size) for size in sorted({size for size, _ in config.scales}))
     return (
         Phase(
+            "unet",
             "training the UNet and text encoders",
             config.unet_steps,
             config.unet_learning_rate,
@@ -156,6 +159,7 @@ def diffusion_phases(config: TrainConfig) -> tuple[Phase, Phase]:
             random_size_ids=True,
         ),
         Phase(
+            "unet_scales",
             f"training them at {sizes}",
             config.scale_steps,
             config.scale_learning_rate,
@@ -179,14 +183,19 @@ def train(
     bar, say) and may read its losses as they grow; `snapshot(step, pipeline)` receives the
     pipeline with the averaged weights every `snapshot_every` diffusion steps (counted over
     both phases), to use during the call only (training reuses its buffers)."""
-    pipe = initial_pipeline(config.seed) if start is None else SDXLPipeline.from_pretrained(start)
-    models, history = pipe.models, History()
-    if start is None:
+    history = History()
+    if start is not None:
+        pipe = SDXLPipeline.from_pretrained(start)
+    else:
+        pipe = initial_pipeline(config.seed)
+        vae = pipe.models.vae
         begin = time.perf_counter()
-        train_vae(models.vae, config, history.vae, progress)
+        train_vae(vae, config, history.vae, progress)
         history.seconds["vae"] = time.perf_counter() - begin
-        scaling_factor = latent_scaling_factor(models.vae, config)
-        models.vae.config = dataclasses.replace(models.vae.config, scaling_factor=scaling_factor)
+        vae.config = dataclasses.replace(
+            vae.config, scaling_factor=latent_scaling_factor(vae, config)
+        )
+    models = pipe.models
 
     def pipeline_with(weights: nnx.State) -> SDXLPipeline:
         nnx.update(models, weights)
@@ -196,14 +205,14 @@ def train(
         if snapshot is not None and step % snapshot_every == 0:
             snapshot(step, pipeline_with(weights))
 
-    for name, phase in zip(("unet", "unet_scales"), diffusion_phases(config), strict=True):
+    for phase in diffusion_phases(config):
         if phase.steps == 0:
             continue
         begin = time.perf_counter()
         pipe = pipeline_with(
             train_diffusion(pipe, phase, config, history.unet, progress, take_snapshot)
         )
-        history.seconds[name] = time.perf_counter() - begin
+        history.seconds[phase.name] = time.perf_counter() - begin
     return pipe, history
 
 
