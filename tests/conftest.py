@@ -30,3 +30,36 @@ def compilation_cache(tmp_path_factory):
     if "PYTEST_XDIST_WORKER" in os.environ:
         root = root.parent
     enable_compilation_cache(root / "xla-cache")
+
+
+# The modules whose tests take longest, longest first (`pytest --durations=150`, summed per
+# module): they start first, so that the run does not end on one of them alone while the
+# other workers idle. The others follow in collection order. pyproject.toml passes
+# --no-loadscope-reorder, without which pytest-xdist orders modules by their test count.
+LONGEST_FIRST = (
+    "test_parallel.py",
+    "test_distributed.py",
+    "test_bench.py",
+    "test_codecs.py",
+    "test_cli.py",
+    "test_unet_parity.py",
+    "test_refiner.py",
+    "test_img2img.py",
+    "test_builtin_model.py",
+    "test_attention.py",
+    "test_pipelines.py",
+    "test_notebook.py",
+    "test_train.py",
+    "test_eval.py",
+    "test_lora.py",
+    "test_data_parallel.py",
+    "test_patch_decode.py",
+    "test_features_parallel.py",
+    "test_few_step.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # A stable sort: each module's tests keep their order.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

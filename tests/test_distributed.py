@@ -120,13 +120,10 @@ def test_two_processes_sync_equal_one_process(pipe, tmp_path):
 
 
 # P = 8 (2 processes x 4 devices) needs a height of 8 patches x 16 (the built-in model's
-# multiple per patch).
+# multiple per patch). Displaced and naive on 2 processes x 2 devices: the eval test below.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "mode, devices, height", [("displaced", 4, SIZE), ("naive", 4, SIZE), ("displaced", 8, 128)]
-)
-def test_two_processes_equal_one_process(pipe, tmp_path, mode, devices, height):
-    check_equals_single_process(pipe, tmp_path, mode, devices, height)
+def test_two_processes_displaced_on_eight_devices_equal_one_process(pipe, tmp_path):
+    check_equals_single_process(pipe, tmp_path, "displaced", devices=8, height=128)
 
 
 @pytest.mark.slow

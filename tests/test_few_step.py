@@ -1,7 +1,8 @@
 """Few-step sampling: Euler ancestral and LCM (fresh noise at every step, given explicitly to
 both sides) against diffusers' schedulers and pipelines, guidance off (guidance_scale 0, as
-SDXL-Turbo runs) against diffusers, the same step noise on every patch device (sync equals
-single), and the warm-up of displaced mode for short runs."""
+SDXL-Turbo runs) against diffusers, the same step noise on every patch device (each layout
+equals single; the pipeline under sync: tests/test_features_parallel.py), and the warm-up
+of displaced mode for short runs."""
 
 import json
 import shutil
@@ -173,24 +174,6 @@ def test_every_layout_adds_the_same_step_noise(kind):
     ]:
         assert relative_l2(run(parallel), single) < TOLERANCE, parallel  # float32 rounding
     assert relative_l2(run(ParallelConfig(), jax.random.key(8)), single) > 1e-2
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("scheduler", ["euler_a", "lcm"])
-def test_sync_equals_single_and_displaced_differs(turbo, scheduler):
-    """The pipeline on 4 devices: sync is the single-device image; displaced (only step 0
-    synchronous) runs and differs."""
-    options = dict(
-        height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
-        scheduler=scheduler, seed=5,
-    )  # fmt: skip
-    single = turbo(PROMPT, **options)
-    sync = turbo(PROMPT, parallel=ParallelConfig(4, mode="sync"), **options)
-    displaced = turbo(PROMPT, parallel=ParallelConfig(4, warmup_steps=0), **options)
-    assert np.abs(sync - single).max() < 1e-4
-    assert np.isfinite(displaced).all()
-    assert np.abs(displaced - single).max() > 1e-3
-    assert psnr(turbo(PROMPT, **dict(options, seed=6)), single) < 40  # the seed draws them
 
 
 def test_default_warmup_keeps_displaced_steps_in_short_runs():

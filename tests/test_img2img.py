@@ -1,6 +1,7 @@
 """Image-to-image: jaxfusion's SD and SDXL pipelines started from an image against diffusers'
 StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline on the same tiny random
-folders, the added noise given to both sides; under sync on 4 devices as on one."""
+folders, the added noise given to both sides (under patch parallelism:
+tests/test_features_parallel.py)."""
 
 import re
 from pathlib import Path
@@ -14,7 +15,6 @@ from test_pipelines import MIN_PSNR, NEGATIVE, PROMPT, Backends
 
 from jaxfusion.diffusers_backend import given_image_noise
 from jaxfusion.images import psnr, read_image
-from sharding.parallel import ParallelConfig
 
 STEPS = 4
 GUIDANCE = 5.0
@@ -93,21 +93,6 @@ def test_matches_diffusers_img2img(backends, kind, strength):
         PROMPT, image=starting_image(seed=2)[:, ::-1], strength=strength, latents=noise, **common
     )
     assert psnr(other, actual) < 80
-
-
-@pytest.mark.slow
-def test_sync_equals_single_and_displaced_differs(backends):
-    pipe = backends.jax("sdxl")
-    call = dict(
-        prompt=PROMPT, negative_prompt=NEGATIVE, image=starting_image(), strength=0.75,
-        latents=added_noise(), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-    )  # fmt: skip
-    single = pipe(**call)
-    sync = pipe(**call, parallel=ParallelConfig(4, mode="sync"))
-    displaced = pipe(**call, parallel=ParallelConfig(4, warmup_steps=1))
-    assert np.abs(sync - single).max() < 1e-4
-    assert np.isfinite(displaced).all()
-    assert np.abs(displaced - single).max() > 1e-3
 
 
 @pytest.mark.slow
