@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIKE, randomize, relative_l2
+from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize, relative_l2
 from flax import nnx
 
 from jaxfusion import convert, schedulers
@@ -296,13 +296,13 @@ class UNetRun:
 
     def __init__(self, folder):
         torch.manual_seed(0)
-        randomize(diffusers.UNet2DConditionModel(**SDXL_LIKE), seed=1).save_pretrained(folder)
+        randomize(diffusers.UNet2DConditionModel(**SDXL_LIGHT), seed=1).save_pretrained(folder)
         self.unet = convert.load_unet(folder)
         rng = np.random.default_rng(1)
         self.latents = rng.standard_normal((1, LATENT, LATENT, 4)).astype(np.float32)
-        pooled = SDXL_LIKE["projection_class_embeddings_input_dim"] - 6 * 8
+        pooled = SDXL_LIGHT["projection_class_embeddings_input_dim"] - 6 * 8
         self.conditioning = Conditioning(
-            rng.standard_normal((2, 7, SDXL_LIKE["cross_attention_dim"])).astype(np.float32),
+            rng.standard_normal((2, 7, SDXL_LIGHT["cross_attention_dim"])).astype(np.float32),
             rng.standard_normal((2, pooled)).astype(np.float32),
             np.tile(np.float32([128, 128, 0, 0, 128, 128]), (2, 1)),
         )

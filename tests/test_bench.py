@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from diffusers_models import SDXL_LIKE
+from diffusers_models import SDXL_LIGHT
 from safetensors.numpy import load_file
 
 from jaxfusion import cli
@@ -70,7 +70,7 @@ def test_analyze_refusals_before_compiling(tmp_path, capsys, monkeypatch):
 def analysis(tmp_path_factory) -> tuple[list[dict], Path]:
     folder = tmp_path_factory.mktemp("analyze")
     (folder / "config.json").write_text(
-        json.dumps({"_class_name": "UNet2DConditionModel", **SDXL_LIKE})
+        json.dumps({"_class_name": "UNet2DConditionModel", **SDXL_LIGHT})
     )
     out, plot = folder / "analysis.json", folder / "analysis.png"
     result = subprocess.run(

@@ -103,7 +103,7 @@ def test_refusals_before_compiling(cache, tmp_path):
 def test_latents_file_and_convert_round_trip(cache, tmp_path):
     """A diffusers folder -> Flax (orbax) -> diffusers again; each generates the same image
     from the same --latents file, and diffusers loads the last one."""
-    source = save_random_pipeline(tmp_path / "source", "sdxl")
+    source = save_random_pipeline(tmp_path / "source", "sdxl-light")
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     flax_folder, back = tmp_path / "flax", tmp_path / "back"

@@ -40,7 +40,7 @@ def skimage_ssim(image: np.ndarray, reference: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return save_random_pipeline(tmp_path_factory.mktemp("model"), "sdxl")
+    return save_random_pipeline(tmp_path_factory.mktemp("model"), "sdxl-light")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from sharding.parallel import ParallelConfig
 
 @pytest.mark.slow
 def test_lora_image_to_image_lcm_sync_equals_single_and_displaced_differs(tmp_path):
-    pipe = jaxfusion.load_pipeline(save_random_pipeline(tmp_path / "sdxl", "sdxl"))
+    pipe = jaxfusion.load_pipeline(save_random_pipeline(tmp_path / "sdxl", "sdxl-light"))
     write_kohya(tmp_path / "lora.safetensors", random_adapters(4))
     pipe.load_lora(tmp_path / "lora.safetensors", scale=0.3)
     call = dict(

@@ -30,7 +30,7 @@ PROMPT = "a red circle"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A random SDXL-shaped pipeline folder (safetensors weights), 32x32 images."""
-    return save_random_pipeline(tmp_path_factory.mktemp("first-hour") / "sdxl", "sdxl")
+    return save_random_pipeline(tmp_path_factory.mktemp("first-hour") / "sdxl", "sdxl-light")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIKE, randomize, relative_l2
+from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize, relative_l2
 from distrifusion_reference import reference_denoise
 from flax import nnx
 from jax.extend.core import Literal
@@ -27,11 +27,8 @@ from sharding.loops import Sampling, denoise
 from sharding.names import COMPRESSIONS, GROUP_NORM_RULES
 
 STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
-# SDXL_LIKE with one resnet and one transformer layer per block: still every layer kind the
-# exchanges touch (3x3 and stride-2 convs, the upsamplers' convs, GroupNorm, self- and
-# cross-attention, CFG), at less than half the compile time of each program.
-UNET = dict(SDXL_LIKE, layers_per_block=1, transformer_layers_per_block=(1, 1, 1))
-LATENT = 32  # UNET has 3 levels: with P = 8 the smallest feature map is one row per patch
+
+LATENT = 32  # 3 UNet levels: with P = 8 the smallest feature map is one row per patch
 ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may change
 SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
 COLLECTIVES = {"ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter"}
@@ -43,21 +40,21 @@ DIFFUSERS_SCHEDULERS = {
 
 
 class Case:
-    """A tiny random SDXL-shaped UNet (`UNET`) in both frameworks (same weights), an Euler
+    """A tiny random SDXL-shaped UNet (SDXL_LIGHT) in both frameworks (same weights), an Euler
     schedule, and one CFG batch of inputs; JAX runs are compiled once per parallel
     configuration and scheduler (Euler, or DPM-Solver++ whose state also lives on the
     slabs)."""
 
     def __init__(self, folder):
         torch.manual_seed(0)
-        self.torch_unet = randomize(diffusers.UNet2DConditionModel(**UNET))
+        self.torch_unet = randomize(diffusers.UNet2DConditionModel(**SDXL_LIGHT))
         self.torch_unet.save_pretrained(folder)
         self.unet = convert.load_unet(folder)
         rng = np.random.default_rng(0)
         self.latents = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
-        pooled = UNET["projection_class_embeddings_input_dim"] - 6 * 8
+        pooled = SDXL_LIGHT["projection_class_embeddings_input_dim"] - 6 * 8
         self.conditioning = Conditioning(
-            rng.standard_normal((2, 7, UNET["cross_attention_dim"])).astype(np.float32),
+            rng.standard_normal((2, 7, SDXL_LIGHT["cross_attention_dim"])).astype(np.float32),
             rng.standard_normal((2, pooled)).astype(np.float32),
             np.tile(np.float32([128, 128, 0, 0, 128, 128]), (2, 1)),
         )

@@ -143,7 +143,7 @@ def profile(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     process of its own: it sets JAX's device count and compilation cache) on 4 simulated
     devices, displaced from step 1 (a scan of 2 steps)."""
     folder = tmp_path_factory.mktemp("profile")
-    model, out = save_random_pipeline(folder / "model", "sdxl"), folder / "out"
+    model, out = save_random_pipeline(folder / "model", "sdxl-light"), folder / "out"
     env = dict(os.environ, JAXFUSION_CACHE=str(folder / "cache"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [str(SCRIPT), "profile", "--model", str(model), "--devices", "4", "--parallel",
