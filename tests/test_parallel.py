@@ -27,7 +27,6 @@ from sharding.loops import Sampling, denoise
 from sharding.names import COMPRESSIONS, GROUP_NORM_RULES
 
 STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
-
 LATENT = 32  # 3 UNet levels: with P = 8 the smallest feature map is one row per patch
 ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may change
 SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
