@@ -27,7 +27,7 @@ import psutil
 from flax import nnx
 from machine_info import machine
 
-from jaxfusion.bench.analyze import single_step
+from jaxfusion.bench.analyze import downscale_factor, single_step
 from jaxfusion.files import write_text_atomically
 from jaxfusion.models import AutoencoderKL, UNetConfig, VAEConfig
 from jaxfusion.models.configs import UNET_CONFIGS, VAE_CONFIGS
@@ -66,7 +66,9 @@ class PeakRSS:
 def unet_step(size: int, attention: str):
     """The lowered single-device step (CFG batch 2) of the SDXL UNet for size x size."""
     config = UNetConfig.from_diffusers(UNET_CONFIGS["sdxl"])
-    return single_step(config, size, size, jnp.bfloat16, attention)
+    return single_step(
+        config, size, size, jnp.bfloat16, attention, downscale=downscale_factor("sdxl")
+    )
 
 
 def vae_decode(size: int, attention: str):

@@ -8,11 +8,18 @@ that wait on each other made its tests 10x slower (120 s instead of 9 s for part
 
 The whole session, all its pytest-xdist workers, shares one JAX compilation cache (a fresh
 folder per session): tests that build the same tiny pipelines compile the same programs, and
-every program after the first comes from the cache."""
+every program after the first comes from the cache.
+
+XLA compiles the suite's tiny programs for longer than it runs them, so the suite, and the
+subprocesses it starts, ask LLVM for its first optimisation level instead of its default
+second (XLA_FLAGS, set before JAX starts its backends; no fast math at either level):
+about 30% less CPU time for a test that compiles 4-device programs, and no slower for the
+built-in model's 18 images at 256x256 (`XLA_FLAGS=... pytest -n0` on one test each)."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1"
 
 import jax
 import pytest

@@ -166,6 +166,8 @@ def test_kv_refresh_traffic_is_the_mean_over_the_refresh_cycle():
 
     (refreshing, gathers), (kept, kept_gathers) = received(True), received(False)
     assert kept_gathers < gathers and 0 < kept < refreshing
-    record = analyze.analyze("builtin", config, 128, 128, parallel, "float32")
+    # 64x64 pixels: the 16x16 latent traced above (the built-in VAE downscales by 4)
+    downscale = analyze.downscale_factor(str(builtin_model_path()))
+    record = analyze.analyze("builtin", config, 64, 64, parallel, "float32", downscale=downscale)
     assert record.kv_refresh == 3
     assert record.comm_bytes_per_device_step == (refreshing + 2 * kept) // 3

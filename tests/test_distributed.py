@@ -36,7 +36,9 @@ def launch(tmp_path, arguments, timeout_s: int = PEER_TIMEOUT_S) -> list[subproc
     `--distributed-timeout timeout_s`; its stdout and stderr go to tmp_path/log-I.txt."""
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
+    # The suite's XLA flags (conftest.py), but no forced device count: `--devices` sets it.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "device_count" not in f)
     procs = []
     for i in range(PROCESSES):
         command = [

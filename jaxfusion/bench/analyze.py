@@ -185,11 +185,20 @@ def abstract_inputs(
 
 
 def single_step(
-    config: UNetConfig, height: int, width: int, dtype, attention: AttentionBackend = "xla"
+    config: UNetConfig,
+    height: int,
+    width: int,
+    dtype,
+    attention: AttentionBackend = "xla",
+    *,
+    downscale: int,
 ) -> jax.stages.Lowered:
     """One single-device step (CFG batch 2) for a height x width image with `attention`,
-    lowered from shapes."""
-    unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
+    lowered from shapes; `downscale`: the VAE's image pixels per latent pixel
+    (`downscale_factor`)."""
+    unet, sampling, latents = abstract_inputs(
+        config, height // downscale, width // downscale, dtype
+    )
     set_attention(unet, attention)
     graphdef, weights = nnx.split(unet)
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
@@ -202,12 +211,30 @@ def single_step(
 
 
 def single_step_cost(
-    config: UNetConfig, height: int, width: int, dtype, attention: AttentionBackend = "xla"
+    config: UNetConfig,
+    height: int,
+    width: int,
+    dtype,
+    attention: AttentionBackend = "xla",
+    *,
+    downscale: int,
 ) -> dict:
     """`single_step`'s `cost_analysis` and, under "memory", its memory (arguments +
     outputs + temporaries)."""
-    compiled = single_step(config, height, width, dtype, attention).compile()
+    compiled = single_step(config, height, width, dtype, attention, downscale=downscale).compile()
     return {**_cost(compiled), "memory": _memory_bytes(compiled.memory_analysis())}
+
+
+def downscale_factor(model: str) -> int:
+    """Image pixels per latent pixel of `model` (as `load_config` names it): its VAE's, or 8
+    when only its UNet is known (every Stable Diffusion VAE downscales by 8)."""
+    if model in VAE_CONFIGS:
+        return VAEConfig.from_diffusers(VAE_CONFIGS[model]).downscale_factor
+    if (Path(model) / "vae" / "config.json").is_file():
+        from jaxfusion import convert
+
+        return convert.load_vae_config(model).downscale_factor
+    return 8
 
 
 def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
@@ -293,16 +320,20 @@ def analyze(
     attention: AttentionBackend = "auto",
     pipeline: TextToImagePipeline | None = None,
     hosts: int = 1,
+    *,
+    downscale: int,
 ) -> StepAnalysis:
     """Compiles the steady-state step of `parallel` (a displaced step for displaced mode)
     for the first C x P devices (one data group, `data_group`) and reads it, with the
     single-device step for comparison (`single`: its `single_step_cost` with xla
     attention, computed here when not given), and the whole generation of `pipeline` (an
     `abstract_pipeline`; None: not measured); with `hosts` > 1, what crosses hosts
-    (`host_links`, the whole (D, C, P) mesh's bytes per step)."""
+    (`host_links`, the whole (D, C, P) mesh's bytes per step). `downscale`: the VAE's
+    image pixels per latent pixel (`downscale_factor`)."""
     data, parallel = parallel.data, data_group(parallel)
-    unet, sampling, latents = abstract_inputs(config, height // 8, width // 8, dtype)
-    single = single or single_step_cost(config, height, width, dtype)
+    latent_height, latent_width = height // downscale, width // downscale
+    unet, sampling, latents = abstract_inputs(config, latent_height, latent_width, dtype)
+    single = single or single_step_cost(config, height, width, dtype, downscale=downscale)
     generation = {}
     if pipeline is not None:
         generation = generation_memory(pipeline, height, width, parallel, attention)
@@ -324,7 +355,9 @@ def analyze(
     if parallel.mode == "single":
         memory = single["memory"]  # the xla step's: FLOPs stay its, memory is `attention`'s
         if attention != "xla":
-            memory = single_step_cost(config, height, width, dtype, attention)["memory"]
+            memory = single_step_cost(config, height, width, dtype, attention, downscale=downscale)[
+                "memory"
+            ]
         return StepAnalysis(
             **record,
             flops_per_device_step=float(single["flops"]),
@@ -464,7 +497,7 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     writes the JSON file and the plot `options` asks for, and returns the records."""
     display = display or StageDisplay()
     model, dtype = options.model, options.dtype
-    config = load_config(model)
+    config, downscale = load_config(model), downscale_factor(model)
     pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
         display.note(f"{model}: only the UNet is known, the whole generation is not measured")
@@ -498,7 +531,7 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                     compress=compress,
                     kv_refresh=options.kv_refresh if mode == "displaced" else 1,
                 )
-                parallel.check_size(height, width, 8 * 2 ** (config.num_levels - 1))
+                parallel.check_size(height, width, downscale * 2 ** (config.num_levels - 1))
                 if devices > 1 and devices % options.hosts:
                     raise ValueError(
                         f"--devices {devices} do not spread evenly over --hosts {options.hosts}"
@@ -510,7 +543,9 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
         devices, mode, compress = parallel.devices, parallel.mode, parallel.compress
         with display(f"{model} {height}x{width}, {devices} device(s), {mode} {compress}"):
             if (height, width) not in singles:
-                singles[height, width] = single_step_cost(config, height, width, dtype)
+                singles[height, width] = single_step_cost(
+                    config, height, width, dtype, downscale=downscale
+                )
             record = analyze(
                 model,
                 config,
@@ -522,6 +557,7 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                 attention=options.attention,
                 pipeline=pipeline,
                 hosts=options.hosts,
+                downscale=downscale,
             )
         model_times = projected_step_seconds(
             record.flops_per_device_step,
