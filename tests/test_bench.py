@@ -123,7 +123,7 @@ def test_reference_scheme_reproduces_the_paper():
 def generation(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("generation") / "analysis.json"
     result = subprocess.run(
-        [str(SCRIPT), "bench", "analyze", "--model", str(builtin_model_path()), "--height", "256",
+        [str(SCRIPT), "bench", "analyze", "--model", str(builtin_model_path()), "--height", "128",
          "--devices", "1", "8", "--dtype", "float32", "--json", str(out)],
         env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
