@@ -39,30 +39,33 @@ def compilation_cache(tmp_path_factory):
     enable_compilation_cache(root / "xla-cache")
 
 
-# The modules whose tests take longest, longest first (`pytest --durations=150`, summed per
-# module): they start first, so that the run does not end on one of them alone while the
-# other workers idle. The others follow in collection order. pyproject.toml passes
-# --no-loadscope-reorder, without which pytest-xdist orders modules by their test count.
+# The modules whose tests take longest, longest first (`--durations=100` of a clean-clone
+# `.ci/run`, summed per module): they start first, so that the run does not end on one of
+# them alone while the other workers idle. The others follow in collection order.
+# pyproject.toml passes --no-loadscope-reorder, without which pytest-xdist orders modules by
+# their test count.
 LONGEST_FIRST = (
     "test_parallel.py",
     "test_distributed.py",
-    "test_bench.py",
-    "test_codecs.py",
     "test_cli.py",
-    "test_unet_parity.py",
-    "test_refiner.py",
-    "test_img2img.py",
-    "test_builtin_model.py",
-    "test_attention.py",
-    "test_pipelines.py",
-    "test_notebook.py",
+    "test_codecs.py",
     "test_train.py",
-    "test_eval.py",
-    "test_lora.py",
-    "test_data_parallel.py",
+    "test_bench.py",
+    "test_refiner.py",
+    "test_unet_parity.py",
+    "test_notebook.py",
+    "test_builtin_model.py",
+    "test_pipelines.py",
+    "test_img2img.py",
     "test_patch_decode.py",
+    "test_data_parallel.py",
     "test_features_parallel.py",
+    "test_lora.py",
+    "test_attention.py",
+    "test_bench_time.py",
+    "test_eval.py",
     "test_few_step.py",
+    "test_profile.py",
 )
 
 

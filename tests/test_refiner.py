@@ -98,15 +98,14 @@ def test_refiner_matches_diffusers(refiners):
 
 
 @pytest.mark.slow
-def test_refiner_sync_equals_single_and_displaced_differs(refiners):
+def test_refiner_sync_equals_single(refiners):
+    """The refiner's conditioning (aesthetic-score time ids) reaches every patch; displaced
+    image-to-image is tested on the base in test_features_parallel.py."""
     refiner = refiners[0]
     call = dict(COMMON, image=starting_image(), strength=0.75, latents=added_noise())
     single = refiner(PROMPT, **call)
     sync = refiner(PROMPT, **call, parallel=ParallelConfig(4, mode="sync"))
-    displaced = refiner(PROMPT, **call, parallel=ParallelConfig(4, warmup_steps=1))
     assert np.abs(sync - single).max() < 1e-4
-    assert np.isfinite(displaced).all()
-    assert np.abs(displaced - single).max() > 1e-3
 
 
 def diffusers_hand_off(torch_base, torch_refiner, noise: np.ndarray):
