@@ -1,4 +1,5 @@
-"""The installed `jaxfusion` console script, run as a user runs it: a subprocess."""
+"""The `jaxfusion` command: the installed console script run as a user runs it (a
+subprocess), or its entry point in this process for refusals (no start-up to wait for)."""
 
 import os
 import subprocess
@@ -17,3 +18,16 @@ def jaxfusion_command(cache: Path, *args: str, expect: int = 0) -> subprocess.Co
     )
     assert result.returncode == expect, result.stdout + result.stderr
     return result
+
+
+def refused(capsys, *argv: str) -> str:
+    """The error line of `jaxfusion ARGV` run in this process (`capsys`: pytest's fixture),
+    which must exit with 2 (argparse's refusals raise SystemExit(2))."""
+    from jaxfusion import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    return " ".join(capsys.readouterr().err.split())

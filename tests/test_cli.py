@@ -1,6 +1,6 @@
 """The installed `jaxfusion` console script, run as a user runs it (a subprocess), with one
 cache folder for the whole module: compiled programs are shared through JAX's persistent
-cache."""
+cache. Refusals and conversions run its entry point in this process."""
 
 import json
 import os
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from commands import jaxfusion_command
+from commands import jaxfusion_command, refused
 from PIL import Image
 from pipelines import SIZE, save_random_pipeline
 
+from jaxfusion import cli
 from jaxfusion.images import psnr
 
 PROMPT = "a red circle at the top left"
@@ -76,43 +77,34 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     np.testing.assert_array_equal(np.load(api), array)
 
 
-def test_refusals_before_compiling(cache, tmp_path):
-    out = tmp_path / "image.png"
-    bad_height = jaxfusion_command(
-        cache, "generate", "--prompt", PROMPT, "--height", "60", "--out", str(out), expect=2
-    )
-    assert "height=60" in bad_height.stderr and "use 48 or 64" in bad_height.stderr
-    assert "compiling" not in bad_height.stderr
-    bad_suffix = jaxfusion_command(
-        cache, "generate", "--prompt", PROMPT, "--out", str(tmp_path / "x.jpg"), expect=2
-    )
-    assert ".png" in bad_suffix.stderr
-    missing = jaxfusion_command(
-        cache, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", PROMPT,
-        "--out", str(out), expect=2,
-    )  # fmt: skip
-    assert "no such folder" in missing.stderr
-    unknown = jaxfusion_command(
-        cache, "generate", "--prompt", PROMPT, "--scheduler", "pndm", "--out", str(out), expect=2
-    )
-    assert "euler" in unknown.stderr
+def test_refusals_before_compiling(tmp_path, capsys):
+    out = str(tmp_path / "image.png")
+    bad_height = refused(capsys, "generate", "--prompt", PROMPT, "--height", "60", "--out", out)
+    assert "height=60" in bad_height and "use 48 or 64" in bad_height
+    assert "compiling" not in bad_height
+    bad_suffix = refused(capsys, "generate", "--prompt", PROMPT, "--out", str(tmp_path / "x.jpg"))
+    assert ".png" in bad_suffix
+    nowhere = str(tmp_path / "nowhere")
+    missing = refused(capsys, "generate", "--model", nowhere, "--prompt", PROMPT, "--out", out)
+    assert "no such folder" in missing
+    unknown = refused(capsys, "generate", "--prompt", PROMPT, "--scheduler", "pndm", "--out", out)
+    assert "euler" in unknown
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
-def test_latents_file_and_convert_round_trip(cache, tmp_path):
-    """A diffusers folder -> Flax (orbax) -> diffusers again; each generates the same image
-    from the same --latents file, and diffusers loads the last one."""
+def test_latents_file_and_convert_round_trip(cache, tmp_path, capsys):
+    """A diffusers folder -> Flax (orbax) -> diffusers again (converted in this process); each
+    generates the same image from the same --latents file, and diffusers loads the last one."""
     source = save_random_pipeline(tmp_path / "source", "sdxl-light")
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     flax_folder, back = tmp_path / "flax", tmp_path / "back"
-    jaxfusion_command(cache, "convert", str(source), str(flax_folder))
+    assert cli.main(["convert", str(source), str(flax_folder)]) == 0
     assert (flax_folder / "unet" / "flax_params").is_dir()
     assert not list(flax_folder.glob("*/*.safetensors"))
-    jaxfusion_command(cache, "convert", str(flax_folder), str(back), "--to-diffusers")
-    refused = jaxfusion_command(cache, "convert", str(flax_folder), str(back), expect=2)
-    assert "exists" in refused.stderr
+    assert cli.main(["convert", str(flax_folder), str(back), "--to-diffusers"]) == 0
+    assert "exists" in refused(capsys, "convert", str(flax_folder), str(back))
 
     images = {}
     for name, folder in (("source", source), ("flax", flax_folder), ("back", back)):
@@ -163,8 +155,3 @@ def test_generate_on_simulated_devices(cache, tmp_path):
         )  # fmt: skip
         images[mode] = np.load(out)
     np.testing.assert_allclose(images["sync"], images["single"], atol=1e-4)
-    refused = jaxfusion_command(
-        cache, "generate", "--prompt", PROMPT, "--devices", "3", "--cfg-parallel",
-        "--out", str(tmp_path / "x.png"), expect=2,
-    )  # fmt: skip
-    assert "3 devices do not factor into 2 (CFG) x P" in refused.stderr

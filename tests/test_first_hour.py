@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from commands import jaxfusion_command
+from commands import jaxfusion_command, refused
 from pipelines import count_compiles, save_random_pipeline
 from rich.console import Console
 
@@ -52,12 +52,6 @@ def reads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(TensorReader, "read", counted)
     return names
-
-
-def refused(capsys, *argv: str) -> str:
-    """The error line of `jaxfusion ARGV` run in this process, which must exit with 2."""
-    assert cli.main(list(argv)) == 2
-    return " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from commands import jaxfusion_command
+from commands import jaxfusion_command, refused
 from diffusers_models import SDXL_LIKE, randomize, relative_l2
 from pipelines import SIZE, WORDS, build_random_pipeline
 from test_img2img import STEPS, added_noise, image_file, run_img2img, starting_image
@@ -163,7 +163,7 @@ def test_command_hands_off_to_the_refiner(backends, refiners, refiner_folder, tm
 
 
 @pytest.mark.slow
-def test_command_refuses_before_loading(backends, refiner_folder, tmp_path):
+def test_command_refuses_before_loading(backends, refiner_folder, tmp_path, capsys):
     base = ["generate", "--model", str(backends.folder("sdxl")), "--prompt", PROMPT,
             "--out", str(tmp_path / "x.png")]  # fmt: skip
     refusals = {
@@ -178,9 +178,9 @@ def test_command_refuses_before_loading(backends, refiner_folder, tmp_path):
         "pass --refiner": ["--high-noise-frac", "0.8"],
     }  # fmt: skip
     for message, options in refusals.items():
-        result = jaxfusion_command(tmp_path / "cache", *base, *options, expect=2)
-        assert re.search(message, result.stderr), (message, result.stderr)
-        assert "loading" not in result.stderr, result.stderr
+        error = refused(capsys, *base, *options)
+        assert re.search(message, error), (message, error)
+        assert "loading" not in error, error
 
 
 def test_refusals(backends, refiner_folder):
