@@ -4,9 +4,11 @@ size, the detector's accuracy on its 18 one-shape prompts, the share drawn as on
 shape, and which of seeds 0-3 draw the README's quick-start prompt as asked. For a training
 run's snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
 
-    python benchmarks/builtin_accuracy.py [FOLDER ...] [--sizes 64 256]
+    python benchmarks/builtin_accuracy.py [FOLDER ...] [--sizes 64 256] [--images DIR]
 
-FOLDER defaults to the shipped model.
+FOLDER defaults to the shipped model. `--images DIR` also writes the judged images of each
+folder and size as DIR/NAME-SIZE.png, two rows of 11: the 18 prompts, then the quick-start
+prompt from seeds 0-3.
 """
 
 import argparse
@@ -18,24 +20,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import test_builtin_model as judge
 
 import jaxfusion
+from jaxfusion.images import grid, save_image
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", default=["builtin"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--images", type=Path, help="write the judged images to this folder")
     args = parser.parse_args()
     for folder in args.folders:
         pipe = jaxfusion.load_pipeline(folder)
         for size in args.sizes:
             images = judge.generate(pipe, size)
-            quick_start = [judge.quick_start_ok(image) for image in judge.quick_start(pipe, size)]
+            drawn = judge.quick_start(pipe, size)
+            quick_start = [judge.quick_start_ok(image) for image in drawn]
             print(
                 f"{folder} at {size}x{size}: detector accuracy {judge.accuracy(images):.0%}, "
                 f"one dominant shape {judge.one_shape_share(images):.0%}, "
                 f"quick-start prompt drawn as asked for seeds 0-3: {quick_start}",
                 flush=True,
             )
+            if args.images:
+                args.images.mkdir(parents=True, exist_ok=True)
+                judged = [*images, *drawn]
+                rows = [judged[:11], judged[11:]]
+                save_image(grid(rows), args.images / f"{Path(folder).name}-{size}.png")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-steps",
         type=int,
         default=TRAIN_DEFAULTS.scale_steps,
-        help="steps of the multi-scale phase (64, 128 and 256 pixels), after the UNet steps",
+        help="steps of each round of the multi-scale phase (64, 128 and 256 pixels, pyramid "
+        "noise), after the UNet steps",
+    )
+    train.add_argument(
+        "--scale-rounds",
+        type=int,
+        default=TRAIN_DEFAULTS.scale_rounds,
+        help="rounds of the multi-scale phase, each restarting its learning-rate schedule",
     )
     train.add_argument(
         "--from",
@@ -182,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--overwrite", action="store_true", help="replace the output folder")
     train.add_argument(
-        "--snapshots", help="also write the pipeline every 1000 diffusion steps to DIR/step-N"
+        "--snapshots", help="also write the pipeline every N diffusion steps to DIR/step-N"
+    )
+    train.add_argument(
+        "--snapshot-every", type=int, default=1000, metavar="N", help="(default: 1000)"
     )
     train.set_defaults(command=run_train)
 

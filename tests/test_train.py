@@ -13,8 +13,9 @@ from safetensors.numpy import load_file
 from jaxfusion import cli
 from jaxfusion.train import shapes, trainer
 from jaxfusion.train.config import TrainConfig
+from jaxfusion.train.noise import pyramid_noise
 
-STEPS = ["--vae-steps", "2", "--unet-steps", "1"]
+STEPS = ["--vae-steps", "2", "--unet-steps", "1", "--scale-steps", "0"]
 
 
 @pytest.mark.slow
@@ -45,10 +46,11 @@ def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
     assert ours.vae.config.scaling_factor != 1.0  # set from the trained VAE's latents
 
     # Continuing from `first` at another size (a small one: the default scales' 256x256
-    # programs take minutes to compile here): its VAE is kept, the UNet moves.
-    config = TrainConfig(unet_steps=0, scale_steps=1, scales=((32, 2),))
+    # programs take minutes to compile here), two rounds on pyramid noise: its VAE is kept,
+    # the UNet moves.
+    config = TrainConfig(unet_steps=0, scale_steps=1, scale_rounds=2, scales=((32, 2),))
     continued, history = trainer.train(config, start=first)
-    assert len(history.unet) == 1 and set(history.seconds) == {"unet_scales"}
+    assert len(history.unet) == 2 and set(history.seconds) == {"unet_scales", "unet_scales_2"}
     for old, new in zip(parameters(ours.vae), parameters(continued.vae), strict=True):
         np.testing.assert_array_equal(old, new)
     pairs = zip(parameters(ours.unet), parameters(continued.unet), strict=True)
@@ -66,3 +68,23 @@ def test_scenes_are_deterministic_and_captions_use_the_vocabulary():
     assert captions == captions_again
     assert images.shape == (8, 32, 32, 3) and images.min() >= -1 and images.max() <= 1
     assert {word for caption in captions for word in caption.split()} <= set(shapes.WORDS)
+
+
+def block_mean_std(noise: jax.Array, block: int) -> float:
+    """The standard deviation of the means of (block x block) blocks of (B, h, w, C) noise."""
+    b, h, w, c = noise.shape
+    blocks = np.asarray(noise, np.float64).reshape(b, h // block, block, w // block, block, c)
+    return float(blocks.mean(axis=(2, 4)).std())
+
+
+def test_pyramid_noise_keeps_coarse_blobs_at_256_as_strong_as_white_noise_at_64():
+    key = jax.random.key(0)
+    white = pyramid_noise(key, (64, 16, 16, 4), discount=0.0)
+    np.testing.assert_array_equal(white, jax.random.normal(key, (64, 16, 16, 4)))
+    noise = pyramid_noise(key, (64, 64, 64, 4), TrainConfig().scale_noise_discount)
+    np.testing.assert_allclose(np.std(np.asarray(noise), axis=(1, 2, 3)), 1.0, rtol=1e-5)
+    # A shape covers about 4x4 latent pixels at 64x64 and 16x16 at 256x256; white noise
+    # averaged over n pixels has standard deviation 1 / sqrt(n).
+    assert block_mean_std(white, 4) == pytest.approx(1 / 4, rel=0.1)
+    assert block_mean_std(noise, 16) >= 1 / 4
+    assert block_mean_std(pyramid_noise(key, (64, 64, 64, 4), 0.0), 16) < 1 / 12

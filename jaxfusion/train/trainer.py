@@ -41,6 +41,7 @@ from jaxfusion.pipelines.base import Models
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 from jaxfusion.train import shapes
 from jaxfusion.train.config import TrainConfig
+from jaxfusion.train.noise import pyramid_noise
 
 TEXT_ENCODER = dict(
     hidden_size=32,
@@ -131,10 +132,10 @@ Snapshot = Callable[[int, SDXLPipeline], None]
 class Phase:
     """One phase of diffusion training: `steps` steps, learning rate warming up to `peak`;
     step i draws a batch of `scales[i % len(scales)]` = (image size, batch size) from the
-    scene stream `data_seed`. Its size micro-conditioning (time_ids) is the image's size,
-    or, with `random_size_ids`, a random one of SIZE_CONDITIONING (the first phase, whose
-    images all have one size, so that the model accepts every size's time_ids). `name`
-    keys its wall time in `History.seconds`."""
+    scene stream `data_seed`, noised with `pyramid_noise(..., noise_discount)`. Its size
+    micro-conditioning (time_ids) is the image's size, or, with `random_size_ids`, a random
+    one of SIZE_CONDITIONING (the first phase, whose images all have one size, so that the
+    model accepts every size's time_ids). `name` keys its wall time in `History.seconds`."""
 
     name: str
     description: str
@@ -143,31 +144,39 @@ class Phase:
     scales: tuple[tuple[int, int], ...]
     data_seed: int
     random_size_ids: bool
+    noise_discount: float
 
 
-def diffusion_phases(config: TrainConfig) -> tuple[Phase, Phase]:
-    """The UNet and text encoders at `config.image_size`, then at every size of `config.scales`."""
+def diffusion_phases(config: TrainConfig) -> tuple[Phase, ...]:
+    """The UNet and text encoders at `config.image_size`, then `config.scale_rounds` rounds at
+    every size of `config.scales`: each round starts from the previous one's averaged weights
+    with a fresh optimizer and learning-rate schedule (a warm restart) on the same scenes."""
     sizes = ", ".join(str(size) for size in sorted({size for size, _ in config.scales}))
-    return (
+    first = Phase(
+        "unet",
+        "training the UNet and text encoders",
+        config.unet_steps,
+        config.unet_learning_rate,
+        ((config.image_size, config.unet_batch_size),),
+        config.seed + 1,
+        random_size_ids=True,
+        noise_discount=0.0,
+    )
+    rounds = [
         Phase(
-            "unet",
-            "training the UNet and text encoders",
-            config.unet_steps,
-            config.unet_learning_rate,
-            ((config.image_size, config.unet_batch_size),),
-            config.seed + 1,
-            random_size_ids=True,
-        ),
-        Phase(
-            "unet_scales",
-            f"training them at {sizes}",
+            "unet_scales" + (f"_{r}" if r > 1 else ""),
+            f"training them at {sizes}"
+            + (f" (round {r} of {config.scale_rounds})" if config.scale_rounds > 1 else ""),
             config.scale_steps,
             config.scale_learning_rate,
             config.scales,
             config.seed + 3,
             random_size_ids=False,
-        ),
-    )
+            noise_discount=config.scale_noise_discount,
+        )
+        for r in range(1, config.scale_rounds + 1)
+    ]
+    return (first, *rounds)
 
 
 def train(
@@ -283,7 +292,7 @@ def train_diffusion(
         states = conditioning.encoder_hidden_states * keep[:, None, None]
         pooled = conditioning.text_embeds * keep[:, None]
         t = jax.random.randint(keys[1], (b,), 0, alpha_bar.shape[0])
-        noise = jax.random.normal(keys[2], latents.shape)
+        noise = pyramid_noise(keys[2], latents.shape, phase.noise_discount)
         a = alpha_bar[t][:, None, None, None]
         noisy = jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise
         prediction = models.unet(noisy, t, states, pooled, batch["time_ids"])
@@ -413,6 +422,7 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         scale_steps=args.scale_steps,
+        scale_rounds=args.scale_rounds,
     )
 
     def progress_bar(description: str, total: int, losses: list[float]) -> Iterator[int]:
@@ -437,7 +447,11 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         pipe.save_pretrained(Path(args.snapshots) / f"step-{step}", overwrite=True)
 
     pipe, history = train(
-        config, progress_bar, save_snapshot if args.snapshots else None, start=args.start
+        config,
+        progress_bar,
+        save_snapshot if args.snapshots else None,
+        args.snapshot_every,
+        start=args.start,
     )
     with display(f"writing {out}"), staging_folder(out, overwrite=args.overwrite) as folder:
         pipe.save_pretrained(folder, overwrite=True)
