@@ -136,12 +136,12 @@ def drawn(pipe):
     return at
 
 
-# The shipped model composes at 64x64 only: at 128 and 256 it repeats small shapes along the
-# asked edges, and it binds two shapes' colours, places and kinds poorly (issue 16, item 8,
-# open: a first run trained at 64, 128 and 256 scored lower at every size). strict: an
-# unexpected pass fails, so that the mark is lifted.
+# Issue 16, item 8, open. The shipped model draws one shape where one is asked, at 64, 128
+# and 256, but at 256 its shapes are blobs that often sit across two thirds of the image, and
+# it binds two shapes' colours and places poorly. strict: an unexpected pass fails, so that
+# the mark is lifted.
 NOT_YET = pytest.mark.xfail(
-    strict=True, reason="issue 16 item 8: the shipped model is trained at 64x64 only"
+    strict=True, reason="issue 16 item 8: not reached by the shipped model (README)"
 )
 QUICK_START = "a red circle at the top left and a blue square at the bottom right"
 
@@ -223,21 +223,27 @@ def test_draws_the_asked_colour_and_place_at_64(drawn):
 def test_draws_the_asked_colour_and_place_at_256(drawn):
     score = accuracy(drawn(256))
     print(f"detector accuracy at 256x256: {score:.0%} of {len(CASES)}")
-    assert score >= 0.6  # shapes at the trained scale, repeated along the asked edges
+    assert score >= 0.6  # measured 72%; the target is below
 
 
 @pytest.mark.slow
-@NOT_YET  # measured 78%
+@NOT_YET  # measured 72%
 def test_reaches_the_target_accuracy_at_256(drawn):
     assert accuracy(drawn(256)) >= 0.9
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [64, pytest.param(256, marks=NOT_YET)])  # 256: measured 0%
-def test_one_shape_prompt_draws_one_shape_not_a_scatter(drawn, size):
+@pytest.mark.parametrize("size, floor", [(64, 0.9), (256, 0.75)])  # 256: measured 83%
+def test_one_shape_prompt_draws_one_shape_not_a_scatter(drawn, size, floor):
     share = one_shape_share(drawn(size))
     print(f"one dominant shape at {size}x{size}: {share:.0%} of {len(CASES)}")
-    assert share >= 0.9
+    assert share >= floor
+
+
+@pytest.mark.slow
+@NOT_YET  # measured 83%
+def test_reaches_the_target_one_shape_share_at_256(drawn):
+    assert one_shape_share(drawn(256)) >= 0.9
 
 
 @pytest.mark.slow
