@@ -3,7 +3,7 @@ resolution noise): white noise plus, for i = 1, 2, ..., white noise drawn at 1 /
 latent's size, upsampled (linear) and weighted discount**i, normalised to unit variance.
 
 Why: at the first sampling step (t = 961 of 1000 with 25 leading steps) the latent keeps
-sqrt(alpha_bar) = 7% of the image. White noise averaged over a shape's area shrinks with
+sqrt(alpha_bar) = 8.5% of the image. White noise averaged over a shape's area shrinks with
 that area, so at 256x256 (a shape covers 16 times the latent pixels it covers at 64x64) a
 model trained on white noise reads the shapes' layout from the initial noise's chance blobs
 rather than from the prompt: wrong colours and places. Noise whose blobs keep their
