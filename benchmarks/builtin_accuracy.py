@@ -44,7 +44,7 @@ def main() -> None:
             if args.images:
                 args.images.mkdir(parents=True, exist_ok=True)
                 judged = [*images, *drawn]
-                rows = [judged[:11], judged[11:]]
+                rows = [judged[: len(judged) // 2], judged[len(judged) // 2 :]]
                 save_image(grid(rows), args.images / f"{Path(folder).name}-{size}.png")
 
 

@@ -27,7 +27,7 @@ from jaxfusion.bench.options import (
 )
 from jaxfusion.models.names import ATTENTION_BACKENDS
 from jaxfusion.schedulers.config import KINDS
-from jaxfusion.train.config import TrainConfig
+from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig
 from sharding.names import COMPRESSIONS, GROUP_NORM_RULES, MODES, NAIVE_SPLITS
 
 if TYPE_CHECKING:
@@ -192,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshots", help="also write the pipeline every N diffusion steps to DIR/step-N"
     )
     train.add_argument(
-        "--snapshot-every", type=int, default=1000, metavar="N", help="(default: 1000)"
+        "--snapshot-every",
+        type=int,
+        default=SNAPSHOT_EVERY,
+        metavar="N",
+        help=f"(default: {SNAPSHOT_EVERY})",
     )
     train.set_defaults(command=run_train)
 

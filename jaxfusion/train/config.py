@@ -2,6 +2,8 @@
 
 import dataclasses
 
+SNAPSHOT_EVERY = 1000  # diffusion steps between snapshots (`jaxfusion train --snapshots`)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

@@ -40,7 +40,7 @@ from jaxfusion.pipelines import SDXLPipeline
 from jaxfusion.pipelines.base import Models
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 from jaxfusion.train import shapes
-from jaxfusion.train.config import TrainConfig
+from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig
 from jaxfusion.train.noise import pyramid_noise
 
 TEXT_ENCODER = dict(
@@ -183,7 +183,7 @@ def train(
     config: TrainConfig,
     progress: Progress = no_progress,
     snapshot: Snapshot | None = None,
-    snapshot_every: int = 1000,
+    snapshot_every: int = SNAPSHOT_EVERY,
     start: str | Path | None = None,
 ) -> tuple[SDXLPipeline, History]:
     """Trains the built-in model from scratch, or, from `start` (a pipeline folder of the
