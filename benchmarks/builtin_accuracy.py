@@ -1,14 +1,16 @@
 """How well a built-in-architecture pipeline folder draws what it is asked, judged by the
 detector of tests/test_builtin_model.py (the oracle the shipped model's tests use): for each
 size, the detector's accuracy on its 18 one-shape prompts, the share drawn as one dominant
-shape, and which of seeds 0-3 draw the README's quick-start prompt as asked. For a training
-run's snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
+shape, the share of its 12 two-shape prompts ("a red circle at the top left and a green
+square at the top right") with both colours in their asked thirds, and which of seeds 0-3
+draw the README's quick-start prompt as asked. For a training run's snapshots (`jaxfusion
+train --snapshots DIR`) before one is shipped.
 
     python benchmarks/builtin_accuracy.py [FOLDER ...] [--sizes 64 256] [--images DIR]
 
 FOLDER defaults to the shipped model. `--images DIR` also writes the judged images of each
 folder and size as DIR/NAME-SIZE.png, two rows of 11: the 18 prompts, then the quick-start
-prompt from seeds 0-3.
+prompt from seeds 0-3; and the two-shape prompts as DIR/NAME-SIZE-pairs.png, one row.
 """
 
 import argparse
@@ -35,9 +37,12 @@ def main() -> None:
             images = judge.generate(pipe, size)
             drawn = judge.quick_start(pipe, size)
             quick_start = [judge.quick_start_ok(image) for image in drawn]
+            pairs = judge.draw(pipe, [judge.pair_prompt(pair) for pair in judge.PAIRS], size)
             print(
                 f"{folder} at {size}x{size}: detector accuracy {judge.accuracy(images):.0%}, "
                 f"one dominant shape {judge.one_shape_share(images):.0%}, "
+                f"two shapes placed as asked {judge.pairs_placed_share(pairs):.0%} "
+                f"of {len(pairs)}, "
                 f"quick-start prompt drawn as asked for seeds 0-3: {quick_start}",
                 flush=True,
             )
@@ -45,7 +50,9 @@ def main() -> None:
                 args.images.mkdir(parents=True, exist_ok=True)
                 judged = [*images, *drawn]
                 rows = [judged[: len(judged) // 2], judged[len(judged) // 2 :]]
-                save_image(grid(rows), args.images / f"{Path(folder).name}-{size}.png")
+                name = f"{Path(folder).name}-{size}"
+                save_image(grid(rows), args.images / f"{name}.png")
+                save_image(grid([list(pairs)]), args.images / f"{name}-pairs.png")
 
 
 if __name__ == "__main__":
