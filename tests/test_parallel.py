@@ -365,11 +365,22 @@ def test_naive_step_has_no_exchange(case, split):
 
 @pytest.mark.slow
 def test_pipeline_images_sync_and_cfg_split_equal_single():
+    """Sync mode is the same arithmetic in another order, so it differs from the single
+    device by float32 rounding, which the shipped model amplifies: that is measured here as
+    what a 1e-7 relative nudge of the initial noise does to the single-device image (3.5e-4;
+    sync: 4.7e-4). Both stay under half an 8-bit level (2e-3), far below what the
+    approximate modes change (README: 32.5-38.9 dB PSNR for displaced, an RMS of 1.1-2.4e-2)."""
     pipe = jaxfusion.load_pipeline(builtin_model_path())
-    options = dict(num_inference_steps=3, height=128, width=128, seed=0)
-    single = pipe("a red circle", **options)
-    sync = pipe("a red circle", parallel=ParallelConfig(8, 2, mode="sync"), **options)
-    assert np.abs(sync - single).max() < 1e-4
+    latents = pipe.initial_latents(1, 128, 128, 0)
+    options = dict(num_inference_steps=3, height=128, width=128)
+    single = pipe("a red circle", latents=latents, **options)
+    nudged = pipe("a red circle", latents=latents * (1 + 1e-7), **options)
+    sync = pipe(
+        "a red circle", latents=latents, parallel=ParallelConfig(8, 2, mode="sync"), **options
+    )
+    rounding, error = np.abs(nudged - single).max(), np.abs(sync - single).max()
+    print(f"max change: 1e-7 nudge of the noise {rounding:.1e}, sync mode {error:.1e}")
+    assert rounding < 2e-3 and error < 2e-3
     assert single.std() > 0.01  # not blank
 
 
