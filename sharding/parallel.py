@@ -205,7 +205,7 @@ def default_warmup_steps(steps: int) -> int:
     setting); about a quarter of the steps for short ones, so that a few-step run still
     has displaced steps (4 steps: 2 synchronous, 2 displaced), but never W = 0: a step
     that reuses step 0's activations, the noisiest and furthest from the next, loses
-    11.4-11.9 dB of PSNR against single compared with W = 1 at 4 and 8 steps
+    9.1-9.5 dB of PSNR against single compared with W = 1 at 4 and 8 steps
     (docs/performance.md, few-step runs).
     """
     return min(DEFAULT_WARMUP_STEPS, max(1, steps // 4))
