@@ -36,14 +36,14 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="write the judged images to this folder")
     parser.add_argument("--first-seed", type=int, default=0, help="draw prompt i from seed N + i")
     args = parser.parse_args()
+    seed = args.first_seed
+    pair_prompts = [judge.pair_prompt(pair) for pair in judge.PAIRS]
     for folder in args.folders:
         pipe = jaxfusion.load_pipeline(folder)
         for size in args.sizes:
-            seed = args.first_seed
             images = judge.generate(pipe, size, seed)
             drawn = judge.quick_start(pipe, size, seed)
             quick_start = [judge.quick_start_ok(image) for image in drawn]
-            pair_prompts = [judge.pair_prompt(pair) for pair in judge.PAIRS]
             pairs = judge.draw(pipe, pair_prompts, size, seed)
             print(
                 f"{folder} at {size}x{size}: detector accuracy {judge.accuracy(images):.0%}, "
