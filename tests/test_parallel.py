@@ -369,7 +369,7 @@ def test_pipeline_images_sync_and_cfg_split_equal_single():
     device by float32 rounding, which a trained model can amplify: that is measured here as
     what a 1e-7 relative nudge of the initial noise does to the single-device image (2.6e-6
     on the shipped model, 3.5e-4 on the one before; sync: 4.1e-6, 4.7e-4). Sync stays within
-    10 times that nudge (measured 1.3-2.3 times, over both models and seeds 0-2 here), and
+    10 times that nudge (measured 1.6 times on the shipped model, 1.3 on the one before), and
     both under half an 8-bit level (2e-3), far below what the displaced rules change
     (README: 20.3-38.6 dB PSNR on 4 and 8 devices, an RMS difference of 1.2e-2 to 9.7e-2)."""
     pipe = jaxfusion.load_pipeline(builtin_model_path())
