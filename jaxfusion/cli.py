@@ -187,6 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from this trained built-in pipeline: keep its VAE, run the diffusion "
         "phases from its weights (with --unet-steps 0: the multi-scale phase only)",
     )
+    train.add_argument(
+        "--new-text-encoders",
+        action="store_true",
+        help="with --from: keep its UNet and VAE but start both text encoders afresh",
+    )
+    train.add_argument(
+        "--text-encoder-layers",
+        type=int,
+        metavar="N",
+        help=f"layers of new text encoders (default: {TRAIN_DEFAULTS.text_encoder_layers})",
+    )
+    train.add_argument(
+        "--text-encoder-heads",
+        type=int,
+        metavar="N",
+        help=f"attention heads of new text encoders (default: {TRAIN_DEFAULTS.text_encoder_heads})",
+    )
+    train.add_argument(
+        "--sinusoidal-positions",
+        action="store_true",
+        default=None,
+        help="start new text encoders' position embeddings as sinusoids, not random",
+    )
+    train.add_argument(
+        "--object-counts",
+        type=float,
+        nargs=3,
+        metavar=("P1", "P2", "P3"),
+        help="probability that a training scene holds 1, 2, 3 objects (default: 1 half the "
+        "time, else 2 or 3 alike)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace the output folder")
     train.add_argument(
         "--snapshots", help="also write the pipeline every N diffusion steps to DIR/step-N"

@@ -178,7 +178,11 @@ def pair_placed(image: np.ndarray, pair) -> bool:
     """(H, W, 3) in [0, 1] -> whether both colours of a pair ((colour, place, shape) twice,
     as in PAIRS) sit in their asked thirds, each at least 1% of the image: the two shapes'
     colours and places bound."""
-    masks = colour_masks(image)
+    return placed(colour_masks(image), pair)
+
+
+def placed(masks: dict[str, np.ndarray], pair) -> bool:
+    """`pair_placed` on the image's `colour_masks`."""
     return all(
         masks[colour].mean() >= 0.01 and third_of(masks[colour]) == PLACES[place]
         for colour, place, _ in pair
@@ -196,9 +200,9 @@ def quick_start_ok(image: np.ndarray) -> bool:
     image), the blue one a square rather than a circle like the red one: it fills more of its
     bounding box (rendered: 1 against pi/4; drawn at 64x64 the model rounds squares' corners,
     to ~0.8 against ~0.75, so the two are compared rather than thresholded)."""
-    if not pair_placed(image, QUICK_START_PAIR):
-        return False
     masks = colour_masks(image)
+    if not placed(masks, QUICK_START_PAIR):
+        return False
     red, blue = masks["red"], masks["blue"]
     return (
         largest_share(red) >= 0.8

@@ -21,8 +21,10 @@ STEPS = ["--vae-steps", "2", "--unet-steps", "1", "--scale-steps", "0"]
 @pytest.mark.slow
 def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    assert cli.main(["train", "--out", str(first), *STEPS]) == 0
-    assert cli.main(["train", "--out", str(first), *STEPS]) == 2  # exists: refused
+    snapshots = tmp_path / "snapshots"
+    train = ["train", "--out", str(first), *STEPS]
+    assert cli.main([*train, "--snapshots", str(snapshots), "--snapshot-every", "1"]) == 0
+    assert cli.main(train) == 2  # exists: refused
     assert cli.main(["train", "--out", str(second), *STEPS]) == 0
 
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -36,6 +38,8 @@ def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
     assert record["config"]["vae_steps"] == 2 and record["config"]["unet_steps"] == 1
     assert record["config"]["scale_steps"] == 0 and record["started_from"] is None
     assert (first / "loss.png").stat().st_size > 0
+    snapshot = json.loads((snapshots / "step-1" / "training.json").read_text())
+    assert snapshot["diffusion_steps"] == 1 == record["diffusion_steps"]
 
     from jaxfusion import diffusers_backend
     from jaxfusion.pipelines import load_pipeline
@@ -47,14 +51,58 @@ def test_train_writes_a_loadable_pipeline_deterministically(tmp_path):
 
     # Continuing from `first` at another size (a small one: the default scales' 256x256
     # programs take minutes to compile here), two rounds on pyramid noise: its VAE is kept,
-    # the UNet moves.
-    config = TrainConfig(unet_steps=0, scale_steps=1, scale_rounds=2, scales=((32, 2),))
-    continued, history = trainer.train(config, start=first)
+    # the UNet moves; new text encoders (another seed, so that they differ from `first`'s
+    # initial ones) have the asked layers and sinusoidal position embeddings.
+    config = TrainConfig(
+        seed=1,
+        unet_steps=0,
+        scale_steps=1,
+        scale_rounds=2,
+        scales=((32, 2),),
+        text_encoder_layers=3,
+        sinusoidal_positions=True,
+    )
+    continued, history = trainer.train(config, start=first, new_text_encoders=True)
     assert len(history.unet) == 2 and set(history.seconds) == {"unet_scales", "unet_scales_2"}
     for old, new in zip(parameters(ours.vae), parameters(continued.vae), strict=True):
         np.testing.assert_array_equal(old, new)
     pairs = zip(parameters(ours.unet), parameters(continued.unet), strict=True)
     assert any(not np.array_equal(old, new) for old, new in pairs)
+    encoders = zip(ours.models.text_encoders, continued.models.text_encoders, strict=True)
+    for old, new in encoders:
+        assert len(old.text_model.encoder.layers) == 2 and len(new.text_model.encoder.layers) == 3
+        old, new = old.text_model.embeddings, new.text_model.embeddings
+        tokens = np.asarray(new.token_embedding.embedding[...])
+        assert np.abs(tokens - np.asarray(old.token_embedding.embedding[...])).mean() > 0.5
+        table = np.asarray(new.position_embedding.embedding[...])
+        # two Adam steps of at most the peak learning rate each from the formula
+        np.testing.assert_allclose(table, sinusoids(*table.shape), atol=2 * 5e-4 + 1e-6)
+
+
+def sinusoids(positions: int, dim: int) -> np.ndarray:
+    """float64: row p = sqrt(2) [sin(p / 100^(2i/dim)) for i < dim/2, then the cosines]."""
+    table = np.zeros((positions, dim))
+    for p in range(positions):
+        for i in range(dim // 2):
+            angle = p / 100 ** (2 * i / dim)
+            table[p, i], table[p, dim // 2 + i] = np.sin(angle), np.cos(angle)
+    return table * np.sqrt(2)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--new-text-encoders"], "--from"),
+        (["--from", "FOLDER", "--text-encoder-layers", "3"], "--new-text-encoders"),
+        (["--text-encoder-heads", "3"], "--text-encoder-heads"),
+        (["--text-encoder-layers", "0"], "--text-encoder-layers"),
+        (["--object-counts", "0.5", "0.5", "0.5"], "--object-counts"),
+    ],
+)
+def test_train_refuses_flags_that_do_not_apply_before_loading(tmp_path, capsys, flags, named):
+    out = tmp_path / "out"
+    assert cli.main(["train", "--out", str(out), *flags]) == 2  # FOLDER does not exist
+    assert named in capsys.readouterr().err and not out.exists()
 
 
 def parameters(module: nnx.Module) -> list[np.ndarray]:
@@ -68,6 +116,13 @@ def test_scenes_are_deterministic_and_captions_use_the_vocabulary():
     assert captions == captions_again
     assert images.shape == (8, 32, 32, 3) and images.min() >= -1 and images.max() <= 1
     assert {word for caption in captions for word in caption.split()} <= set(shapes.WORDS)
+
+
+@pytest.mark.parametrize("objects", [1, 2, 3])
+def test_scenes_hold_the_number_of_objects_asked_for(objects):
+    counts = tuple(float(n == objects) for n in (1, 2, 3))
+    _, captions = shapes.batch(seed=5, index=0, batch_size=16, size=32, object_counts=counts)
+    assert all(caption.count(" and ") == objects - 1 for caption in captions)
 
 
 def block_mean_std(noise: jax.Array, block: int) -> float:

@@ -15,6 +15,14 @@ class TrainConfig:
 
     seed: int = 0
     image_size: int = 64
+    # Probability that a training scene holds 1, 2, 3 objects; None: the stream the shipped
+    # model learned from (one object in half the scenes, else two or three alike).
+    object_counts: tuple[float, float, float] | None = None
+    # New text encoders (from scratch, or `jaxfusion train --new-text-encoders`): layers,
+    # heads, and position embeddings that start as `trainer.sinusoids` rather than random.
+    text_encoder_layers: int = 2
+    text_encoder_heads: int = 2
+    sinusoidal_positions: bool = False
     vae_steps: int = 600
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3

@@ -77,10 +77,16 @@ def render(objects: list[ShapeSpec], background: str, size: int, offsets=None) -
     return image
 
 
-def random_scene(rng: np.random.Generator) -> tuple[list[ShapeSpec], str, bool]:
+def random_scene(
+    rng: np.random.Generator, object_counts: tuple[float, ...] | None
+) -> tuple[list[ShapeSpec], str, bool]:
     """(objects at distinct places, background, whether the caption names the background).
-    Half the scenes hold one object, the rest two or three."""
-    count = 1 if rng.random() < 0.5 else int(rng.integers(2, 4))
+    The scene holds n objects with probability object_counts[n - 1]; without them, one
+    object half the time, else two or three (the draws the shipped model was trained on)."""
+    if object_counts is None:
+        count = 1 if rng.random() < 0.5 else int(rng.integers(2, 4))
+    else:
+        count = int(rng.choice(np.arange(1, len(object_counts) + 1), p=object_counts))
     places = rng.choice(list(PLACES), size=count, replace=False)
     objects = [
         ShapeSpec(
@@ -94,13 +100,19 @@ def random_scene(rng: np.random.Generator) -> tuple[list[ShapeSpec], str, bool]:
     return objects, str(rng.choice(list(BACKGROUNDS))), bool(rng.random() < 0.5)
 
 
-def batch(seed: int, index: int, batch_size: int, size: int) -> tuple[np.ndarray, list[str]]:
+def batch(
+    seed: int,
+    index: int,
+    batch_size: int,
+    size: int,
+    object_counts: tuple[float, ...] | None = None,
+) -> tuple[np.ndarray, list[str]]:
     """Batch `index` of the stream `seed`: (images (B, size, size, 3) float32 in [-1, 1]
-    NHWC, B captions)."""
+    NHWC, B captions), scenes drawn by `random_scene(rng, object_counts)`."""
     rng = np.random.default_rng([seed, index])
     images, captions = [], []
     for _ in range(batch_size):
-        objects, background, named = random_scene(rng)
+        objects, background, named = random_scene(rng, object_counts)
         offsets = rng.uniform(-JITTER, JITTER, size=(len(objects), 2))
         images.append(render(objects, background, size, offsets))
         captions.append(caption(objects, background if named else None))

@@ -43,11 +43,9 @@ from jaxfusion.train import shapes
 from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig
 from jaxfusion.train.noise import pyramid_noise
 
-TEXT_ENCODER = dict(
+TEXT_ENCODER = dict(  # and TrainConfig's text_encoder_layers and text_encoder_heads
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
     max_position_embeddings=77,
     bos_token_id=0,
     eos_token_id=1,
@@ -98,24 +96,53 @@ class History:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def initial_pipeline(seed: int) -> SDXLPipeline:
-    """The built-in architecture with PyTorch-style random initial weights drawn from `seed`."""
-    rngs = nnx.Rngs(seed)
+def initial_pipeline(config: TrainConfig) -> SDXLPipeline:
+    """The built-in architecture with PyTorch-style random initial weights drawn from
+    `config.seed`, the text encoders' as `initial_text_encoders`."""
+    rngs = nnx.Rngs(config.seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp, "tokenizer"), shapes.WORDS)
         write_tokenizer(Path(tmp, "tokenizer_2"), shapes.WORDS, pad_token="!")
         tokenizers = [load_tokenizer(tmp, "tokenizer"), load_tokenizer(tmp, "tokenizer_2")]
-    vocab_size = len(tokenizers[0])
-    text_encoders = [
-        CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **TEXT_ENCODER), rngs=rngs),
-        CLIPTextModelWithProjection(
-            CLIPTextConfig(vocab_size=vocab_size, **TEXT_ENCODER_2), rngs=rngs
-        ),
-    ]
+    text_encoders = initial_text_encoders(len(tokenizers[0]), config, rngs)
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNET), rngs=rngs)
     vae = AutoencoderKL(VAEConfig.from_diffusers(dict(VAE, scaling_factor=1.0)), rngs=rngs)
     index = {"force_zeros_for_empty_prompt": True}
     return SDXLPipeline(Models(unet, vae, text_encoders), tokenizers, SCHEDULER, index)
+
+
+def initial_text_encoders(
+    vocab_size: int, config: TrainConfig, rngs: nnx.Rngs
+) -> list[CLIPTextModel | CLIPTextModelWithProjection]:
+    """Both text encoders with random weights, of `config.text_encoder_layers` layers and
+    `config.text_encoder_heads` heads; with `config.sinusoidal_positions`, their position
+    embeddings set to `sinusoids`, so that attention can tell near words from far ones from
+    the first step (a phrase's place words should bind to its own shape, not another's)."""
+    layers = dict(
+        num_hidden_layers=config.text_encoder_layers,
+        num_attention_heads=config.text_encoder_heads,
+    )
+    text_encoders = [
+        CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **TEXT_ENCODER, **layers), rngs=rngs),
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(vocab_size=vocab_size, **TEXT_ENCODER_2, **layers), rngs=rngs
+        ),
+    ]
+    if config.sinusoidal_positions:
+        for encoder in text_encoders:
+            table = encoder.text_model.embeddings.position_embedding.embedding
+            table[...] = sinusoids(*table.shape)
+    return text_encoders
+
+
+def sinusoids(positions: int, dim: int, base: float = 100.0) -> jax.Array:
+    """(positions, dim) float32: [sin(p f_i), cos(p f_i)] with f_i = base^(-2i/dim), scaled
+    to a root mean square of 1 like the token embeddings (Embed's N(0, 1)). A small base
+    suits captions of under 30 words (Transformer's 10,000 is for long texts)."""
+    frequencies = base ** (-2 * np.arange(dim // 2) / dim)
+    angles = np.arange(positions)[:, None] * frequencies[None]
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1) * np.sqrt(2)
+    return jnp.asarray(table, jnp.float32)
 
 
 Progress = Callable[[str, int, list[float]], Iterator[int]]
@@ -125,7 +152,7 @@ def no_progress(description: str, total: int, losses: list[float]) -> Iterator[i
     return iter(range(total))
 
 
-Snapshot = Callable[[int, SDXLPipeline], None]
+Snapshot = Callable[[int, SDXLPipeline, History], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,18 +212,24 @@ def train(
     snapshot: Snapshot | None = None,
     snapshot_every: int = SNAPSHOT_EVERY,
     start: str | Path | None = None,
+    new_text_encoders: bool = False,
 ) -> tuple[SDXLPipeline, History]:
     """Trains the built-in model from scratch, or, from `start` (a pipeline folder of the
     built-in architecture), continues the diffusion phases from its weights and keeps its
-    VAE. `progress(description, total, losses)` yields each phase's step indices (a progress
-    bar, say) and may read its losses as they grow; `snapshot(step, pipeline)` receives the
-    pipeline with the averaged weights every `snapshot_every` diffusion steps (counted over
-    both phases), to use during the call only (training reuses its buffers)."""
+    VAE; with `new_text_encoders`, from its UNet and VAE but `initial_text_encoders`.
+    `progress(description, total, losses)` yields each phase's step indices (a progress bar,
+    say) and may read its losses as they grow; `snapshot(step, pipeline, history)` receives
+    the pipeline with the averaged weights every `snapshot_every` diffusion steps (counted
+    over all phases), to use during the call only (training reuses its buffers)."""
     history = History()
     if start is not None:
         pipe = SDXLPipeline.from_pretrained(start)
+        if new_text_encoders:
+            encoders = initial_text_encoders(len(pipe.tokenizers[0]), config, nnx.Rngs(config.seed))
+            models = Models(pipe.models.unet, pipe.models.vae, encoders)
+            pipe = SDXLPipeline(models, pipe.tokenizers, SCHEDULER, pipe.model_index)
     else:
-        pipe = initial_pipeline(config.seed)
+        pipe = initial_pipeline(config)
         vae = pipe.models.vae
         begin = time.perf_counter()
         train_vae(vae, config, history.vae, progress)
@@ -212,7 +245,7 @@ def train(
 
     def take_snapshot(step: int, weights: nnx.State) -> None:
         if snapshot is not None and step % snapshot_every == 0:
-            snapshot(step, pipeline_with(weights))
+            snapshot(step, pipeline_with(weights), history)
 
     for phase in diffusion_phases(config):
         if phase.steps == 0:
@@ -248,7 +281,9 @@ def train_vae(
     opt_state = optimizer.init(params)
     key = jax.random.key(config.seed)
     for i in progress("training the VAE", config.vae_steps, losses):
-        images, _ = shapes.batch(config.seed, i, config.vae_batch_size, config.image_size)
+        images, _ = shapes.batch(
+            config.seed, i, config.vae_batch_size, config.image_size, config.object_counts
+        )
         params, opt_state, loss = step(
             graphdef, params, rest, opt_state, jax.random.fold_in(key, i), images
         )
@@ -259,7 +294,7 @@ def train_vae(
 def latent_scaling_factor(vae: AutoencoderKL, config: TrainConfig) -> float:
     """1 / the standard deviation of the VAE's latent means over 256 training images, so the
     UNet sees unit-variance latents (how SD's 0.18215 was chosen)."""
-    images, _ = shapes.batch(config.seed + 2, 0, 256, config.image_size)
+    images, _ = shapes.batch(config.seed + 2, 0, 256, config.image_size, config.object_counts)
     return float(1.0 / jnp.std(jax.jit(lambda x: vae.encode(x).mean)(images)))
 
 
@@ -310,7 +345,9 @@ def train_diffusion(
     )
     for i in progress(phase.description, phase.steps, losses):
         image_size, batch_size = phase.scales[i % len(phase.scales)]
-        images, captions = shapes.batch(phase.data_seed, i, batch_size, image_size)
+        images, captions = shapes.batch(
+            phase.data_seed, i, batch_size, image_size, config.object_counts
+        )
         size = (
             size_ids[i, :batch_size, None]
             if phase.random_size_ids
@@ -395,13 +432,19 @@ def final_losses(history: History) -> dict[str, float]:
 
 
 def save_record(
-    config: TrainConfig, history: History, path: Path, start: str | None = None
+    config: TrainConfig,
+    history: History,
+    path: Path,
+    start: str | None = None,
+    new_text_encoders: bool = False,
 ) -> None:
     """`training.json`: the configuration (and the folder training continued from, if any),
-    wall times and final losses."""
+    the diffusion steps done so far, the finished phases' wall times and the final losses."""
     record = {
         "config": dataclasses.asdict(config),
         "started_from": start,
+        "new_text_encoders": new_text_encoders,
+        "diffusion_steps": len(history.unet),
         "seconds": history.seconds,
         "final_loss": final_losses(history),
         "jax": jax.__version__,
@@ -411,19 +454,50 @@ def save_record(
     write_text_atomically(path, text)
 
 
+def config_of(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of `jaxfusion train`'s arguments; ValueError names a flag that is out
+    of range or does not apply."""
+    if args.new_text_encoders and not args.start:
+        raise ValueError("--new-text-encoders starts from a trained pipeline: add --from FOLDER")
+    encoder = dict(
+        text_encoder_layers=args.text_encoder_layers,
+        text_encoder_heads=args.text_encoder_heads,
+        sinusoidal_positions=args.sinusoidal_positions,
+    )
+    encoder = {name: value for name, value in encoder.items() if value is not None}
+    if encoder and args.start and not args.new_text_encoders:
+        raise ValueError(
+            "--text-encoder-layers, --text-encoder-heads and --sinusoidal-positions shape new "
+            "text encoders; --from keeps its own: add --new-text-encoders"
+        )
+    width = TEXT_ENCODER["hidden_size"]
+    if encoder.get("text_encoder_layers", 1) < 1 or width % encoder.get("text_encoder_heads", 1):
+        raise ValueError(
+            f"the text encoders need at least one layer and a head count that divides their "
+            f"width {width}: check --text-encoder-layers and --text-encoder-heads"
+        )
+    counts = args.object_counts
+    if counts is not None and (min(counts) < 0 or abs(sum(counts) - 1) > 1e-6):
+        raise ValueError(f"--object-counts {counts} are not probabilities summing to 1")
+    return TrainConfig(
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        scale_steps=args.scale_steps,
+        scale_rounds=args.scale_rounds,
+        object_counts=None if counts is None else tuple(counts),
+        **encoder,
+    )
+
+
 def run(args: argparse.Namespace, display: StageDisplay) -> int:
     """`jaxfusion train`: trains, then writes the pipeline folder (diffusers layout,
     safetensors), its loss curve `loss.png` and `training.json`."""
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    config = TrainConfig(
-        seed=args.seed,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        scale_steps=args.scale_steps,
-        scale_rounds=args.scale_rounds,
-    )
+    config = config_of(args)
+    origin = (args.start, args.new_text_encoders)
 
     def progress_bar(description: str, total: int, losses: list[float]) -> Iterator[int]:
         columns = (
@@ -443,8 +517,10 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
                 if not display.console.is_terminal and (i + 1) % max(1, total // 20) == 0:
                     display.note(f"{description}: step {i + 1}/{total}, loss {loss}")
 
-    def save_snapshot(step: int, pipe: SDXLPipeline) -> None:
-        pipe.save_pretrained(Path(args.snapshots) / f"step-{step}", overwrite=True)
+    def save_snapshot(step: int, pipe: SDXLPipeline, history: History) -> None:
+        folder = Path(args.snapshots) / f"step-{step}"
+        pipe.save_pretrained(folder, overwrite=True)
+        save_record(config, history, folder / "training.json", *origin)
 
     pipe, history = train(
         config,
@@ -452,11 +528,12 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         save_snapshot if args.snapshots else None,
         args.snapshot_every,
         start=args.start,
+        new_text_encoders=args.new_text_encoders,
     )
     with display(f"writing {out}"), staging_folder(out, overwrite=args.overwrite) as folder:
         pipe.save_pretrained(folder, overwrite=True)
         save_loss_curve(history, folder / "loss.png")
-        save_record(config, history, folder / "training.json", args.start)
+        save_record(config, history, folder / "training.json", *origin)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in final_losses(history).items())
     display.note(
         f"trained in {sum(history.seconds.values()) / 60:.1f} min; final losses (mean of the "
