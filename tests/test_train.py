@@ -101,7 +101,7 @@ def sinusoids(positions: int, dim: int) -> np.ndarray:
 )
 def test_train_refuses_flags_that_do_not_apply_before_loading(tmp_path, capsys, flags, named):
     out = tmp_path / "out"
-    assert cli.main(["train", "--out", str(out), *flags]) == 2  # FOLDER does not exist
+    assert cli.main(["train", "--out", str(out), *flags]) == 2  # before reading FOLDER
     assert named in capsys.readouterr().err and not out.exists()
 
 
@@ -123,6 +123,13 @@ def test_scenes_hold_the_number_of_objects_asked_for(objects):
     counts = tuple(float(n == objects) for n in (1, 2, 3))
     _, captions = shapes.batch(seed=5, index=0, batch_size=16, size=32, object_counts=counts)
     assert all(caption.count(" and ") == objects - 1 for caption in captions)
+
+
+def test_scenes_by_default_hold_one_object_half_the_time_else_two_or_three_alike():
+    _, captions = shapes.batch(seed=5, index=0, batch_size=2000, size=4)
+    shares = np.bincount([caption.count(" and ") + 1 for caption in captions]) / 2000
+    # binomial standard deviations at n = 2000: 0.011 and 0.0097
+    np.testing.assert_allclose(shares[1:], [0.5, 0.25, 0.25], atol=0.04)
 
 
 def block_mean_std(noise: jax.Array, block: int) -> float:
