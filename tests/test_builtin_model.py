@@ -158,12 +158,6 @@ def drawn(pipe):
     return at
 
 
-# Issue 16, item 8, open. The shipped model draws the asked colour at the asked place at 64
-# and 256 as one shape, but binds two shapes' colours and places poorly. strict: an
-# unexpected pass fails, so that the mark is lifted.
-NOT_YET = pytest.mark.xfail(
-    strict=True, reason="issue 16 item 8: not reached by the shipped model (README)"
-)
 QUICK_START_PAIR = (("red", "at the top left", "circle"), ("blue", "at the bottom right", "square"))
 QUICK_START = pair_prompt(QUICK_START_PAIR)  # the README's quick-start prompt
 
@@ -288,7 +282,6 @@ def test_one_shape_prompt_draws_one_shape_not_a_scatter(drawn, size):
 
 
 @pytest.mark.slow
-@NOT_YET  # measured 0 of 4
 def test_draws_the_quick_start_prompt_at_64(pipe):
     drawn_right = [quick_start_ok(image) for image in quick_start(pipe, 64)]
     print(f"quick-start prompt at 64x64, seeds 0-3: {drawn_right}")

@@ -9,14 +9,14 @@ SNAPSHOT_EVERY = 1000  # diffusion steps between snapshots (`jaxfusion train --s
 class TrainConfig:
     """How the built-in model is trained: the VAE, then the UNet and text encoders at
     `image_size` on white noise, then `scale_rounds` rounds of both at every size of
-    `scales` on pyramid noise. The shipped model is the defaults' snapshot after 16,000
-    diffusion steps (`jaxfusion train --snapshots DIR`: DIR/step-16000, 2,000 steps into the
-    fourth round)."""
+    `scales` on pyramid noise. The defaults are the first of the four runs that made the
+    shipped model (`scripts/train_builtin_model.sh`); the later three continue it with new
+    text encoders and more two-shape scenes."""
 
     seed: int = 0
     image_size: int = 64
-    # Probability that a training scene holds 1, 2, 3 objects; None: the stream the shipped
-    # model learned from (one object in half the scenes, else two or three alike).
+    # Probability that a training scene holds 1, 2, 3 objects; None: the stream of the first
+    # run (one object in half the scenes, else two or three alike).
     object_counts: tuple[float, float, float] | None = None
     # New text encoders (from scratch, or `jaxfusion train --new-text-encoders`): layers,
     # heads, and position embeddings that start as `trainer.sinusoids` rather than random.

@@ -82,7 +82,7 @@ def random_scene(
 ) -> tuple[list[ShapeSpec], str, bool]:
     """(objects at distinct places, background, whether the caption names the background).
     The scene holds n objects with probability object_counts[n - 1]; without them, one
-    object half the time, else two or three (the draws the shipped model was trained on)."""
+    object half the time, else two or three (the draws of the built-in model's first run)."""
     if object_counts is None:
         count = 1 if rng.random() < 0.5 else int(rng.integers(2, 4))
     else:
