@@ -58,12 +58,12 @@ def trace_step(
     latents: jax.ShapeDtypeStruct | jax.Array,
     parallel: ParallelConfig,
     exchange: Exchange,
-    refresh_kv: bool = True,
+    exchange_kv: bool = True,
 ) -> TracedStep:
     """Traces one step (step 1) of `parallel` with `exchange` ("displaced", "sync" or
     "none") on the mesh's shape, without devices. A displaced step reads the stale buffers
     that a synchronous warm-up step leaves (traced too, for their shapes), and exchanges
-    K/V unless `refresh_kv` is False (`ParallelConfig.kv_refresh`). `latents`: (B, h, w,
+    K/V unless `exchange_kv` is False (`ParallelConfig.kv_refresh`). `latents`: (B, h, w,
     C), the whole latent."""
     _, weights = nnx.split(denoiser)
     mesh = parallel.mesh(abstract=True)
@@ -75,7 +75,8 @@ def trace_step(
         exchange,
         parallel.group_norm,
         compress=parallel.compress,
-        refresh_kv=refresh_kv,
+        receive_kv=exchange_kv,
+        hold_kv=parallel.kv_refresh > 1,
     )
     state = jax.eval_shape(sampling.schedule.init_state, latents)
     traced = jax.make_jaxpr(step_function(denoiser, parallel, context, mesh))
@@ -101,8 +102,9 @@ def stale_buffers(
 
 
 def local_step(denoiser: Denoiser, parallel: ParallelConfig, patch: int = 1):
-    """What device `patch` computes in a displaced step of `parallel` (C = 1), without the
-    exchanges (which only feed the next step), as a function for one device:
+    """What device `patch` computes in a displaced step of `parallel` (C = 1), each
+    exchange replaced by a local stand-in of its shape (`PatchContext.gather`, `permute`),
+    as a function for one device:
 
         (weights, buffers, sampling, latents, state, i) -> (latents, state)
 
@@ -118,6 +120,7 @@ def local_step(denoiser: Denoiser, parallel: ParallelConfig, patch: int = 1):
         parallel.group_norm,
         local_index=patch,
         compress=parallel.compress,
+        hold_kv=parallel.kv_refresh > 1,
     )
 
     def run(weights, buffers, sampling, latents, state, i):

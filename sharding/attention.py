@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from sharding.context import AXIS, PatchPrimitive
+from sharding.context import PatchPrimitive
 
 
 class KVExchange(PatchPrimitive):
@@ -11,11 +11,12 @@ class KVExchange(PatchPrimitive):
 
     On one device, and in naive patches, the patch's own keys and values. In the
     patch-parallel program every patch's (all-gathered, patches in order): this step's in a
-    synchronous step; in a displaced step the stale ones of the other patches with this
-    patch's own fresh ones in their place, while this step's are gathered (compressed as
-    `PatchContext.compress` says) for the next. The message of a patch: (2, B, tokens,
-    heads * head_dim), keys then values; stale buffer (displaced steps): `kv`, every patch's
-    (2, B, P, tokens, heads * head_dim) in the codec's form (`sharding.codecs`).
+    synchronous step; in a displaced step the other patches' of the previous step (the
+    messages they kept, gathered in this step, compressed as `PatchContext.compress` says)
+    with this patch's own fresh ones in their place. The message of a patch: (2, B, tokens,
+    heads * head_dim), keys then values; stale buffer (displaced steps): `kv`, this patch's
+    message of the previous step in the codec's form (`sharding.codecs`; residual codecs
+    also keep every patch's (2, B, P, tokens, heads * head_dim) base).
     """
 
     def __call__(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -24,12 +25,13 @@ class KVExchange(PatchPrimitive):
         b, tokens, heads, head_dim = key.shape
         own = jnp.stack([key, value]).reshape(2, b, tokens, heads * head_dim)
 
-        def gather(messages):
-            return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, axis=2), messages)
-
         context = self.patch
         if context is None:
             return key, value
+
+        def gather(messages):
+            return jax.tree.map(lambda x: context.gather(x, axis=2), messages)
+
         index = context.index()
         received = context.receive(
             self,
@@ -37,7 +39,7 @@ class KVExchange(PatchPrimitive):
             own,
             gather,
             own_in=lambda kv: jax.lax.dynamic_index_in_dim(kv, index, axis=2, keepdims=False),
-            refresh=context.refresh_kv,
+            kv=True,
         )
         if received is None:
             return key, value

@@ -190,88 +190,94 @@ def decode(quantizer: Quantizer, payloads: Any, dtype) -> Messages:
 class Codec(Protocol):
     """What a primitive keeps between steps (its state, a pytree) and what it sends.
 
+    A displaced step exchanges what the step before kept (`receive`, on values that exist
+    when the step starts, so the exchange can travel while the step computes up to the
+    layer that reads it) and keeps its own values for the next step (`keep`): each device
+    holds its own message between steps, not what the others sent.
+
     own: this patch's messages; received: what `transport(own)` gives (every patch's, or the
     neighbours'); own_in: where `own` sits in `received`, if it does (K/V are all-gathered,
     own included), else None (a residual codec then keeps a copy of what it sent)."""
 
     def initial(self, own: Messages, received: Messages, own_in: Callable | None) -> Any:
-        """The state after a synchronous step that sent `own` exactly and got `received`."""
+        """The state after a synchronous step that sent `own` exactly and got `received`:
+        the next step's `receive` gives `received`."""
         ...
 
-    def read(self, state: Any, dtype) -> Messages:
-        """The stale values a displaced step reads (the structure of `received`)."""
+    def receive(self, state: Any, transport: Transport, dtype) -> tuple[Messages, Any]:
+        """Exchanges the kept message: (the stale values, in the structure of `received`
+        and `dtype`; the state after it)."""
         ...
 
-    def exchange(
-        self, state: Any, own: Messages, transport: Transport, own_in: Callable | None
-    ) -> Any:
-        """Sends this step's `own` (compressed) and returns the state for the next step."""
+    def keep(self, state: Any, own: Messages, own_in: Callable | None) -> Any:
+        """The state that holds this step's `own` (compressed) as the next message."""
         ...
 
 
 class Exact:
-    """none: the values, sent and kept as they are."""
+    """none: the values, sent as they are; the state is the message."""
 
     def initial(self, own, received, own_in):
-        return received
+        return own
 
-    def read(self, state, dtype):
-        return state
+    def receive(self, state, transport, dtype):
+        return transport(state), state
 
-    def exchange(self, state, own, transport, own_in):
-        return transport(own)
+    def keep(self, state, own, own_in):
+        return own
 
 
 @dataclasses.dataclass(frozen=True)
 class Quantized:
-    """fp8, int8: each step's values quantized; kept as received, decoded when read."""
+    """fp8, int8: each step's values quantized; the state is the message's payload."""
 
     quantizer: Quantizer
 
     def initial(self, own, received, own_in):
-        return encode(self.quantizer, received)
+        return encode(self.quantizer, own)
 
-    def read(self, state, dtype):
-        return decode(self.quantizer, state, dtype)
+    def receive(self, state, transport, dtype):
+        return decode(self.quantizer, transport(state), dtype), state
 
-    def exchange(self, state, own, transport, own_in):
-        return transport(encode(self.quantizer, own))
+    def keep(self, state, own, own_in):
+        return encode(self.quantizer, own)
 
 
 @dataclasses.dataclass(frozen=True)
 class Residual:
     """residual-*: the quantized difference from a base both sides hold (error feedback).
 
-    State: {"base": the reconstruction of what was received} and, where `own_in` is None,
-    {"sent": the reconstruction of what this patch sent}, in the values' dtype; the update
-    base + decode(payload) is computed in float32."""
+    State: {"base": the reconstruction of what was received, "message": the payload to
+    send next} and, where `own_in` is None, {"sent": the reconstruction of what this patch
+    sent, the message included}, in the values' dtype; reconstructions are updated in
+    float32. A synchronous step's message is the difference zero: the next step's base is
+    that step's exact values."""
 
     quantizer: Quantizer
 
     def initial(self, own, received, own_in):
-        return {"base": received} if own_in is not None else {"base": received, "sent": own}
+        zero = jax.tree.map(lambda x: self.quantizer.encode(jnp.zeros(x.shape, jnp.float32)), own)
+        state = {"base": received, "message": zero}
+        return state if own_in is not None else {**state, "sent": own}
 
-    def read(self, state, dtype):
-        return state["base"]
+    def receive(self, state, transport, dtype):
+        base = jax.tree.map(self._add, state["base"], transport(state["message"]))
+        return base, {**state, "base": base}
 
-    def exchange(self, state, own, transport, own_in):
-        base = state["base"]
-        sent = own_in(base) if own_in is not None else state["sent"]
-        payloads = jax.tree.map(
+    def keep(self, state, own, own_in):
+        sent = own_in(state["base"]) if own_in is not None else state["sent"]
+        message = jax.tree.map(
             lambda x, s: self.quantizer.encode(x.astype(jnp.float32) - s.astype(jnp.float32)),
             own,
             sent,
         )
-
-        def add(values, payload):
-            return (values.astype(jnp.float32) + self.quantizer.decode(payload)).astype(
-                values.dtype
-            )
-
-        new = {"base": jax.tree.map(add, base, transport(payloads))}
+        state = {**state, "message": message}
         if own_in is None:
-            new["sent"] = jax.tree.map(add, sent, payloads)
-        return new
+            state["sent"] = jax.tree.map(self._add, sent, message)
+        return state
+
+    def _add(self, values: jax.Array, payload: Payload) -> jax.Array:
+        return (values.astype(jnp.float32) + self.quantizer.decode(payload)).astype(values.dtype)
 
 
 CODECS: dict[Compression, Codec] = {

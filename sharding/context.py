@@ -24,9 +24,10 @@ AXIS = "patch"
 
 
 class StaleBuffer(nnx.Variable):
-    """What a primitive received from the other patches during the previous denoising step
-    (halo rows, all patches' GroupNorm moments, all patches' keys and values): read in a
-    displaced step in place of the current values, and refreshed by that step's exchange."""
+    """What a primitive keeps between denoising steps: its own message of the previous step
+    (halo rows, GroupNorm moments, keys and values, in the codec's form), which the next
+    displaced step exchanges and reads in place of the other patches' current values; with
+    `PatchContext.hold_kv` also the K/V last received."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +46,23 @@ class PatchContext:
     patches: P, the devices along the mesh axis `AXIS`; this device's patch is
         `jax.lax.axis_index(AXIS)`, rows [i*h/P, (i+1)*h/P) of every feature map.
     exchange: "sync" (context from the other patches' current activations: exact),
-        "displaced" (context from their previous-step activations, the stale buffers, while
-        this step's are exchanged for the next step), "none" (no context: naive patches),
-        "local" (a displaced step's computation without its exchanges, whose results only
-        feed the next step: what one device computes, run on one device to time it).
+        "displaced" (context from their previous-step activations: the messages each patch
+        kept in the step before are exchanged in this step, while it computes up to the
+        layer that reads them), "none" (no context: naive patches), "local" (a displaced
+        step's computation, each collective replaced by a local stand-in of its shape
+        (`gather`, `permute`): what one device computes, run on one device to time it).
     group_norm: the GroupNorm rule of displaced steps (see `sharding.group_norm`).
-    keep_stale: synchronous steps also store what they received as stale buffers (the
-        warm-up steps before displaced ones).
+    keep_stale: synchronous steps also keep their messages as stale buffers (the warm-up
+        steps before displaced ones).
     local_index: the patch a "local" step computes (there is no mesh axis to ask).
     compress: the codec of the displaced exchanges and the stale buffers of the primitives
         that allow one (`sharding.codecs`); synchronous steps exchange exact values.
-    refresh_kv: whether a displaced step exchanges self-attention keys and values (False:
-        they keep the stale buffers of an earlier step, `ParallelConfig.kv_refresh`).
+    send_kv: whether a displaced step keeps its self-attention keys and values as the
+        message of the next step (`ParallelConfig.kv_refresh`: every K-th step).
+    receive_kv: whether a displaced step exchanges the kept K/V message (the step after one
+        that sent); else it reads the K/V it holds from the last exchange.
+    hold_kv: the K/V stale buffers also hold the K/V last received, for the steps that do
+        not exchange (kv_refresh > 1).
     """
 
     patches: int
@@ -65,7 +71,9 @@ class PatchContext:
     keep_stale: bool = False
     local_index: int = 1
     compress: Compression = "none"
-    refresh_kv: bool = True
+    send_kv: bool = True
+    receive_kv: bool = True
+    hold_kv: bool = False
 
     def index(self) -> jax.Array:
         """This device's patch, i."""
@@ -78,6 +86,20 @@ class PatchContext:
         """Whether collectives run (not in naive or local steps)."""
         return self.exchange not in ("none", "local")
 
+    def gather(self, x: jax.Array, axis: int) -> jax.Array:
+        """Every patch's `x`, stacked along a new `axis` in patch order (`all_gather`); in
+        a local step P copies of `x`."""
+        if self.exchange == "local":
+            return jnp.stack([x] * self.patches, axis=axis)
+        return jax.lax.all_gather(x, AXIS, axis=axis)
+
+    def permute(self, x: jax.Array, pairs: list[tuple[int, int]]) -> jax.Array:
+        """`x` sent from patch a to patch b for each (a, b) of `pairs`, zeros where nothing
+        arrives (`ppermute`); in a local step `x` itself."""
+        if self.exchange == "local":
+            return x
+        return jax.lax.ppermute(x, AXIS, pairs)
+
     def receive(
         self,
         module: nnx.Module,
@@ -88,25 +110,25 @@ class PatchContext:
         current: bool = False,
         codec_of: Mapping[Compression, Compression] = AS_NAMED,
         own_in: Callable[[Any], Any] | None = None,
-        refresh: bool = True,
+        kv: bool = False,
     ) -> Received | None:
         """What `module` gets from the other patches in this step. `own`: this step's
-        messages (a pytree of arrays (..., rows, cols)); `transport(own)` runs their
-        exchange (it takes their compressed payloads too). By the kind of exchange:
+        messages (a pytree of arrays (..., rows, cols)); `transport(messages)` runs their
+        exchange through `gather` or `permute` (it takes their compressed payloads too). By
+        the kind of exchange:
 
           none: nothing (None): every patch computes alone.
-          sync: `transport(own)`; with `keep_stale` also kept as the stale buffer
-            `module.<name>` (created by the first such step), in the codec's form.
-          displaced: the stale values, which this step's exchange (compressed by the codec)
-            replaces for the next step; with `refresh` False nothing is exchanged and the
-            stale buffer stays.
-          local: the stale values; no collective runs.
+          sync: `transport(own)`; with `keep_stale` the codec's state of this message is
+            kept as the stale buffer `module.<name>` (created by the first such step).
+          displaced, local: the stale values: the exchange of the message the stale buffer
+            kept (the previous step's), then `own` kept as the next message.
 
         current: the module always takes this step's values and keeps no stale buffer (sync
-        in displaced steps too, nothing in local ones), as it declares where it is built.
+            in displaced steps too, nothing in local ones), as it declares where it is built.
         codec_of: the codec these messages go through under each `compress`
             (`sharding.codecs.AS_NAMED`, `HALO`, `EXACT`).
         own_in: where `own` sits in `transport(own)` (see `sharding.codecs.Codec`).
+        kv: these are self-attention keys and values (`send_kv`, `receive_kv`, `hold_kv`).
         """
         exchange = self.exchange
         if current:
@@ -114,15 +136,23 @@ class PatchContext:
         if exchange == "none":
             return None
         codec = CODECS[codec_of[self.compress]]
+        hold = kv and self.hold_kv
         if exchange == "sync":
             fresh = transport(own)
             if self.keep_stale and not current:
-                _store(module, name, codec.initial(own, fresh, own_in))
+                state = codec.initial(own, fresh, own_in)
+                _store(module, name, {"message": state, "received": fresh} if hold else state)
             return Received(fresh, stale=False)
-        state = getattr(module, name).get_value()
-        if exchange == "displaced" and refresh:
-            _store(module, name, codec.exchange(state, own, transport, own_in))
-        return Received(codec.read(state, jax.tree.leaves(own)[0].dtype), stale=True)
+        stored = getattr(module, name).get_value()
+        state = stored["message"] if hold else stored
+        if not kv or self.receive_kv:
+            value, state = codec.receive(state, transport, jax.tree.leaves(own)[0].dtype)
+        else:
+            value = stored["received"]
+        if not kv or self.send_kv:
+            state = codec.keep(state, own, own_in)
+        _store(module, name, {"message": state, "received": value} if hold else state)
+        return Received(value, stale=True)
 
 
 def _store(module: nnx.Module, name: str, value: Any) -> None:

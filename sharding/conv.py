@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sharding.codecs import HALO
-from sharding.context import AXIS, PatchPrimitive
+from sharding.context import PatchContext, PatchPrimitive
 from sharding.parameters import parameter, uniform
 
 
@@ -21,16 +21,17 @@ def halo_messages(x: jax.Array, above: int, below: int) -> dict[str, jax.Array]:
     return messages
 
 
-def neighbour_rows(messages: dict, patches: int) -> dict:
+def neighbour_rows(messages: dict, context: PatchContext) -> dict:
     """The halo messages this patch receives (or their payloads): "above" the "down"
     message of the patch above, "below" the "up" message of the patch below; zeros at the
     image's top and bottom edge (the conv's zero padding). Each device sends to its two
-    neighbours only."""
+    neighbours only (`PatchContext.permute`)."""
+    patches = context.patches
     down = [(i, i + 1) for i in range(patches - 1)]
     up = [(i + 1, i) for i in range(patches - 1)]
     routes = {"above": ("down", down), "below": ("up", up)}
     return {
-        side: jax.tree.map(lambda m, pairs=pairs: jax.lax.ppermute(m, AXIS, pairs), messages[sent])
+        side: jax.tree.map(lambda m, pairs=pairs: context.permute(m, pairs), messages[sent])
         for side, (sent, pairs) in routes.items()
         if sent in messages
     }
@@ -49,8 +50,8 @@ class Conv2d(PatchPrimitive):
     `conv_in` sees the 4-channel latent).
 
     Parameters: `kernel` (kh, kw, in, out), `bias` (out,). Stale buffer (displaced steps):
-    `halo`, the rows received in the previous step: {"above": (B, before * W, in), "below":
-    (B, after * W, in)} in the codec's form (`sharding.codecs`).
+    `halo`, the rows this patch sent in the previous step (`halo_messages`): {"down": (B,
+    before * W, in), "up": (B, after * W, in)} in the codec's form (`sharding.codecs`).
     """
 
     def __init__(
@@ -97,12 +98,12 @@ class Conv2d(PatchPrimitive):
         above, below = self.padding
         received = None
         if self.patch is not None and above + below:
-            patches = self.patch.patches
-            received = self.patch.receive(
+            context = self.patch
+            received = context.receive(
                 self,
                 "halo",
                 halo_messages(x, above, below),
-                lambda messages: neighbour_rows(messages, patches),
+                lambda messages: neighbour_rows(messages, context),
                 current=self.current_halo,
                 codec_of=HALO,
             )

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sharding.codecs import EXACT
-from sharding.context import AXIS, GroupNormRule, PatchPrimitive, Received
+from sharding.context import GroupNormRule, PatchPrimitive, Received
 from sharding.parameters import ones, parameter, zeros
 
 
@@ -58,8 +58,8 @@ class GroupNorm(PatchPrimitive):
     The statistics are computed in two passes (the mean, then the mean squared deviation
     from it), so a large mean does not cancel the variance away. In the patch-parallel
     program they are the whole image's (see `image_moments`). Parameters: `scale` (C,),
-    `bias` (C,). Stale buffer (displaced steps): `moments` (P, 2, B, G), every patch's mean
-    and variance of the previous step.
+    `bias` (C,). Stale buffer (displaced steps): `moments` (2, B, G), this patch's mean and
+    variance of the previous step (every patch's are gathered in the next).
     """
 
     def __init__(
@@ -105,7 +105,7 @@ class GroupNorm(PatchPrimitive):
             self,
             "moments",
             local,
-            lambda moments: jax.lax.all_gather(moments, AXIS),
+            lambda moments: context.gather(moments, axis=0),
             current=context.group_norm == "sync",
             codec_of=EXACT,
         )

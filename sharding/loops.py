@@ -309,16 +309,19 @@ class Loop:
                 latents, state, _ = carry
                 return warm_step(latents, state, i), None
         elif context is not None and context.exchange == "displaced" and parallel.kv_refresh > 1:
-            # Each step a branch: exchange K/V (every kv_refresh-th step), or keep them.
-            kept = dataclasses.replace(context, refresh_kv=False)
+            # Each step a branch: keep K/V to send (every kv_refresh-th step), exchange the
+            # kept K/V (the step after), or neither; never both with kv_refresh > 1.
             run_steps = self.sampling.schedule.timesteps.shape[0]
+            variants = [
+                dataclasses.replace(context, receive_kv=receive, send_kv=send)
+                for receive, send in ((False, False), (True, False), (False, True))
+            ]
 
             def body(carry, i):
-                def run(context):
-                    return lambda carry: self.step(context, *carry, i)
-
-                refresh = parallel.refreshes_kv(i, run_steps)
-                return jax.lax.cond(refresh, run(context), run(kept), carry), None
+                receive = parallel.refreshes_kv(i - 1, run_steps).astype(jnp.int32)
+                send = parallel.refreshes_kv(i, run_steps).astype(jnp.int32)
+                branches = [lambda carry, c=c: self.step(c, *carry, i) for c in variants]
+                return jax.lax.switch(receive + 2 * send, branches, carry), None
         else:
 
             def body(carry, i):
@@ -340,6 +343,7 @@ def step_context(kind: StepKind, parallel: ParallelConfig) -> PatchContext | Non
         parallel.group_norm,
         keep_stale=kind == "warm-up",
         compress=parallel.compress,
+        hold_kv=parallel.kv_refresh > 1,
     )
 
 

@@ -56,6 +56,9 @@ class ParallelConfig:
         "residual-int2", "residual-1bit" (see `sharding.codecs`). Displaced mode only.
     kv_refresh: K, displaced steps exchange self-attention K/V only every K-th step
         (`refreshes_kv`); the stale K/V age by up to K steps. Displaced mode only.
+    device_pool: the devices the mesh is made of (its first D x C x P, in order); None:
+        this process's `jax.devices()`. The devices of an accelerator topology compile the
+        program for hardware that is not here (`jaxfusion.bench.targets`).
     """
 
     devices: int = 1
@@ -67,6 +70,7 @@ class ParallelConfig:
     naive_split: NaiveSplit = "row"
     compress: Compression = "none"
     kv_refresh: int = 1
+    device_pool: tuple[jax.Device, ...] | None = None
 
     def __post_init__(self):
         if self.mode is None:
@@ -168,9 +172,12 @@ class ParallelConfig:
         needed = self.data * self.cfg * self.patches
         if abstract:
             return AbstractMesh(shape, MESH_AXES)
-        available = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-        if needed == 1:  # exchanges nothing: with several processes, each runs it alone
+        if self.device_pool is not None:
+            available = list(self.device_pool)
+        elif needed == 1:  # exchanges nothing: with several processes, each runs it alone
             available = jax.local_devices()
+        else:
+            available = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         if len(available) < needed:
             raise ValueError(
                 f"{needed} devices asked, {len(available)} available ({available[0].platform}); "

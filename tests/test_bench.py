@@ -158,8 +158,8 @@ def test_kv_refresh_traffic_is_the_mean_over_the_refresh_cycle():
     unet, sampling, latents = abstract_inputs(config, 16, 16, "float32")
     parallel = ParallelConfig(devices=4, mode="displaced", kv_refresh=3)
 
-    def received(refresh_kv: bool) -> tuple[int, int]:
-        traced = trace_step(unet, sampling, latents, parallel, "displaced", refresh_kv=refresh_kv)
+    def received(exchange_kv: bool) -> tuple[int, int]:
+        traced = trace_step(unet, sampling, latents, parallel, "displaced", exchange_kv=exchange_kv)
         collectives = traced.collectives()
         gathered = [c for c in collectives if c.kind == "all_gather"]
         return sum(c.received_bytes for c in collectives), len(gathered)

@@ -261,6 +261,7 @@ def test_corrected_group_norm_formula():
     stale[:, 0] = 0.1
     stale[:, 1] = [[[5.0, 1.0]], [[0.5, 1.2]]]
     buffer = np.stack([stale[:, 0], stale[:, 1] - stale[:, 0] ** 2], axis=1)  # mean, variance
+    buffer = buffer.reshape(4, 1, 2)  # each patch keeps its own (mean, variance), (2, 1, 2)
     graphdef, weights = nnx.split(norm)
     parallel = ParallelConfig(2, mode="displaced")
 
@@ -273,7 +274,7 @@ def test_corrected_group_norm_formula():
     run = jax.shard_map(
         per_device,
         mesh=parallel.mesh(),
-        in_specs=(P(), P(None, None), P(None, AXIS)),
+        in_specs=(P(), P(AXIS), P(None, AXIS)),
         out_specs=(P(None, AXIS), P(AXIS)),
         check_vma=False,
     )
@@ -282,8 +283,8 @@ def test_corrected_group_norm_formula():
         patch = x[:, 2 * i : 2 * i + 2].reshape(1, 2, 3, 2, 2).astype(np.float64)
         local = np.stack([patch.mean((1, 2, 4)), (patch**2).mean((1, 2, 4))])
         local_var = local[1] - local[0] ** 2
-        for device in range(2):  # every device's buffer now holds every patch's moments
-            np.testing.assert_allclose(refreshed[2 * device + i], [local[0], local_var], rtol=1e-5)
+        # each patch keeps its own fresh moments, gathered by the next step
+        np.testing.assert_allclose(refreshed[2 * i : 2 * i + 2], [local[0], local_var], rtol=1e-5)
         moments = stale.mean(0) + local - stale[i]
         var = moments[1] - moments[0] ** 2
         assert ((var < 0) == [[i == 0, False]]).all(), var
@@ -302,21 +303,25 @@ def step_jaxpr(case, parallel: ParallelConfig, exchange: str) -> TracedStep:
     return trace_step(case.unet, sampling, latents, parallel, exchange)
 
 
-def collectives_reaching(jaxpr, outputs) -> tuple[list, list]:
-    """(all collective equations, those whose results reach `outputs`), following data
-    dependencies; an equation with inner programs depends on all its inputs."""
-    sources = {}
-    found = []
+def collective_flow(jaxpr) -> tuple[list, dict, dict]:
+    """(every collective equation in program order; for each collective's index, the
+    positions of the jaxpr's inputs its operands depend on; for each output variable, the
+    collectives it depends on), following data dependencies; an equation with inner
+    programs depends on all its inputs."""
+    inputs = {v: {k} for k, v in enumerate(jaxpr.invars)}
+    collectives = {v: set() for v in jaxpr.invars}
+    found, operand_inputs = [], {}
     for eqn in jaxpr.eqns:
-        inputs = [v for v in eqn.invars if not isinstance(v, Literal)]
-        reached = set().union(*(sources.get(v, set()) for v in inputs))
+        operands = [v for v in eqn.invars if not isinstance(v, Literal)]
+        reached_inputs = set().union(*(inputs.get(v, set()) for v in operands))
+        reached = set().union(*(collectives.get(v, set()) for v in operands))
         if eqn.primitive.name in COLLECTIVES:
+            operand_inputs[len(found)] = reached_inputs
+            reached = reached | {len(found)}
             found.append(eqn)
-            reached = reached | {len(found) - 1}
         for v in eqn.outvars:
-            sources[v] = reached
-    reaching = set().union(*(sources.get(v, set()) for v in outputs if not isinstance(v, Literal)))
-    return found, [found[k] for k in sorted(reaching)]
+            inputs[v], collectives[v] = reached_inputs, reached
+    return found, operand_inputs, collectives
 
 
 def axis_names(eqn) -> tuple:
@@ -333,23 +338,27 @@ def axis_names(eqn) -> tuple:
         (1, COMPRESSIONS[-1]),
     ],
 )
-def test_displaced_exchanges_do_not_block(case, cfg, compress):
-    """In a displaced step, every collective feeds only the stale buffers of the next step,
-    except the latent's conv_in halo (4 channels, two ppermutes) and the CFG exchange; under
-    every codec (its payloads' collectives too)."""
+def test_displaced_exchanges_start_with_the_step(case, cfg, compress):
+    """In a displaced step, every collective but the latent's conv_in halo (4 channels, two
+    ppermutes) and the CFG exchange sends what the step before kept: its operands do not
+    depend on this step's latent (or scheduler state), so it can start when the step
+    starts; and its result is read in this step (it reaches the latents); under every
+    codec."""
     parallel = ParallelConfig(4 * cfg, cfg, mode="displaced", compress=compress)
     traced = step_jaxpr(case, parallel, "displaced")
-    jaxpr, buffer_count = traced.jaxpr, len(jax.tree.leaves(traced.buffers))
-    this_step = jaxpr.outvars[: len(jaxpr.outvars) - buffer_count]  # latents, scheduler state
-    found, blocking = collectives_reaching(jaxpr, this_step)
-    names = sorted((e.primitive.name, e.invars[0].aval.shape[-1], axis_names(e)) for e in blocking)
+    jaxpr = traced.jaxpr
+    slab = (1, LATENT // 4, LATENT, 4)
+    this_step = {k for k, v in enumerate(jaxpr.invars) if v.aval.shape == slab}
+    found, operand_inputs, reached = collective_flow(jaxpr)
+    at_start = [k for k in range(len(found)) if not operand_inputs[k] & this_step]
+    later = [found[k] for k in range(len(found)) if k not in at_start]
+    names = sorted((e.primitive.name, e.invars[0].aval.shape[-1], axis_names(e)) for e in later)
     expected = [("ppermute", 4, (AXIS,))] * 2
     if cfg == 2:
         expected = sorted([*expected, ("all_gather", 4, ("cfg",))])
     assert names == sorted(expected), names
-    _, to_buffers = collectives_reaching(jaxpr, jaxpr.outvars[-buffer_count:])
-    refreshing = [e for e in found if e not in blocking]
-    assert len(refreshing) > 20 and all(e in to_buffers for e in refreshing)
+    latents_out = reached[jaxpr.outvars[0]]
+    assert len(at_start) > 20 and all(k in latents_out for k in at_start)
     assert len(traced.collectives()) == len(found)  # none hidden in inner programs
 
 
