@@ -19,6 +19,9 @@ built-in model's 18 images at 256x256 (`XLA_FLAGS=... pytest -n0` on one test ea
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
+# The suite runs on CPU; with libtpu installed (the test extras bring it, to compile for TPU
+# targets) JAX would otherwise try to start a TPU and print pages about the chip it lacks.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1"
 
 import jax

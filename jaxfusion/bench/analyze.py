@@ -17,7 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxfusion import schedulers
+from jaxfusion.bench import overlap, targets
 from jaxfusion.bench.options import AnalyzeOptions
+from jaxfusion.bench.schedule import Schedule, read_schedule
+from jaxfusion.bench.targets import Target
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_atomically, write_text_atomically
 from jaxfusion.models import (
@@ -35,9 +38,17 @@ from jaxfusion.models.scaled_dot_product import AttentionBackend, set_attention
 from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImagePipeline
 from jaxfusion.pipelines.base import Models, Options, Request
 from sharding.analysis import host_links, trace_step
-from sharding.context import PatchContext
-from sharding.loops import NO_BUFFERS, SINGLE, Loop, Sampling, step_function
+from sharding.loops import (
+    NO_BUFFERS,
+    SINGLE,
+    Loop,
+    Sampling,
+    denoise,
+    step_context,
+    step_function,
+)
 from sharding.parallel import ParallelConfig
+from sharding.placement import Placement
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
 TEXT_TOKENS = 77
@@ -167,12 +178,14 @@ class StepAnalysis:
 
 
 def abstract_inputs(
-    config: UNetConfig, latent_height: int, latent_width: int, dtype
+    config: UNetConfig, latent_height: int, latent_width: int, dtype, steps: int = 50
 ) -> tuple[UNet2DConditionModel, Sampling, jax.ShapeDtypeStruct]:
-    """(UNet, sampling inputs, latents) as shapes: the CFG batch of 2 with 77 text tokens,
-    one (1, latent_height, latent_width, C) latent."""
+    """(UNet, sampling inputs of a `steps`-step DDIM run, latents) as shapes: the CFG batch
+    of 2 with 77 text tokens, one (1, latent_height, latent_width, C) latent."""
     unet = UNet2DConditionModel.abstract(config, dtype=dtype)
-    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), 50)
+    schedule = schedulers.make_schedule(
+        schedulers.SchedulerConfig.from_diffusers(SCHEDULER), steps
+    )
     text = jax.ShapeDtypeStruct((2, TEXT_TOKENS, config.cross_attention_dim), dtype)
     embeds = time_ids = None
     if config.addition_embed_type == "text_time":
@@ -372,12 +385,10 @@ def analyze(
     exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
     traced = trace_step(unet, sampling, latents, parallel, exchange)
-    context = PatchContext(
-        parallel.patches, exchange, parallel.group_norm, compress=parallel.compress
-    )
+    context = step_context(parallel.mode, parallel)
     received = sum(c.received_bytes for c in traced.collectives())
     if parallel.kv_refresh > 1 and exchange == "displaced":
-        kept = trace_step(unet, sampling, latents, parallel, exchange, refresh_kv=False)
+        kept = trace_step(unet, sampling, latents, parallel, exchange, exchange_kv=False)
         kept_bytes = sum(c.received_bytes for c in kept.collectives())
         received = (received + (parallel.kv_refresh - 1) * kept_bytes) // parallel.kv_refresh
     uncompressed = traced
@@ -415,6 +426,65 @@ def analyze(
         compress=parallel.compress,
         kv_refresh=parallel.kv_refresh,
     )
+
+
+def target_loop(
+    config: UNetConfig,
+    height: int,
+    width: int,
+    parallel: ParallelConfig,
+    dtype,
+    target: Target,
+    attention: AttentionBackend = "auto",
+    *,
+    downscale: int,
+    steps: int = 50,
+) -> TargetAnalysis:
+    """The denoising loop of `steps` steps (warm-up and displaced scans) for `parallel` (one
+    data group), compiled from shapes for `target`'s chips by its own compiler (a
+    `ProgramTooLarge` where it does not fit one chip), and read from its schedule: memory
+    per chip and the overlap of the displaced loop's collectives (`overlap.loop_overlap`;
+    the synchronous loop's for sync mode)."""
+    parallel = dataclasses.replace(parallel, device_pool=tuple(targets.devices(target)))
+    unet, sampling, latents = abstract_inputs(
+        config, height // downscale, width // downscale, dtype, steps=steps
+    )
+    set_attention(unet, attention)
+    graphdef, weights = nnx.split(unet)
+    placement = Placement(weights)
+    replicated, rows = placement.replicated(parallel), placement.rows(parallel)
+
+    def run(weights, sampling, latents):
+        return denoise(nnx.merge(graphdef, weights), sampling, latents, parallel)
+
+    program = jax.jit(run, in_shardings=(replicated, replicated, rows), out_shardings=rows)
+    compiled = targets.compile_for(target, program.lower(weights, sampling, latents))
+    schedule = read_schedule(compiled.as_text())
+    kind, loop_steps = parallel.schedule(steps)[-1]
+    body = overlap.displaced_loop(schedule, len(loop_steps))
+    return TargetAnalysis(
+        target=target.name,
+        loop=kind,
+        memory_bytes_per_chip=targets.peak_memory_bytes(compiled),
+        hbm_bytes=target.hbm_bytes,
+        overlap=overlap.loop_overlap(schedule, body, target),
+        schedule=schedule,
+        body=body,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetAnalysis:
+    """`target_loop`'s reading: the loop whose body it read (`loop`: "displaced", "sync",
+    ...), the peak memory of one chip and its HBM, the overlap, and the schedule itself."""
+
+    target: str
+    loop: str
+    memory_bytes_per_chip: int
+    hbm_bytes: int
+    overlap: overlap.LoopOverlap
+    schedule: Schedule
+    body: str
 
 
 def data_group(parallel: ParallelConfig) -> ParallelConfig:
