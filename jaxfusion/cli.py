@@ -274,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_attention_option(analyze)
     analyze.add_argument("--json", help="write one record per configuration")
     analyze.add_argument("--plot", help="a .png of FLOPs and traffic per device")
+    analyze.add_argument(
+        "--target",
+        help="compile the denoising loop for this accelerator with its own compiler "
+        "(v5e-8, v6e-8, v5p-16, v4-16, h100-8, a100-8; pip install 'jaxfusion[targets]') "
+        "and report memory per chip and how much of the exchange the schedule hides",
+    )
+    analyze.add_argument(
+        "--schedule", metavar="FOLDER", help="with --target: a .png of each loop's schedule"
+    )
     analyze.set_defaults(command=run_analyze)
 
     timing = bench.add_parser(
@@ -713,6 +722,8 @@ def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
         attention=args.attention,
         json=args.json,
         plot=args.plot,
+        target=args.target,
+        schedule=args.schedule,
     )
     from jaxfusion.bench import analyze
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxfusion import schedulers
 from jaxfusion.bench import overlap, targets
 from jaxfusion.bench.options import AnalyzeOptions
-from jaxfusion.bench.schedule import Schedule, read_schedule
+from jaxfusion.bench.schedule import Schedule, plot_schedule, read_schedule
 from jaxfusion.bench.targets import Target
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_atomically, write_text_atomically
@@ -183,9 +183,7 @@ def abstract_inputs(
     """(UNet, sampling inputs of a `steps`-step DDIM run, latents) as shapes: the CFG batch
     of 2 with 77 text tokens, one (1, latent_height, latent_width, C) latent."""
     unet = UNet2DConditionModel.abstract(config, dtype=dtype)
-    schedule = schedulers.make_schedule(
-        schedulers.SchedulerConfig.from_diffusers(SCHEDULER), steps
-    )
+    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), steps)
     text = jax.ShapeDtypeStruct((2, TEXT_TOKENS, config.cross_attention_dim), dtype)
     embeds = time_ids = None
     if config.addition_embed_type == "text_time":
@@ -449,6 +447,7 @@ def target_loop(
     unet, sampling, latents = abstract_inputs(
         config, height // downscale, width // downscale, dtype, steps=steps
     )
+    sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sampling)
     set_attention(unet, attention)
     graphdef, weights = nnx.split(unet)
     placement = Placement(weights)
@@ -568,6 +567,8 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     display = display or StageDisplay()
     model, dtype = options.model, options.dtype
     config, downscale = load_config(model), downscale_factor(model)
+    if options.target is not None:
+        targets.devices(targets.target(options.target))  # its compiler is there
     pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
         display.note(f"{model}: only the UNet is known, the whole generation is not measured")
@@ -607,6 +608,8 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                         f"--devices {devices} do not spread evenly over --hosts {options.hosts}"
                     )
                 rows.append((height, width, parallel))
+    if options.target is not None:
+        return run_on_target(options, rows, config, downscale, display)
     records = []
     singles = {}  # the single-device step, compiled once per size
     for height, width, parallel in rows:
@@ -664,10 +667,145 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetRecord:
+    """One configuration's denoising loop compiled for a target (the JSON record of `bench
+    analyze --target`): memory per chip (`targets.peak_memory_bytes`) and the chip's HBM;
+    the body of the loop read (`loop`: its step kind) as `overlap.loop_overlap` models it:
+    its FLOPs per device, its collectives' bytes received per device and the share of
+    them hidden, compute and exposed exchange time per step and their sum; the projected
+    speed-up over the same target's one-device row (None without one)."""
+
+    model: str
+    target: str
+    height: int
+    width: int
+    devices: int
+    patch: int
+    cfg: int
+    mode: str
+    dtype: str
+    loop: str
+    memory_bytes_per_chip: int
+    hbm_bytes: int
+    step_flops_per_device: int
+    received_bytes_per_step: int
+    hidden_share: float
+    compute_s: float
+    exposed_s: float
+    step_s: float
+    speedup: float | None
+    collectives: list[dict]
+
+
+def run_on_target(
+    options: AnalyzeOptions, rows: list, config: UNetConfig, downscale: int, display
+) -> list[TargetRecord]:
+    """`bench analyze --target`: `target_loop` of every row, a table, the JSON records and
+    the schedule pictures `options` asks for."""
+    target = targets.target(options.target)
+    records = []
+    for height, width, parallel in rows:
+        name = f"{options.model} {height}x{width}, {parallel.devices} {target.chip}"
+        with display(f"{name}, {parallel.mode}: compiling with the {target.platform} compiler"):
+            analysis = target_loop(
+                config,
+                height,
+                width,
+                parallel,
+                options.dtype,
+                target,
+                options.attention,
+                downscale=downscale,
+            )
+        o = analysis.overlap
+        single = next(
+            (r for r in records if r.devices == 1 and (r.height, r.width) == (height, width)),
+            None,
+        )
+        records.append(
+            TargetRecord(
+                model=options.model,
+                target=target.name,
+                height=height,
+                width=width,
+                devices=parallel.devices,
+                patch=parallel.patches,
+                cfg=parallel.cfg,
+                mode=parallel.mode,
+                dtype=jnp.dtype(options.dtype).name,
+                loop=analysis.loop,
+                memory_bytes_per_chip=analysis.memory_bytes_per_chip,
+                hbm_bytes=analysis.hbm_bytes,
+                step_flops_per_device=o.step_flops,
+                received_bytes_per_step=o.received_bytes,
+                hidden_share=o.hidden_share,
+                compute_s=o.compute_s,
+                exposed_s=o.exposed_s,
+                step_s=o.step_s,
+                speedup=None if single is None else single.step_s / o.step_s,
+                collectives=[dataclasses.asdict(c) for c in o.collectives],
+            )
+        )
+        if options.schedule is not None:
+            folder = Path(options.schedule)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{Path(options.model).name}-{target.name}-{height}x{width}"
+            plot_schedule(
+                analysis.schedule,
+                analysis.body,
+                path.with_name(
+                    f"{path.name}-{parallel.devices}-c{parallel.cfg}-{parallel.mode}.png"
+                ),
+                f"{name}, {parallel.mode} (C={parallel.cfg}): one {analysis.loop} step",
+            )
+    print_target_table(records, target, display)
+    if options.json:
+        text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
+        write_text_atomically(Path(options.json), text)
+        display.note(f"wrote {options.json}")
+    return records
+
+
+def print_target_table(records: list[TargetRecord], target: Target, display) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"the denoising loop compiled for {target.name} ({target.chip}) by its own "
+        "compiler, per chip; times are a model (jaxfusion.bench.overlap), not measurements",
+        caption=f"hidden: share of the step's collective bytes with >= "
+        f"{overlap.MIN_WINDOW:.0%} of the step's compute scheduled during them, enough for "
+        f"their transfer at {target.link_gbs:g} GB/s; compute at {target.peak_tflops:g} "
+        "TFLOP/s peak",
+    )
+    for column in ("size", "devices", "step", "memory GiB", "HBM GiB", "TFLOP", "exchange MB",
+                   "hidden", "compute ms", "exposed ms", "step ms", "speed-up"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(
+            f"{r.height}x{r.width}",
+            f"{r.devices} (C={r.cfg})",
+            r.loop,
+            f"{r.memory_bytes_per_chip / 2**30:.2f}",
+            f"{r.hbm_bytes / 2**30:.2f}",
+            f"{r.step_flops_per_device / 1e12:.2f}",
+            f"{r.received_bytes_per_step / 1e6:,.1f}",
+            f"{r.hidden_share:.0%}",
+            f"{r.compute_s * 1e3:.1f}",
+            f"{r.exposed_s * 1e3:.1f}",
+            f"{r.step_s * 1e3:.1f}",
+            "—" if r.speedup is None else f"{r.speedup:.2f}x",
+        )
+    display.console.print(table)
+
+
 def print_table(records: list[StepAnalysis], display) -> None:
     from rich.table import Table
 
-    table = Table(title="one denoising step and the whole generation, per device (CFG batch 2)")
+    table = Table(
+        title="one denoising step and the whole generation, per device (CFG batch 2), "
+        "compiled by the CPU compiler for simulated devices"
+    )
     for column in ("model", "size", "devices", "mode", "GFLOPs", "/ single", "traffic MB",
                    "reference MB", "step memory MB", "stale MB", "generation MB",
                    "weights MB"):  # fmt: skip

@@ -152,7 +152,13 @@ class AnalyzeOptions:
     runs), K/V exchanged every `kv_refresh`-th displaced step; a projected step time per
     link speed of `link_gbs` (GB/s), computing at `device_tflops` (a model, not a
     measurement: `jaxfusion.bench.analyze.projected_step_seconds`); `json`: write the
-    records there; `plot`: a .png of them."""
+    records there; `plot`: a .png of them.
+
+    `target`: instead, compile each configuration's 50-step denoising loop for that
+    accelerator (`jaxfusion.bench.targets`: "v5e-8", "h100-8", ...) with its own compiler
+    and report memory per chip, the overlap of the displaced loop's exchange and the
+    projected step (`jaxfusion.bench.overlap`); `schedule`: a folder (made if absent) for a
+    picture of each loop body's schedule."""
 
     model: str = "sdxl"
     heights: Sequence[int] = (1024, 2048)
@@ -171,8 +177,14 @@ class AnalyzeOptions:
     attention: AttentionBackend = "auto"
     json: str | Path | None = None
     plot: str | Path | None = None
+    target: str | None = None
+    schedule: str | Path | None = None
 
     def __post_init__(self) -> None:
+        if self.schedule is not None and self.target is None:
+            raise ValueError("--schedule pictures a target's schedule: add --target NAME")
+        if self.target is not None and (self.plot is not None or self.hosts > 1):
+            raise ValueError("--plot and --hosts describe the CPU compile: drop them with --target")
         if self.plot is not None and Path(self.plot).suffix.lower() != ".png":
             raise ValueError(f"--plot {self.plot}: the file must end in .png")
         _check_folder_of(self.plot, "--plot")
