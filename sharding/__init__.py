@@ -38,10 +38,12 @@ _ATTRIBUTES = {
     "GroupNorm": "sharding.group_norm",
     "KVExchange": "sharding.attention",
     "ParallelConfig": "sharding.parallel",
+    "send_when_produced": "sharding.context",
 }
 
 if TYPE_CHECKING:
     from sharding.attention import KVExchange
+    from sharding.context import send_when_produced
     from sharding.conv import Conv2d
     from sharding.group_norm import GroupNorm
     from sharding.parallel import ParallelConfig
@@ -50,4 +52,4 @@ if TYPE_CHECKING:
 __getattr__, __dir__ = lazy_attributes(__name__, _ATTRIBUTES)
 
 
-__all__ = ["Conv2d", "GroupNorm", "KVExchange", "ParallelConfig"]
+__all__ = ["Conv2d", "GroupNorm", "KVExchange", "ParallelConfig", "send_when_produced"]

@@ -199,9 +199,13 @@ class Codec(Protocol):
     neighbours'); own_in: where `own` sits in `received`, if it does (K/V are all-gathered,
     own included), else None (a residual codec then keeps a copy of what it sent)."""
 
+    initial_receives_exactly: bool
+    """Whether `receive` of the `initial` state gives `received` and that state unchanged
+    (a step after a synchronous one can read `received` without an exchange)."""
+
     def initial(self, own: Messages, received: Messages, own_in: Callable | None) -> Any:
         """The state after a synchronous step that sent `own` exactly and got `received`:
-        the next step's `receive` gives `received`."""
+        what the next step's `receive` exchanges."""
         ...
 
     def receive(self, state: Any, transport: Transport, dtype) -> tuple[Messages, Any]:
@@ -216,6 +220,8 @@ class Codec(Protocol):
 
 class Exact:
     """none: the values, sent as they are; the state is the message."""
+
+    initial_receives_exactly = True
 
     def initial(self, own, received, own_in):
         return own
@@ -232,6 +238,7 @@ class Quantized:
     """fp8, int8: each step's values quantized; the state is the message's payload."""
 
     quantizer: Quantizer
+    initial_receives_exactly = False  # the payload of a synchronous step's values, rounded
 
     def initial(self, own, received, own_in):
         return encode(self.quantizer, own)
@@ -254,6 +261,7 @@ class Residual:
     that step's exact values."""
 
     quantizer: Quantizer
+    initial_receives_exactly = True  # the base plus a zero difference
 
     def initial(self, own, received, own_in):
         zero = jax.tree.map(lambda x: self.quantizer.encode(jnp.zeros(x.shape, jnp.float32)), own)

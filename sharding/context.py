@@ -121,7 +121,10 @@ class PatchContext:
           sync: `transport(own)`; with `keep_stale` the codec's state of this message is
             kept as the stale buffer `module.<name>` (created by the first such step).
           displaced, local: the stale values: the exchange of the message the stale buffer
-            kept (the previous step's), then `own` kept as the next message.
+            kept (the previous step's), then `own` kept as the next message. A module that
+            `sends_when_produced` instead reads what the exchange of the previous step's
+            message delivered (kept in the stale buffer, `received`) and exchanges `own`
+            at once, for the next step.
 
         current: the module always takes this step's values and keeps no stale buffer (sync
             in displaced steps too, nothing in local ones), as it declares where it is built.
@@ -136,22 +139,42 @@ class PatchContext:
         if exchange == "none":
             return None
         codec = CODECS[codec_of[self.compress]]
-        hold = kv and self.hold_kv
+        dtype = jax.tree.leaves(own)[0].dtype
+        produced = module.sends_when_produced
+        # Kept beside the codec's state: what a step reads where it exchanges nothing, the
+        # K/V last received (kv_refresh > 1) or what a message sent when produced delivered.
+        with_received = produced or (kv and self.hold_kv)
+
+        def store(state: Any, received: Any) -> None:
+            _store(
+                module, name, {"message": state, "received": received} if with_received else state
+            )
+
         if exchange == "sync":
             fresh = transport(own)
             if self.keep_stale and not current:
-                state = codec.initial(own, fresh, own_in)
-                _store(module, name, {"message": state, "received": fresh} if hold else state)
+                state, received = codec.initial(own, fresh, own_in), fresh
+                if produced and not codec.initial_receives_exactly:
+                    received, state = codec.receive(state, transport, dtype)
+                store(state, received)
             return Received(fresh, stale=False)
         stored = getattr(module, name).get_value()
-        state = stored["message"] if hold else stored
+        state = stored["message"] if with_received else stored
+        sends = not kv or self.send_kv
+        if produced:  # read what the step before delivered; send this step's own now
+            value = received = stored["received"]
+            if sends:
+                state = codec.keep(state, own, own_in)
+                received, state = codec.receive(state, transport, dtype)
+            store(state, received)
+            return Received(value, stale=True)
         if not kv or self.receive_kv:
-            value, state = codec.receive(state, transport, jax.tree.leaves(own)[0].dtype)
+            value, state = codec.receive(state, transport, dtype)
         else:
             value = stored["received"]
-        if not kv or self.send_kv:
+        if sends:
             state = codec.keep(state, own, own_in)
-        _store(module, name, {"message": state, "received": value} if hold else state)
+        store(state, value)
         return Received(value, stale=True)
 
 
@@ -164,9 +187,27 @@ def _store(module: nnx.Module, name: str, value: Any) -> None:
 
 class PatchPrimitive(nnx.Module):
     """A layer that needs context from the other patches; `patch` says how it gets it in
-    this step (None: on one device, the plain layer)."""
+    this step (None: on one device, the plain layer).
+
+    `sends_when_produced`: in displaced steps the primitive exchanges its message right
+    after producing it, in the step that produced it, and keeps what arrives for the next
+    step: the exchange travels while the rest of that step computes. Otherwise (the
+    default) the next step exchanges the message at its start, and it travels while that
+    step computes up to the layer. A model marks the primitives of its first layers, where
+    the rest of the step is longer than what comes before (`send_when_produced`); the values
+    read are the same either way, the stale buffer holds every patch's message instead of
+    the own one.
+    """
 
     patch: PatchContext | None = None
+    sends_when_produced: bool = False
+
+
+def send_when_produced(module: nnx.Module) -> None:
+    """Marks every patch-parallel primitive of `module` as `sends_when_produced`."""
+    for _, inner in nnx.iter_modules(module):
+        if isinstance(inner, PatchPrimitive):
+            inner.sends_when_produced = True
 
 
 def set_patch_context(model: nnx.Module, context: PatchContext | None) -> None:

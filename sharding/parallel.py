@@ -1,12 +1,13 @@
 """`ParallelConfig`: how one image is spread over devices, and the device mesh it runs on."""
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
+from sharding.compiler_options import overlap_options
 from sharding.context import AXIS
 from sharding.names import (
     COMPRESSIONS,
@@ -185,6 +186,13 @@ class ParallelConfig:
                 "JAX starts (the jaxfusion command does this for --devices N)"
             )
         return Mesh(np.array(available[:needed]).reshape(shape), MESH_AXES)
+
+    def compiler_options(self) -> dict[str, Any]:
+        """The XLA options of a program on this mesh (`sharding.compiler_options`): those
+        that let a displaced step's exchange overlap its compute, on several devices."""
+        if self.devices == 1:
+            return {}
+        return overlap_options(self.mesh().devices.flat[0].platform)
 
     def check_size(self, height: int, width: int, multiple: int) -> None:
         """Refuses an image whose feature maps do not split into P equal slabs at every UNet

@@ -1,8 +1,8 @@
-"""`jaxfusion bench analyze`: the HLO collective parser against hand-written HLO lines; the
-command on a small UNet config (its FLOPs split over the patches, and the traffic it reads
-from the compiled HLO equals the traffic of the traced program: two derivations); and the
-reference scheme's traffic for SDXL against the paper's figure; the whole generation's
-memory of the built-in pipeline."""
+"""`jaxfusion bench analyze`: the command on a small UNet config (its FLOPs split over the
+patches, and the traffic it reads from the compiled HLO equals the traffic of the traced
+program: two derivations); and the reference scheme's traffic for SDXL against the paper's
+figure; the whole generation's memory of the built-in pipeline. (The HLO reader's own tests:
+tests/test_schedule.py.)"""
 
 import json
 import os
@@ -16,39 +16,13 @@ from diffusers_models import SDXL_LIGHT
 from safetensors.numpy import load_file
 
 from jaxfusion import cli
-from jaxfusion.bench.analyze import (
-    HloCollective,
-    abstract_inputs,
-    hlo_collectives,
-    load_config,
-    reference_bytes,
-)
+from jaxfusion.bench.analyze import abstract_inputs, load_config, reference_bytes
 from jaxfusion.bench.options import AnalyzeOptions
 from jaxfusion.builtin import builtin_model_path
 from sharding.analysis import trace_step
 from sharding.parallel import ParallelConfig
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
-
-HLO = """
-  %cp.3 = f32[2,1,32,4]{3,2,1,0} collective-permute(%p.1), source_target_pairs={{0,1},{1,2}}
-  %ag.1 = bf16[4,16,8]{2,1,0} all-gather(%p), replica_groups={{0,1,2,3}}, dimensions={0}
-  %ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%q), replica_groups=[2,4]<=[8]
-  %all-reduce.2 = f32[10]{0} all-reduce(%r), replica_groups={{0,1}}, to_apply=%add
-  %fusion.1 = f32[2,1,32,4]{3,2,1,0} fusion(%cp.3), kind=kLoop
-"""
-
-
-def test_hlo_collectives_parser():
-    found = hlo_collectives(HLO, devices=8)
-    assert found == [
-        HloCollective("collective-permute", "f32", (2, 1, 32, 4), 8),
-        HloCollective("all-gather", "bf16", (4, 16, 8), 4),
-        HloCollective("all-gather", "f32", (8, 8), 4),
-        HloCollective("all-reduce", "f32", (10,), 2),
-    ]
-    received = [c.received_bytes for c in found]
-    assert received == [2 * 32 * 4 * 4, 3 * 16 * 8 * 2, 3 * 2 * 8 * 4, 10 * 4]
 
 
 def test_analyze_refusals_before_compiling(tmp_path, capsys, monkeypatch):

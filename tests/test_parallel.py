@@ -22,7 +22,7 @@ from jaxfusion.models import Conditioning
 from jaxfusion.models.attention import Attention
 from sharding import GroupNorm, ParallelConfig
 from sharding.analysis import TracedStep, trace_step
-from sharding.context import AXIS, PatchContext, StaleBuffer, set_patch_context
+from sharding.context import AXIS, PatchContext, PatchPrimitive, StaleBuffer, set_patch_context
 from sharding.loops import Sampling, denoise
 from sharding.names import COMPRESSIONS, GROUP_NORM_RULES
 
@@ -297,10 +297,10 @@ def test_corrected_group_norm_formula():
         )
 
 
-def step_jaxpr(case, parallel: ParallelConfig, exchange: str) -> TracedStep:
+def step_jaxpr(case, parallel: ParallelConfig, exchange: str, unet=None) -> TracedStep:
     sampling = Sampling(case.schedule, case.conditioning, jnp.float32(GUIDANCE))
     latents = jax.ShapeDtypeStruct((1, LATENT, LATENT, 4), jnp.float32)
-    return trace_step(case.unet, sampling, latents, parallel, exchange)
+    return trace_step(unet or case.unet, sampling, latents, parallel, exchange)
 
 
 def collective_flow(jaxpr) -> tuple[list, dict, dict]:
@@ -329,6 +329,15 @@ def axis_names(eqn) -> tuple:
     return names if isinstance(names, tuple) else (names,)
 
 
+def sending_when_produced(unet, sends: bool):
+    """A copy of `unet` whose patch-parallel primitives all send when produced, or none."""
+    unet = nnx.clone(unet)
+    for _, module in nnx.iter_modules(unet):
+        if isinstance(module, PatchPrimitive):
+            module.sends_when_produced = sends
+    return unet
+
+
 @pytest.mark.parametrize(
     ("cfg", "compress"),
     [
@@ -338,28 +347,43 @@ def axis_names(eqn) -> tuple:
         (1, COMPRESSIONS[-1]),
     ],
 )
-def test_displaced_exchanges_start_with_the_step(case, cfg, compress):
-    """In a displaced step, every collective but the latent's conv_in halo (4 channels, two
-    ppermutes) and the CFG exchange sends what the step before kept: its operands do not
-    depend on this step's latent (or scheduler state), so it can start when the step
-    starts; and its result is read in this step (it reaches the latents); under every
-    codec."""
+def test_displaced_exchanges_start_with_the_step_or_when_produced(case, cfg, compress):
+    """In a displaced step, besides the latent's conv_in halo (4 channels, two ppermutes)
+    and the CFG exchange, each collective either sends what the step before kept (its
+    operands do not depend on this step's latent, so it can start when the step starts, and
+    its result is read in this step: it reaches the latents) or, for the primitives the
+    model marks (`sends_when_produced`: the UNet's down blocks), sends what this step has
+    just produced (it depends on the latent, and its result is kept for the next step: it
+    does not reach the latents). Marking every primitive or none moves every collective to
+    one side, the same collectives; under every codec."""
     parallel = ParallelConfig(4 * cfg, cfg, mode="displaced", compress=compress)
-    traced = step_jaxpr(case, parallel, "displaced")
-    jaxpr = traced.jaxpr
     slab = (1, LATENT // 4, LATENT, 4)
-    this_step = {k for k, v in enumerate(jaxpr.invars) if v.aval.shape == slab}
-    found, operand_inputs, reached = collective_flow(jaxpr)
-    at_start = [k for k in range(len(found)) if not operand_inputs[k] & this_step]
-    later = [found[k] for k in range(len(found)) if k not in at_start]
-    names = sorted((e.primitive.name, e.invars[0].aval.shape[-1], axis_names(e)) for e in later)
-    expected = [("ppermute", 4, (AXIS,))] * 2
-    if cfg == 2:
-        expected = sorted([*expected, ("all_gather", 4, ("cfg",))])
-    assert names == sorted(expected), names
-    latents_out = reached[jaxpr.outvars[0]]
-    assert len(at_start) > 20 and all(k in latents_out for k in at_start)
-    assert len(traced.collectives()) == len(found)  # none hidden in inner programs
+    conv_in_and_cfg = [("ppermute", 4, (AXIS,))] * 2 + [("all_gather", 4, ("cfg",))] * (cfg - 1)
+
+    def sides(unet):
+        traced = step_jaxpr(case, parallel, "displaced", unet)
+        jaxpr = traced.jaxpr
+        this_step = {k for k, v in enumerate(jaxpr.invars) if v.aval.shape == slab}
+        found, operand_inputs, reached = collective_flow(jaxpr)
+        assert len(traced.collectives()) == len(found)  # none hidden in inner programs
+        read_now = reached[jaxpr.outvars[0]]
+        at_start, produced, current = [], [], []
+        for k, eqn in enumerate(found):
+            signature = (eqn.primitive.name, eqn.invars[0].aval.shape[-1], axis_names(eqn))
+            if not operand_inputs[k] & this_step:
+                assert k in read_now, signature
+                at_start.append(signature)
+            elif k in read_now:
+                current.append(signature)
+            else:
+                produced.append(signature)
+        assert sorted(current) == sorted(conv_in_and_cfg), current
+        return sorted(at_start), sorted(produced)
+
+    at_start, produced = sides(case.unet)
+    assert len(at_start) > 10 and len(produced) > 10
+    assert sides(sending_when_produced(case.unet, False)) == (sorted(at_start + produced), [])
+    assert sides(sending_when_produced(case.unet, True)) == ([], sorted(at_start + produced))
 
 
 @pytest.mark.parametrize("split", ["row", "col", "alternate"])

@@ -11,7 +11,7 @@ from diffusers_models import randomize, relative_l2
 
 import jaxfusion
 from jaxfusion import convert
-from jaxfusion.bench.analyze import hlo_collectives
+from jaxfusion.bench.schedule import read_schedule
 from jaxfusion.builtin import builtin_model_path
 from jaxfusion.models import AutoencoderKL
 from sharding import ParallelConfig
@@ -92,7 +92,7 @@ def test_latent_and_image_are_never_gathered(pipe):
     program = pipe.compile(*pipe.prepare(**OPTIONS, parallel=parallel))
     assert program.output_shardings.spec == jax.sharding.PartitionSpec("data", "patch")
     whole = {(1, 128 // 4, 128 // 4, 4), (1, 128, 128, 3), (1, 128 // 4, 128 // 4, 8)}
-    shapes = {c.shape for c in hlo_collectives(program.as_text(), 4)}
+    shapes = {a.dims for c in read_schedule(program.as_text()).collectives for a in c.arrays}
     assert shapes and not shapes & whole, shapes
 
 

@@ -14,10 +14,9 @@ import pytest
 from pipelines import LATENT_SIZE, save_random_pipeline
 
 from jaxfusion import cli
-from jaxfusion.bench.analyze import HloCollective, abstract_inputs, load_config
+from jaxfusion.bench.analyze import abstract_inputs, load_config
 from jaxfusion.bench.profile import (
     AsyncCollective,
-    LoopCollectives,
     async_collectives,
     describe_steady_state,
     loop_collectives,
@@ -25,6 +24,7 @@ from jaxfusion.bench.profile import (
     scans,
     steady_state,
 )
+from jaxfusion.bench.schedule import Array, read_schedule
 from sharding.analysis import trace_step
 from sharding.parallel import ParallelConfig
 
@@ -44,6 +44,11 @@ HLO = """HloModule profile_test, is_scheduled=true
   %x = f32[] parameter(0)
   %y = f32[] parameter(1)
   ROOT %sum = f32[] add(%x, %y)
+}
+
+%fused (f: f32[2,8]) -> f32[2,8] {
+  %f = f32[2,8]{1,0} parameter(0)
+  ROOT %negate = f32[2,8]{1,0} negate(%f)
 }
 
 %cond (c: (s32[], f32[2,8])) -> pred[] {
@@ -81,7 +86,7 @@ ENTRY %main (p: f32[2,8]) -> f32[2,8] {
 
 
 def test_async_collectives_overlap():
-    pairs = async_collectives(HLO)
+    pairs = async_collectives(read_schedule(HLO))
     assert pairs == [
         AsyncCollective("body", "while.1", "all-gather", "ags", "agd", compute_between=2),
         AsyncCollective("body", "while.1", "collective-permute", "cps", "cpd", 0),
@@ -90,15 +95,19 @@ def test_async_collectives_overlap():
 
 
 def test_collectives_by_loop_and_step():
-    loops = loop_collectives(HLO, devices=4)
-    assert loops == [
-        LoopCollectives(None, 1, [HloCollective("all-reduce", "f32", (2, 8), 4)]),
-        LoopCollectives(
+    loops = loop_collectives(read_schedule(HLO))
+    found = [
+        (loop.loop, loop.trip_count, [(c.kind, c.arrays, c.group_size) for c in loop.collectives])
+        for loop in loops
+    ]
+    assert found == [
+        (None, 1, [("all-reduce", (Array("f32", (2, 8)),), 4)]),
+        (
             "while.1",
             3,
             [
-                HloCollective("all-gather", "f32", (8, 8), 4),
-                HloCollective("collective-permute", "f32", (2, 8), 4),
+                ("all-gather", (Array("f32", (8, 8)),), 4),
+                ("collective-permute", (Array("f32", (2, 8)),), 4),
             ],
         ),
     ]

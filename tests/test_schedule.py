@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfusion.bench.schedule import Schedule, plot_schedule, read_schedule
+from sharding.compiler_options import overlap_options
 
 DEVICES = 8
 M, N = 1024, 1024  # each device's bf16 slab in the accelerator programs
@@ -57,6 +58,60 @@ def scanned_step(x, w):
         return jnp.tanh(carry @ w) + gathered.sum(0) + shifted, None
 
     return jax.lax.scan(step, x, None, length=STEPS)[0]
+
+
+LAYERS = 6
+
+
+def displaced_layers(x, stale, w):
+    """A displaced step's stand-in, in a scan: LAYERS layers, layer l reading the all-gather
+    of `stale[l]` (what the step before kept: known when the step starts) and keeping its
+    own output for the next step."""
+
+    def step(carry, _):
+        x, stale = carry
+        kept = []
+        for kept_before in stale:
+            keys = jax.lax.all_gather(kept_before, "patch", tiled=True)  # (DEVICES * M, N)
+            x = jnp.tanh(jax.nn.softmax((x @ w) @ keys.T, axis=-1) @ keys)
+            kept.append(x)
+        return (x, tuple(kept)), None
+
+    return jax.lax.scan(step, (x, stale), None, length=STEPS)[0][0]
+
+
+def layer_windows(mesh: Mesh, **compiler_options) -> list[float]:
+    """The share of the step's FLOPs in flight beside each layer's all-gather, in order."""
+    slab = abstract(mesh, (DEVICES * M, N), P("patch"))
+    stale = (slab,) * LAYERS
+    program = jax.shard_map(
+        displaced_layers,
+        mesh=mesh,
+        in_specs=(P("patch"), P("patch"), P()),
+        out_specs=P("patch"),
+        check_vma=False,
+    )
+    lowered = jax.jit(program).lower(slab, stale, abstract(mesh, (N, N), P()))
+    schedule = read_schedule(lowered.compile(compiler_options=compiler_options or None).as_text())
+    (loop,) = schedule.entry_loops()
+    gathers = [c for c in schedule.collectives_in(loop.body) if c.kind == "all-gather"]
+    assert len(gathers) == LAYERS
+    return [
+        c.window_flops / schedule.flops(loop.body) for c in sorted(gathers, key=lambda c: c.done)
+    ]
+
+
+def check_overlap_options(mesh: Mesh, platform: str) -> None:
+    """By default the compiler keeps one all-gather in flight: each travels beside about one
+    layer (1 / LAYERS of the step); under `overlap_options` every one starts with the step,
+    so layer l's travels beside the l layers before it (l / LAYERS), the last one's beside
+    nearly the whole step."""
+    one_at_a_time = layer_windows(mesh)
+    assert max(one_at_a_time) <= 1.5 / LAYERS, one_at_a_time
+    options = overlap_options(platform)
+    windows = layer_windows(mesh, **options)
+    expected = [layer / LAYERS for layer in range(LAYERS)]
+    assert windows == pytest.approx(expected, abs=0.5 / LAYERS), windows
 
 
 def compile_on(mesh: Mesh, per_device, shapes, **compiler_options) -> jax.stages.Compiled:
@@ -132,10 +187,16 @@ def test_tpu_collectives_bytes_and_overlap(tpu_overlap):
     assert all(c.window_flops <= schedule.flops() for c in schedule.collectives)
 
 
+def test_tpu_overlap_options(tpu_mesh):
+    check_overlap_options(tpu_mesh, "tpu")
+
+
 def test_tpu_scan_body(tpu_scan):
     schedule = tpu_scan
     (loop,) = schedule.entry_loops()
     assert loop.trip_count == STEPS
+    assert schedule.enclosing_loops[loop.body] == loop.name
+    assert schedule.enclosing_loops[schedule.entry] is None
     assert only(schedule, loop.body, "all-gather").received_bytes == (DEVICES - 1) * M * N * 2
     assert only(schedule, loop.body, "collective-permute").received_bytes == M * N * 2
     assert not schedule.collectives_in(schedule.entry)
@@ -183,6 +244,10 @@ def test_gpu_combined_all_gather(gpu_mesh):
     assert gather.received_bytes == (DEVICES - 1) * (M * N + M * N // 4) * 2
     assert gather.asynchronous
     assert gather.window_flops == schedule.flops() == 3 * 2 * M * N * N
+
+
+def test_gpu_overlap_options(gpu_mesh):
+    check_overlap_options(gpu_mesh, "gpu")
 
 
 def test_gpu_scan_trip_count(gpu_mesh):
@@ -311,6 +376,54 @@ def test_async_wrapped_collective_with_iota_groups():
     assert collective.group_size == 4
     assert collective.received_bytes == 8 * 4 * 4 * 3 // 4
     assert collective.window_flops == 2 * 8 * 4 * 4
+
+
+KINDS_AND_GROUPS = """\
+HloModule kinds_and_groups, is_scheduled=true, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%fused (a: f32[2,1,32,4]) -> f32[2,1,32,4] {
+  %a = f32[2,1,32,4]{3,2,1,0} parameter(0)
+  ROOT %negate = f32[2,1,32,4]{3,2,1,0} negate(%a)
+}
+
+ENTRY %main (p.1: f32[2,1,32,4], p: bf16[1,16,8], q: f32[2,8], r: f32[10], s: f32[6]) -> f32[2,1,32,4] {
+  %p.1 = f32[2,1,32,4]{3,2,1,0} parameter(0)
+  %p = bf16[1,16,8]{2,1,0} parameter(1)
+  %q = f32[2,8]{1,0} parameter(2)
+  %r = f32[10]{0} parameter(3)
+  %s = f32[6]{0} parameter(4)
+  %cp.3 = f32[2,1,32,4]{3,2,1,0} collective-permute(%p.1), source_target_pairs={{0,1},{1,2}}
+  %ag.1 = bf16[4,16,8]{2,1,0} all-gather(%p), replica_groups={{0,1,2,3}}, dimensions={0}
+  %ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%q), replica_groups=[2,4]<=[8], dimensions={0}
+  %all-reduce.2 = f32[10]{0} all-reduce(%r), replica_groups={{0,1}}, to_apply=%add
+  %agd = f32[8,8]{1,0} all-gather-done(%ags)
+  %combined = (f32[10]{0}, f32[6]{0}) all-reduce(%r, %s), replica_groups={{0,1}}, to_apply=%add
+  ROOT %fusion.1 = f32[2,1,32,4]{3,2,1,0} fusion(%cp.3), kind=kLoop, calls=%fused
+}
+"""  # noqa: E501
+
+
+def test_collective_kinds_and_groups():
+    """Groups listed (`{{0,1,2,3}}`), as an iota list (`[2,4]<=[8]`: 2 groups of 4) and as a
+    collective-permute's source-target pairs (3 devices); an all-gather-start's tuple (operand,
+    result), its done giving the result; a combined (tuple-shaped) all-reduce, its arrays'
+    bytes summed; a fusion reading a collective's result is none. The bytes worked out by hand
+    from the shapes."""
+    schedule = read_schedule(KINDS_AND_GROUPS)
+    found = [(c.kind, c.instructions, c.group_size, c.received_bytes) for c in schedule.collectives]
+    assert found == [
+        ("collective-permute", ("cp.3",), 3, 2 * 32 * 4 * 4),  # all of f32[2,1,32,4]
+        ("all-gather", ("ag.1",), 4, 3 * 16 * 8 * 2),  # 3 parts of 4 of bf16[4,16,8]
+        ("all-gather", ("ags", "agd"), 4, 3 * 2 * 8 * 4),  # 3 parts of 4 of f32[8,8]
+        ("all-reduce", ("all-reduce.2",), 2, 10 * 4),  # 2 x 1/2 of f32[10]
+        ("all-reduce", ("combined",), 2, (10 + 6) * 4),  # 2 x 1/2 of f32[10] and f32[6]
+    ]
 
 
 def test_unscheduled_text_is_refused():

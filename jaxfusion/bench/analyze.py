@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from flax import nnx
 from jaxfusion import schedulers
 from jaxfusion.bench import overlap, targets
 from jaxfusion.bench.options import AnalyzeOptions
-from jaxfusion.bench.schedule import Schedule, plot_schedule, read_schedule
+from jaxfusion.bench.schedule import Schedule, plot_schedule, read_schedule, traffic_by_kind
 from jaxfusion.bench.targets import Target
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_atomically, write_text_atomically
@@ -52,71 +51,6 @@ from sharding.placement import Placement
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
 TEXT_TOKENS = 77
-HLO_COLLECTIVES = ("all-gather", "collective-permute", "all-reduce", "all-to-all")
-HLO_BYTES = {
-    "f64": 8,
-    "f32": 4,
-    "bf16": 2,
-    "f16": 2,
-    "s32": 4,
-    "u32": 4,
-    "s8": 1,
-    "u8": 1,
-    "pred": 1,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class HloCollective:
-    """A collective of the optimized per-device HLO: its op, result shape and dtype, the
-    devices in its group, and the bytes one device receives (see `received_bytes`)."""
-
-    op: str
-    dtype: str
-    shape: tuple[int, ...]
-    group_size: int
-
-    @property
-    def received_bytes(self) -> int:
-        """collective-permute: its result; all-gather: the result less the own part;
-        all-to-all: (n - 1) / n of it; all-reduce: 2 (n - 1) / n of it (ring)."""
-        size = HLO_BYTES[self.dtype]
-        for n in self.shape:
-            size *= n
-        n = self.group_size
-        return {
-            "collective-permute": size,
-            "all-gather": size * (n - 1) // n,
-            "all-to-all": size * (n - 1) // n,
-            "all-reduce": 2 * size * (n - 1) // n,
-        }[self.op]
-
-
-def hlo_collectives(hlo_text: str, devices: int) -> list[HloCollective]:
-    """The collectives of an optimized HLO module's text (synchronous or `-start` ops)."""
-    found = []
-    pattern = re.compile(
-        r"= (\(?[a-z0-9]+\[[^=]*?) (" + "|".join(HLO_COLLECTIVES) + r")(-start)?\((.*)"
-    )
-    for line in hlo_text.splitlines():
-        match = pattern.search(line)
-        if match is None:
-            continue
-        shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", match.group(1))
-        dtype, dims = shapes[1] if match.group(3) and len(shapes) > 1 else shapes[0]
-        shape = tuple(int(d) for d in dims.split(",") if d)
-        found.append(HloCollective(match.group(2), dtype, shape, _group_size(line, devices)))
-    return found
-
-
-def _group_size(line: str, devices: int) -> int:
-    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
-    if iota:
-        return int(iota.group(2))
-    groups = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
-    if groups:
-        return len(groups.group(1).split(","))
-    return devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,12 +338,7 @@ def analyze(
     compiled = compile_step("xla")
     cost = _cost(compiled)
     memory = (compiled if attention == "xla" else compile_step(attention)).memory_analysis()
-    hlo = hlo_collectives(compiled.as_text(), parallel.devices)
-    by_op: dict[str, dict[str, int]] = {}
-    for c in hlo:
-        entry = by_op.setdefault(c.op, {"count": 0, "received_bytes": 0})
-        entry["count"] += 1
-        entry["received_bytes"] += c.received_bytes
+    hlo = read_schedule(compiled.as_text()).collectives
     return StepAnalysis(
         **record,
         flops_per_device_step=float(cost["flops"]),
@@ -419,7 +348,7 @@ def analyze(
         comm_bytes_reference_per_device_step=reference_bytes(uncompressed, config, latents),
         memory_bytes_per_device=_memory_bytes(memory),
         stale_bytes_per_device=traced.stale_bytes_per_device(),
-        collectives=by_op,
+        collectives=traffic_by_kind(hlo),
         host_links=host_links(traced, hosts, data) if hosts > 1 else None,
         compress=parallel.compress,
         kv_refresh=parallel.kv_refresh,
@@ -456,7 +385,12 @@ def target_loop(
     def run(weights, sampling, latents):
         return denoise(nnx.merge(graphdef, weights), sampling, latents, parallel)
 
-    program = jax.jit(run, in_shardings=(replicated, replicated, rows), out_shardings=rows)
+    program = jax.jit(
+        run,
+        in_shardings=(replicated, replicated, rows),
+        out_shardings=rows,
+        compiler_options={**parallel.compiler_options(), **target.compiler_options},
+    )
     compiled = targets.compile_for(target, program.lower(weights, sampling, latents))
     schedule = read_schedule(compiled.as_text())
     kind, loop_steps = parallel.schedule(steps)[-1]

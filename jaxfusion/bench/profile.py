@@ -1,9 +1,9 @@
 """`jaxfusion profile`: one generation's compiled program (prompt encoding, the denoising
 scans, VAE decoding) run under `jax.profiler.trace` after a warm-up run, with its optimized
-HLO and a report of its collectives read from that HLO: what each kind of denoising step
-exchanges (the collectives of each while loop's body run once per step), and, where the
-platform makes collectives asynchronous, whether compute is scheduled between each `-start`
-and its `-done` (work the transfer can hide behind)."""
+HLO and a report of its collectives read from that HLO (`schedule.read_schedule`): what each
+kind of denoising step exchanges (the collectives of each while loop's body run once per
+step), and, where the platform makes collectives asynchronous, whether compute is scheduled
+between each one's start and its done (work the transfer can hide behind)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from jaxfusion.bench.analyze import HLO_COLLECTIVES, HloCollective, hlo_collectives
 from jaxfusion.bench.options import ProfileOptions
+from jaxfusion.bench.schedule import Collective, Schedule, read_schedule, traffic_by_kind
 from jaxfusion.display import StageDisplay
 from jaxfusion.files import write_text_atomically
 from sharding.parallel import ParallelConfig
@@ -27,13 +27,6 @@ if TYPE_CHECKING:
     from jaxfusion.pipelines import TextToImagePipeline
 
 PERFETTO = "https://ui.perfetto.dev"
-COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
-INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][a-z0-9\-]*)\(%?([\w.\-]*)")
-CALLED = re.compile(
-    r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-)
-BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # Instructions that do no work a transfer could overlap with: the rest (fusions, convolutions,
 # custom calls to cuBLAS/cuDNN, dots, loops, ...) is compute.
 BOOKKEEPING = {
@@ -47,97 +40,35 @@ COMMUNICATION = re.compile(
 
 
 @dataclasses.dataclass(frozen=True)
-class Instruction:
-    """One instruction of an HLO computation: its name, opcode, first operand ("" for none)
-    and its whole line of text."""
-
-    name: str
-    opcode: str
-    operand: str
-    line: str
-
-
-@dataclasses.dataclass(frozen=True)
-class HloModule:
-    """An HLO module's text, parsed: each computation's instructions in order (the schedule,
-    in a scheduled module); for each computation the entry calls, directly or not, the while
-    instruction whose body runs it (the innermost; None: run once, outside every loop); and
-    those while instructions in program order."""
-
-    computations: dict[str, list[Instruction]]
-    loop_of: dict[str, str | None]
-    loops: list[Instruction]
-
-    @classmethod
-    def parse(cls, hlo_text: str) -> HloModule:
-        computations: dict[str, list[Instruction]] = {}
-        entry, current = "", None
-        for line in hlo_text.splitlines():
-            if (header := COMPUTATION.match(line)) is not None:
-                current = computations.setdefault(header.group(1), [])
-                entry = header.group(1) if line.startswith("ENTRY") else entry
-            elif line.startswith("}"):
-                current = None
-            elif current is not None and (match := INSTRUCTION.match(line)) is not None:
-                current.append(Instruction(*match.groups(), line))
-        module = cls(computations, {}, [])
-        module._visit(entry, None)
-        return module
-
-    def _visit(self, name: str, loop: str | None) -> None:
-        self.loop_of[name] = loop
-        for instruction in self.computations.get(name, []):
-            is_loop = instruction.opcode == "while"
-            if is_loop:
-                self.loops.append(instruction)
-            for called in _called(instruction.line):
-                if called not in self.loop_of:
-                    self._visit(called, instruction.name if is_loop else loop)
-
-
-def _called(line: str) -> list[str]:
-    names = CALLED.findall(line)
-    for branches in BRANCHES.findall(line):
-        names += [b.strip().lstrip("%") for b in branches.split(",")]
-    return names
-
-
-@dataclasses.dataclass(frozen=True)
 class LoopCollectives:
     """The collectives of one part of the program, per device: outside every loop (`loop`
     None: run once), or in the body of the while instruction `loop` (run once per iteration;
-    an iteration of a denoising scan is one step). trip_count: its iterations, where XLA
-    knows them (1 outside the loops). Every branch of a conditional counts, as if all ran."""
+    an iteration of a denoising scan is one step). trip_count: its iterations, where they
+    can be read (`Loop.trip_count`; 1 outside the loops). Every branch of a conditional
+    counts, as if all ran."""
 
     loop: str | None
     trip_count: int | None
-    collectives: list[HloCollective]
+    collectives: list[Collective]
 
 
-def loop_collectives(hlo_text: str, devices: int) -> list[LoopCollectives]:
-    """The collectives of an optimized HLO module (see `hlo_collectives`; `devices`: the
-    group size where the text gives none) by the innermost while loop whose body holds them:
-    the part outside every loop first, then one entry per while loop in program order (with
-    or without collectives)."""
-    module = HloModule.parse(hlo_text)
-    trips = {None: 1, **{loop.name: _trip_count(loop.line) for loop in module.loops}}
-    found: dict[str | None, list[HloCollective]] = {loop: [] for loop in trips}
-    for name, loop in module.loop_of.items():
-        text = "\n".join(i.line for i in module.computations.get(name, []))
-        found[loop] += hlo_collectives(text, devices)
+def loop_collectives(schedule: Schedule) -> list[LoopCollectives]:
+    """The collectives of a compiled module by the innermost while loop whose body holds them
+    (`Schedule.enclosing_loops`): the part outside every loop first, then one entry per while
+    loop (with or without collectives) in the order of `Schedule.loops` (the entry's first, in
+    program order)."""
+    trips = {None: 1, **{loop.name: loop.trip_count for loop in schedule.loops}}
+    found: dict[str | None, list[Collective]] = {loop: [] for loop in trips}
+    for collective in schedule.collectives:
+        found[schedule.enclosing_loops[collective.computation]].append(collective)
     return [LoopCollectives(loop, trips[loop], c) for loop, c in found.items()]
-
-
-def _trip_count(line: str) -> int | None:
-    match = TRIP_COUNT.search(line)
-    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)
 class AsyncCollective:
-    """An asynchronous collective of a scheduled HLO module: its `-start` and `-done`
-    instructions in `computation` (the body of while instruction `loop`, or None outside
-    every loop) and the compute instructions scheduled between them."""
+    """An asynchronous collective of a scheduled HLO module: its kind (`op`), its start and
+    done instructions in `computation` (run by while instruction `loop`, or None outside every
+    loop) and the compute instructions scheduled between them."""
 
     computation: str
     loop: str | None
@@ -152,25 +83,20 @@ class AsyncCollective:
         return self.compute_between > 0
 
 
-def async_collectives(hlo_text: str) -> list[AsyncCollective]:
-    """Every `-start`/`-done` pair of the collectives in `HLO_COLLECTIVES` in a scheduled HLO
-    module's text (the `-done` takes its `-start` as operand), in program order, with the
-    compute instructions between them in the computation's schedule (not parameters,
-    constants, tuples, bitcasts, copies or communication). Synchronous collectives (CPU)
-    have no pairs."""
-    module = HloModule.parse(hlo_text)
+def async_collectives(schedule: Schedule) -> list[AsyncCollective]:
+    """The asynchronous collectives of a compiled module (`Collective.asynchronous`: `-start`
+    / `-done` pairs, `async-start` / `async-done` wrappers, TPU async collective fusions), in
+    the order of `Schedule.collectives`, with the compute instructions scheduled between start
+    and done (not parameters, constants, tuples, bitcasts, copies or communication; a TPU
+    collective's continuation fusions count). Synchronous collectives (CPU) are left out."""
     found = []
-    for name, instructions in module.computations.items():
-        position = {instruction.name: i for i, instruction in enumerate(instructions)}
-        for end, done in enumerate(instructions):
-            op = done.opcode.removesuffix("-done")
-            if op == done.opcode or op not in HLO_COLLECTIVES or done.operand not in position:
-                continue
-            begin = position[done.operand]
-            between = instructions[begin + 1 : end]
+    for c in schedule.collectives:
+        if c.asynchronous:
+            between = schedule.computations[c.computation].instructions[c.start + 1 : c.done]
             compute = sum(_is_compute(i.opcode) for i in between)
-            loop = module.loop_of.get(name)
-            found.append(AsyncCollective(name, loop, op, done.operand, done.name, compute))
+            loop = schedule.enclosing_loops[c.computation]
+            start, done = c.instructions[0], c.instructions[-1]
+            found.append(AsyncCollective(c.computation, loop, c.kind, start, done, compute))
     return found
 
 
@@ -188,16 +114,11 @@ class ProgramPart:
     steps: list[int]
     loop: str | None
     iterations: int | None
-    collectives: list[HloCollective]
+    collectives: list[Collective]
 
     def by_op(self) -> dict[str, dict[str, int]]:
-        """{op: {"count", "received_bytes"}} per iteration, per device."""
-        found: dict[str, dict[str, int]] = {}
-        for c in self.collectives:
-            entry = found.setdefault(c.op, {"count": 0, "received_bytes": 0})
-            entry["count"] += 1
-            entry["received_bytes"] += c.received_bytes
-        return found
+        """{kind: {"count", "received_bytes"}} per iteration, per device."""
+        return traffic_by_kind(self.collectives)
 
 
 def scans(parallel: ParallelConfig, steps: int) -> list[tuple[str, range]]:
@@ -297,9 +218,10 @@ def run(
         with display(f"traced run ({steps} steps)"), trace:
             pipe(**call)
     hlo = compiled.as_text()
-    parts = program_parts(loop_collectives(hlo, parallel.devices), parallel, steps)
+    schedule = read_schedule(hlo)
+    parts = program_parts(loop_collectives(schedule), parallel, steps)
     steady = steady_state(parts, parallel)
-    pairs = async_collectives(hlo)
+    pairs = async_collectives(schedule)
     platform = jax.devices()[0].platform
     report = dict(
         platform=platform,

@@ -3,7 +3,9 @@
 `read_schedule(compiled.as_text())` reads a compiled module (`HloModule ...,
 is_scheduled=true`: each computation's instructions are printed in the order they run) for any
 backend, including one compiled ahead of time for a TPU slice or a GPU node that this machine
-does not have (`jax.experimental.topologies`, DESIGN.md section 12). The model, plainly:
+does not have (`jax.experimental.topologies`, DESIGN.md section 12). It is the project's one
+reader of compiled HLO's collectives: `bench analyze` counts a step's traffic with it, and
+`jaxfusion profile` each loop's (`Schedule.enclosing_loops`). The model, plainly:
 
 - **Time is compute.** An instruction's FLOPs are those of its matrix products only: `dot`
   (2 x result elements x contracted lhs elements), `convolution` (2 x result elements x kernel
@@ -46,7 +48,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from jaxfusion.files import write_atomically
@@ -155,13 +157,17 @@ class Loop:
 class Schedule:
     """A scheduled HLO module: its computations, the entry's name, the collectives of every
     computation that is scheduled (the entry, and the bodies, conditions, branches and callees
-    reached from it; not fusions' computations), and their `while` loops."""
+    reached from it; not fusions' computations), and their `while` loops. `enclosing_loops`
+    gives each scheduled computation the name of the innermost `while` whose body or condition
+    runs it, directly or through calls and conditionals (None: the entry and what it runs
+    outside every loop); one reached from several places, that of the first reached."""
 
     module: str
     entry: str
     computations: Mapping[str, Computation]
     collectives: tuple[Collective, ...]
     loops: tuple[Loop, ...]
+    enclosing_loops: Mapping[str, str | None]
 
     def flops(self, computation: str | None = None) -> int:
         """The FLOPs of one run of a computation (the entry by default): those of the
@@ -214,7 +220,18 @@ def read_schedule(text: str) -> Schedule:
         for name in scheduled
         for collective in _collectives(computations[name], computations, devices)
     )
-    return Schedule(module, entry, computations, collectives, loops)
+    return Schedule(module, entry, computations, collectives, loops, scheduled)
+
+
+def traffic_by_kind(collectives: Iterable[Collective]) -> dict[str, dict[str, int]]:
+    """`{kind: {"count": ..., "received_bytes": ...}}`: how many collectives of each kind, and
+    the bytes one device receives through them, kinds in order of first appearance."""
+    found: dict[str, dict[str, int]] = {}
+    for collective in collectives:
+        entry = found.setdefault(collective.kind, {"count": 0, "received_bytes": 0})
+        entry["count"] += 1
+        entry["received_bytes"] += collective.received_bytes
+    return found
 
 
 def plot_schedule(schedule: Schedule, computation: str, path: str | Path, title: str) -> None:
@@ -550,19 +567,24 @@ def _constant(computation: Computation, name: str | None) -> int | None:
         return None
 
 
-def _scheduled_computations(computations: Mapping[str, Computation], entry: str) -> list[str]:
+def _scheduled_computations(
+    computations: Mapping[str, Computation], entry: str
+) -> dict[str, str | None]:
     """The entry, then every computation reached from it through a `while`, `conditional` or
-    `call`: those run as their own schedules (fusions and reducers do not)."""
-    order, pending = [], [entry]
+    `call` (those run as their own schedules; fusions and reducers do not), breadth first, each
+    with the name of the innermost `while` that runs it (None: outside every loop)."""
+    found: dict[str, str | None] = {}
+    pending: list[tuple[str, str | None]] = [(entry, None)]
     while pending:
-        name = pending.pop(0)
-        if name in order:
+        name, loop = pending.pop(0)
+        if name in found:
             continue
-        order.append(name)
+        found[name] = loop
         for instruction in computations[name].instructions:
             if instruction.opcode in ("while", "conditional", "call"):
-                pending.extend(instruction.called)
-    return order
+                inner = instruction.name if instruction.opcode == "while" else loop
+                pending.extend((called, inner) for called in instruction.called)
+    return found
 
 
 # Collectives ---------------------------------------------------------------------------------

@@ -106,6 +106,14 @@ class Target:
     chip_config: str | None = None
     gpu_spec: str | None = None
 
+    @property
+    def compiler_options(self) -> dict[str, bool]:
+        """Options for compiling without the chip. XLA:GPU picks Triton GEMM tiles by
+        autotuning on a device; without one, its default tiles fail for some float32 dots of
+        SDXL at 3840x3840 ("Couldn't find output tile sizes"), so GPU targets take cuBLAS
+        for every matmul, as XLA:GPU does where Triton is off."""
+        return {"xla_gpu_enable_triton_gemm": False} if self.platform == "cuda" else {}
+
     def gpu_spec_text(self) -> str:
         """The GPU target spec (XLA's GpuTargetConfigProto as text) of a CUDA target."""
         if self.gpu_spec is None:

@@ -585,6 +585,7 @@ class TextToImagePipeline:
             static_argnums=(0, 1),
             in_shardings=(replicated, replicated),
             out_shardings=placement.rows(parallel),
+            compiler_options=parallel.compiler_options(),
         )
         return generate.lower(self._graphdef, options, placement.state, request)
 
