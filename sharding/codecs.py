@@ -200,6 +200,9 @@ class Codec(Protocol):
     own included), else None (a residual codec then keeps a copy of what it sent)."""
 
     initial_receives_exactly: bool
+    holds_received: bool
+    """Whether the state holds what the last `receive` gave (`last_received`): a step that
+    exchanges nothing reads it there, not from a copy kept beside the state."""
     """Whether `receive` of the `initial` state gives `received` and that state unchanged
     (a step after a synchronous one can read `received` without an exchange)."""
 
@@ -217,11 +220,16 @@ class Codec(Protocol):
         """The state that holds this step's `own` (compressed) as the next message."""
         ...
 
+    def last_received(self, state: Any) -> Messages:
+        """What the last `receive` gave (only codecs that `holds_received`)."""
+        ...
+
 
 class Exact:
     """none: the values, sent as they are; the state is the message."""
 
     initial_receives_exactly = True
+    holds_received = False
 
     def initial(self, own, received, own_in):
         return own
@@ -239,6 +247,7 @@ class Quantized:
 
     quantizer: Quantizer
     initial_receives_exactly = False  # the payload of a synchronous step's values, rounded
+    holds_received = False
 
     def initial(self, own, received, own_in):
         return encode(self.quantizer, own)
@@ -262,6 +271,7 @@ class Residual:
 
     quantizer: Quantizer
     initial_receives_exactly = True  # the base plus a zero difference
+    holds_received = True  # the base
 
     def initial(self, own, received, own_in):
         zero = jax.tree.map(lambda x: self.quantizer.encode(jnp.zeros(x.shape, jnp.float32)), own)
@@ -283,6 +293,9 @@ class Residual:
         if own_in is None:
             state["sent"] = jax.tree.map(self._add, sent, message)
         return state
+
+    def last_received(self, state):
+        return state["base"]
 
     def _add(self, values: jax.Array, payload: Payload) -> jax.Array:
         return (values.astype(jnp.float32) + self.quantizer.decode(payload)).astype(values.dtype)

@@ -141,9 +141,13 @@ class PatchContext:
         codec = CODECS[codec_of[self.compress]]
         dtype = jax.tree.leaves(own)[0].dtype
         produced = module.sends_when_produced
-        # Kept beside the codec's state: what a step reads where it exchanges nothing, the
-        # K/V last received (kv_refresh > 1) or what a message sent when produced delivered.
-        with_received = produced or (kv and self.hold_kv)
+        # Kept beside the codec's state, where that does not hold it (`holds_received`):
+        # what a step reads where it exchanges nothing, the K/V last received (kv_refresh >
+        # 1) or what a message sent when produced delivered.
+        with_received = (produced or (kv and self.hold_kv)) and not codec.holds_received
+
+        def last_received(stored: Any) -> Any:
+            return stored["received"] if with_received else codec.last_received(stored)
 
         def store(state: Any, received: Any) -> None:
             _store(
@@ -162,7 +166,7 @@ class PatchContext:
         state = stored["message"] if with_received else stored
         sends = not kv or self.send_kv
         if produced:  # read what the step before delivered; send this step's own now
-            value = received = stored["received"]
+            value = received = last_received(stored)
             if sends:
                 state = codec.keep(state, own, own_in)
                 received, state = codec.receive(state, transport, dtype)
@@ -171,7 +175,7 @@ class PatchContext:
         if not kv or self.receive_kv:
             value, state = codec.receive(state, transport, dtype)
         else:
-            value = stored["received"]
+            value = last_received(stored)
         if sends:
             state = codec.keep(state, own, own_in)
         store(state, value)

@@ -50,6 +50,29 @@ def test_displaced_loop_body_exchanges_what_the_traced_step_exchanges(model, dis
     assert 0 < record.memory_bytes_per_chip < record.hbm_bytes
 
 
+def test_displaced_loop_hides_what_sync_exposes(model, displaced):
+    """The same loop in sync mode is the control: each of its collectives is read as soon as
+    it arrives, so none has compute beside it; the displaced loop, compiled with the
+    overlap options (`ParallelConfig.compiler_options`), sends the same bytes and has most
+    of them travel beside at least a tenth of the step's compute (57.9% when written)."""
+    config, downscale = model
+    parallel, record = displaced
+    sync = analyze.target_loop(
+        config,
+        64,
+        64,
+        dataclasses.replace(parallel, mode="sync"),
+        "bfloat16",
+        targets.target("v5e-8"),
+        "xla",
+        downscale=downscale,
+        steps=STEPS,
+    )
+    assert sync.loop == "sync" and sync.overlap.received_bytes == record.overlap.received_bytes
+    assert sync.overlap.hidden_share == 0
+    assert record.overlap.hidden_share > 0.5
+
+
 def test_overlap_model_is_the_stated_formula(displaced):
     """Exposed time: each collective's transfer less its window's compute, summed, at
     least the step's transfer less its compute; hidden share: bytes of the collectives with
