@@ -2,6 +2,7 @@
 hardware): `bench analyze --target` reads the displaced loop's body from the schedule."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import pytest
@@ -112,3 +113,32 @@ def test_analyze_target_table_and_records(tmp_path, model):
     assert len(list((tmp_path / "schedules").glob("*.png"))) == 2
     assert (tmp_path / "records.json").is_file()
     assert dataclasses.asdict(four)["target"] == "v5e-8" and jnp.dtype(four.dtype) == jnp.float32
+
+
+def test_a_row_that_does_not_fit_is_recorded(monkeypatch, tmp_path):
+    """A configuration the chip's HBM cannot hold is a row of the table and the JSON (the
+    memory the compiler said it needs, the rest empty), not the end of the command."""
+    needed, hbm = 20 * 2**30, targets.target("v5e-8").hbm_bytes
+
+    def too_large(*args, **kwargs):
+        raise targets.ProgramTooLarge("the program needs 20.00 GiB per chip", needed, hbm)
+
+    monkeypatch.setattr(analyze, "target_loop", too_large)
+    options = analyze.AnalyzeOptions(
+        model=str(builtin_model_path()),
+        heights=(64,),
+        devices=(4,),
+        dtype="float32",
+        attention="xla",
+        target="v5e-8",
+        json=tmp_path / "records.json",
+    )
+    (record,) = analyze.run(options)
+    assert (record.loop, record.memory_bytes_per_chip, record.hbm_bytes) == (
+        "does not fit",
+        needed,
+        hbm,
+    )
+    assert record.hidden_share is None and record.speedup is None
+    (written,) = json.loads((tmp_path / "records.json").read_text())
+    assert written["loop"] == "does not fit" and written["memory_bytes_per_chip"] == needed

@@ -582,7 +582,7 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
         )
         display.note(
             f"  step {record.memory_bytes_per_device / 1e9:.2f} GB per device, whole "
-            f"generation {_megabytes(record.memory_bytes_generation_per_device)} MB"
+            f"generation {_scaled(record.memory_bytes_generation_per_device, 1e-6, ',.0f')} MB"
         )
         if record.host_links:
             crossing = {k: v["cross_host"] for k, v in record.host_links.items()}
@@ -608,7 +608,9 @@ class TargetRecord:
     the body of the loop read (`loop`: its step kind) as `overlap.loop_overlap` models it:
     its FLOPs per device, its collectives' bytes received per device and the share of
     them hidden, compute and exposed exchange time per step and their sum; the projected
-    speed-up over the same target's one-device row (None without one)."""
+    speed-up over the same target's one-device row (None without one). A program that does
+    not fit the chip has `loop` "does not fit", the memory the compiler said it needs (None
+    where it did not say) and None for the rest."""
 
     model: str
     target: str
@@ -620,14 +622,14 @@ class TargetRecord:
     mode: str
     dtype: str
     loop: str
-    memory_bytes_per_chip: int
+    memory_bytes_per_chip: int | None
     hbm_bytes: int
-    step_flops_per_device: int
-    received_bytes_per_step: int
-    hidden_share: float
-    compute_s: float
-    exposed_s: float
-    step_s: float
+    step_flops_per_device: int | None
+    received_bytes_per_step: int | None
+    hidden_share: float | None
+    compute_s: float | None
+    exposed_s: float | None
+    step_s: float | None
     speedup: float | None
     collectives: list[dict]
 
@@ -641,17 +643,48 @@ def run_on_target(
     records = []
     for height, width, parallel in rows:
         name = f"{options.model} {height}x{width}, {parallel.devices} {target.chip}"
-        with display(f"{name}, {parallel.mode}: compiling with the {target.platform} compiler"):
-            analysis = target_loop(
-                config,
-                height,
-                width,
-                parallel,
-                options.dtype,
-                target,
-                options.attention,
-                downscale=downscale,
+        identity = dict(
+            model=options.model,
+            target=target.name,
+            height=height,
+            width=width,
+            devices=parallel.devices,
+            patch=parallel.patches,
+            cfg=parallel.cfg,
+            mode=parallel.mode,
+            dtype=jnp.dtype(options.dtype).name,
+        )
+        try:
+            with display(f"{name}, {parallel.mode}: compiling with the {target.platform} compiler"):
+                analysis = target_loop(
+                    config,
+                    height,
+                    width,
+                    parallel,
+                    options.dtype,
+                    target,
+                    options.attention,
+                    downscale=downscale,
+                )
+        except targets.ProgramTooLarge as error:
+            display.note(f"  {name}: {error}")
+            records.append(
+                TargetRecord(
+                    **identity,
+                    loop="does not fit",
+                    memory_bytes_per_chip=error.needed_bytes,
+                    hbm_bytes=error.hbm_bytes,
+                    step_flops_per_device=None,
+                    received_bytes_per_step=None,
+                    hidden_share=None,
+                    compute_s=None,
+                    exposed_s=None,
+                    step_s=None,
+                    speedup=None,
+                    collectives=[],
+                )
             )
+            continue
         o = analysis.overlap
         single = next(
             (r for r in records if r.devices == 1 and (r.height, r.width) == (height, width)),
@@ -659,15 +692,7 @@ def run_on_target(
         )
         records.append(
             TargetRecord(
-                model=options.model,
-                target=target.name,
-                height=height,
-                width=width,
-                devices=parallel.devices,
-                patch=parallel.patches,
-                cfg=parallel.cfg,
-                mode=parallel.mode,
-                dtype=jnp.dtype(options.dtype).name,
+                **identity,
                 loop=analysis.loop,
                 memory_bytes_per_chip=analysis.memory_bytes_per_chip,
                 hbm_bytes=analysis.hbm_bytes,
@@ -677,7 +702,9 @@ def run_on_target(
                 compute_s=o.compute_s,
                 exposed_s=o.exposed_s,
                 step_s=o.step_s,
-                speedup=None if single is None else single.step_s / o.step_s,
+                speedup=None
+                if single is None or single.step_s is None
+                else single.step_s / o.step_s,
                 collectives=[dataclasses.asdict(c) for c in o.collectives],
             )
         )
@@ -720,17 +747,22 @@ def print_target_table(records: list[TargetRecord], target: Target, display) -> 
             f"{r.height}x{r.width}",
             f"{r.devices} (C={r.cfg})",
             r.loop,
-            f"{r.memory_bytes_per_chip / 2**30:.2f}",
+            _scaled(r.memory_bytes_per_chip, 2**-30, ".2f"),
             f"{r.hbm_bytes / 2**30:.2f}",
-            f"{r.step_flops_per_device / 1e12:.2f}",
-            f"{r.received_bytes_per_step / 1e6:,.1f}",
-            f"{r.hidden_share:.0%}",
-            f"{r.compute_s * 1e3:.1f}",
-            f"{r.exposed_s * 1e3:.1f}",
-            f"{r.step_s * 1e3:.1f}",
+            _scaled(r.step_flops_per_device, 1e-12, ".2f"),
+            _scaled(r.received_bytes_per_step, 1e-6, ",.1f"),
+            _scaled(r.hidden_share, 1, ".0%"),
+            _scaled(r.compute_s, 1e3, ".1f"),
+            _scaled(r.exposed_s, 1e3, ".1f"),
+            _scaled(r.step_s, 1e3, ".1f"),
             "—" if r.speedup is None else f"{r.speedup:.2f}x",
         )
     display.console.print(table)
+
+
+def _scaled(value: float | None, scale: float, spec: str) -> str:
+    """`value * scale` formatted, or an em dash for None."""
+    return "—" if value is None else format(value * scale, spec)
 
 
 def print_table(records: list[StepAnalysis], display) -> None:
@@ -756,14 +788,10 @@ def print_table(records: list[StepAnalysis], display) -> None:
             f"{r.comm_bytes_reference_per_device_step / 1e6:,.1f}",
             f"{r.memory_bytes_per_device / 1e6:,.0f}",
             f"{r.stale_bytes_per_device / 1e6:,.1f}",
-            _megabytes(r.memory_bytes_generation_per_device),
-            _megabytes(r.weights_bytes_per_device),
+            _scaled(r.memory_bytes_generation_per_device, 1e-6, ",.0f"),
+            _scaled(r.weights_bytes_per_device, 1e-6, ",.0f"),
         )
     display.console.print(table)
-
-
-def _megabytes(count: int | None) -> str:
-    return "—" if count is None else f"{count / 1e6:,.0f}"
 
 
 def plot_records(records: list[StepAnalysis], path: Path) -> None:
