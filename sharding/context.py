@@ -199,8 +199,8 @@ class PatchPrimitive(nnx.Module):
     default) the next step exchanges the message at its start, and it travels while that
     step computes up to the layer. A model marks the primitives of its first layers, where
     the rest of the step is longer than what comes before (`send_when_produced`); the values
-    read are the same either way, the stale buffer holds every patch's message instead of
-    the own one.
+    read are the same either way, the stale buffer holds what arrived instead of the own
+    message.
     """
 
     patch: PatchContext | None = None

@@ -276,8 +276,9 @@ class UNet2DConditionModel(nnx.Module):
                 for level in range(config.num_levels)
             ]
         )
-        # The encoder's exchanges travel while the rest of the step computes (a third of
-        # SDXL's compute is in the down blocks); the others', from the start of the next step.
+        # The encoder's exchanges travel while the rest of the step computes (read early in
+        # the next step, they would have little of it before them); the others' from the
+        # start of the step that reads them.
         sharding.send_when_produced(self.down_blocks)
         self.mid_block = UNetMidBlock2DCrossAttn(
             channels[-1],
