@@ -200,11 +200,11 @@ class Codec(Protocol):
     own included), else None (a residual codec then keeps a copy of what it sent)."""
 
     initial_receives_exactly: bool
+    """Whether `receive` of the `initial` state gives `received` and that state unchanged
+    (a step after a synchronous one can read `received` without an exchange)."""
     holds_received: bool
     """Whether the state holds what the last `receive` gave (`last_received`): a step that
     exchanges nothing reads it there, not from a copy kept beside the state."""
-    """Whether `receive` of the `initial` state gives `received` and that state unchanged
-    (a step after a synchronous one can read `received` without an exchange)."""
 
     def initial(self, own: Messages, received: Messages, own_in: Callable | None) -> Any:
         """The state after a synchronous step that sent `own` exactly and got `received`:
