@@ -9,7 +9,9 @@ also combines the step's all-gathers into a few, each done before its first read
 travel at once (`IN_FLIGHT`, more than a step has), each started as early as its operands
 allow:
 
-- TPU: `xla_max_concurrent_async_all_gathers`;
+- TPU: `xla_max_concurrent_async_all_gathers`, and libtpu's async-collective merger off
+  (it makes the all-gathers whose dones crowd together, as the down blocks' sends at the
+  end of the step, synchronous);
 - GPU: `xla_gpu_experimental_parallel_collective_overlap_limit` and
   `xla_gpu_experimental_collective_start_as_early_as_possible`, with the all-gather and
   collective-permute combiners off (a combined collective is done before its first reader).
@@ -30,7 +32,10 @@ def overlap_options(platform: str) -> dict[str, Any]:
     `platform`: "tpu", "gpu" or "cuda", "cpu", ...); none where its collectives are
     synchronous anyway (CPU) or the compiler is not one of these."""
     if platform == "tpu":
-        return {"xla_max_concurrent_async_all_gathers": IN_FLIGHT}
+        return {
+            "xla_max_concurrent_async_all_gathers": IN_FLIGHT,
+            "xla_tpu_enable_async_collective_merger": False,
+        }
     if platform in ("gpu", "cuda"):
         return {
             "xla_gpu_experimental_parallel_collective_overlap_limit": IN_FLIGHT,
