@@ -624,14 +624,14 @@ class TargetRecord:
     loop: str
     memory_bytes_per_chip: int | None
     hbm_bytes: int
-    step_flops_per_device: int | None
-    received_bytes_per_step: int | None
-    hidden_share: float | None
-    compute_s: float | None
-    exposed_s: float | None
-    step_s: float | None
-    speedup: float | None
-    collectives: list[dict]
+    step_flops_per_device: int | None = None
+    received_bytes_per_step: int | None = None
+    hidden_share: float | None = None
+    compute_s: float | None = None
+    exposed_s: float | None = None
+    step_s: float | None = None
+    speedup: float | None = None
+    collectives: list[dict] = dataclasses.field(default_factory=list)
 
 
 def run_on_target(
@@ -674,14 +674,6 @@ def run_on_target(
                     loop="does not fit",
                     memory_bytes_per_chip=error.needed_bytes,
                     hbm_bytes=error.hbm_bytes,
-                    step_flops_per_device=None,
-                    received_bytes_per_step=None,
-                    hidden_share=None,
-                    compute_s=None,
-                    exposed_s=None,
-                    step_s=None,
-                    speedup=None,
-                    collectives=[],
                 )
             )
             continue
