@@ -1,6 +1,7 @@
 """Saving a model's parameters as an orbax checkpoint and restoring them into an abstract model."""
 
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,24 @@ def test_overwrite_and_failed_write_keep_a_whole_checkpoint(tmp_path, monkeypatc
     assert_bit_identical(
         flat_params(load_flax_params(abstract, tmp_path, jnp.float32)), flat_params(second)
     )
+
+
+def test_relative_folders_as_a_user_types_them(tmp_path, monkeypatch):
+    """orbax takes absolute paths only; the folders here are relative to the working
+    directory, written and read back from there."""
+    vae = random_params(AutoencoderKL.abstract(TINY_VAE), seed=4)
+    monkeypatch.chdir(tmp_path)
+    assert save_flax_params(vae, Path("vae-flax")) == Path("vae-flax").absolute() / PARAMS_DIR
+    assert has_flax_params(Path("vae-flax"))
+    loaded = load_flax_params(AutoencoderKL.abstract(TINY_VAE), "vae-flax", jnp.float32)
+    assert_bit_identical(flat_params(loaded), flat_params(vae))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae-flax"]
+
+
+def test_an_unreadable_checkpoint_is_named_with_what_to_do(tmp_path):
+    save_flax_params(random_params(AutoencoderKL.abstract(TINY_VAE), seed=5), tmp_path)
+    (tmp_path / PARAMS_DIR / "_METADATA").write_text("not orbax's")
+    with pytest.raises(ValueError, match="not a readable orbax checkpoint") as error:
+        load_flax_params(AutoencoderKL.abstract(TINY_VAE), tmp_path, jnp.float32)
+    assert str(tmp_path / PARAMS_DIR) in str(error.value)
+    assert "jaxfusion convert" in str(error.value)

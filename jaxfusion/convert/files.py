@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -16,6 +17,7 @@ from jaxfusion.files import write_atomically, write_text_atomically
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # The weight files of every diffusers model (ModelMixin) folder: `{WEIGHTS_NAME}.safetensors`.
 WEIGHTS_NAME = "diffusion_pytorch_model"
+T = TypeVar("T")
 
 
 class PickleWeightsRefused(ValueError):
@@ -36,6 +38,26 @@ def read_json(file: Path) -> dict:
         ) from None
 
 
+def looks_like_hub_id(path: str | Path) -> bool:
+    """Whether `path`, which is not a folder here, may name a model on the Hugging Face hub
+    ("org/name"): one slash, and not a path that starts at "." or "/"."""
+    text = str(path)
+    return text.count("/") == 1 and not text.startswith((".", "/"))
+
+
+def from_hub(path: str | Path, fetch: Callable[[], T]) -> T:
+    """`fetch()`, which downloads `path` from the Hugging Face hub. `path` is not a folder
+    here, and a relative folder mistyped reads like a hub id ("models/sdxl"): a failed
+    download is refused as both, with the hub's reason, not with the hub client's exception."""
+    try:
+        return fetch()
+    except Exception as error:
+        raise FileNotFoundError(
+            f"no such folder: {path} (from {Path.cwd()}), and as a Hugging Face hub id it could "
+            f"not be fetched: {type(error).__name__}: {error}"
+        ) from None
+
+
 def resolve_component(
     path: str | Path, component: str, class_names: set[str], *, variant: str | None = None
 ) -> Path:
@@ -47,9 +69,9 @@ def resolve_component(
     """
     folder = Path(path)
     if not folder.exists():
-        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
+        if not looks_like_hub_id(path):
             raise FileNotFoundError(f"no such folder: {path}")
-        folder = _download_from_hub(str(path), [component], variant)
+        folder = from_hub(path, lambda: _download_from_hub(str(path), [component], variant))
     config = folder / "config.json"
     if config.is_file() and read_json(config).get("_class_name") in class_names:
         return folder
@@ -66,11 +88,13 @@ def read_model_index(path: str | Path) -> dict:
     Hugging Face hub (that file alone downloaded)."""
     folder = Path(path)
     if not folder.exists():
-        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
+        if not looks_like_hub_id(path):
             raise FileNotFoundError(f"no such folder: {path}")
         from huggingface_hub import hf_hub_download
 
-        return read_json(Path(hf_hub_download(str(path), "model_index.json")))
+        return read_json(
+            from_hub(path, lambda: Path(hf_hub_download(str(path), "model_index.json")))
+        )
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
     return read_json(folder / "model_index.json")
@@ -85,9 +109,9 @@ def resolve_pipeline_folder(
     missing component."""
     folder = Path(path)
     if not folder.exists():
-        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
+        if not looks_like_hub_id(path):
             raise FileNotFoundError(f"no such folder: {path}")
-        folder = _download_from_hub(str(path), components, variant)
+        folder = from_hub(path, lambda: _download_from_hub(str(path), components, variant))
     missing = [name for name in components if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(

@@ -5,7 +5,8 @@ A component folder in this format holds the `config.json` diffusers/transformers
 dict: the parameter at path (`down_blocks`, 0, `resnets`, 1, `conv1`, `kernel`) is stored
 under `down_blocks.0.resnets.1.conv1.kernel` in the Flax layout (convolution kernels
 (kh, kw, in, out), linear kernels (in, out)) and the module's dtype. orbax is imported only
-when a checkpoint is written or read.
+when a checkpoint is written or read. orbax takes absolute paths only: the folders given here
+may be relative to the working directory, as a user types them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def save_flax_params(module: nnx.Module, folder: Path, dtype=None) -> Path:
     at that name."""
     import orbax.checkpoint as ocp
 
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / PARAMS_DIR
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
@@ -88,13 +89,13 @@ def load_flax_params(abstract: nnx.Module, folder: Path, dtype) -> nnx.Module:
     import orbax.checkpoint as ocp
 
     dtype = parse_dtype(dtype)
-    directory = Path(folder) / PARAMS_DIR
+    directory = Path(folder).absolute() / PARAMS_DIR
     if not has_flax_params(folder):
         raise FileNotFoundError(f"no Flax checkpoint in {folder}: {directory} is missing")
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     targets = {_dotted(path): (path, var) for path, var in nnx.to_flat_state(params)}
     with ocp.PyTreeCheckpointer() as checkpointer:
-        stored_tree = checkpointer.metadata(directory).item_metadata.tree
+        stored_tree = _stored_tree(checkpointer, directory)
         stored = _flatten(stored_tree)
         missing = sorted(targets.keys() - stored.keys())
         unexpected = sorted(stored.keys() - targets.keys())
@@ -116,6 +117,25 @@ def load_flax_params(abstract: nnx.Module, folder: Path, dtype) -> nnx.Module:
     arrays = _flatten(restored)
     flat = [(path, var.replace(jnp.asarray(arrays[key]))) for key, (path, var) in targets.items()]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _stored_tree(checkpointer, directory: Path):
+    """The checkpoint's tree of array metadata; an unreadable checkpoint is refused with its
+    path and what to do, not with orbax's own exception."""
+    try:
+        metadata = checkpointer.metadata(directory)
+    except (ValueError, OSError, KeyError) as error:
+        metadata, reason = None, f"{type(error).__name__}: {error}"
+    else:
+        reason = "orbax found no tree in it"
+    item = None if metadata is None else getattr(metadata, "item_metadata", None)
+    tree = None if item is None else getattr(item, "tree", None)
+    if tree is None:
+        raise ValueError(
+            f"{directory} is not a readable orbax checkpoint ({reason}); re-convert the "
+            "folder with `jaxfusion convert`"
+        )
+    return tree
 
 
 def _dotted(path: tuple) -> str:

@@ -29,7 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion.convert.files import TensorReader, safetensors_metadata
+from jaxfusion.convert.files import (
+    TensorReader,
+    from_hub,
+    looks_like_hub_id,
+    safetensors_metadata,
+)
 from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape, to_flax_layout
 
 # The pipeline components a LoRA adapts: the key prefixes of the diffusers/PEFT format, and
@@ -84,10 +89,10 @@ def read_lora(path: str | Path) -> dict[str, dict[str, LowRank]]:
     resolved against the networks later (`match`, `from_sgm`).
     """
     file = Path(path)
-    if not file.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+    if not file.exists() and looks_like_hub_id(path):
         from huggingface_hub import hf_hub_download  # a hub id, e.g. "org/some-lora"
 
-        file = Path(hf_hub_download(str(path), WEIGHT_NAME))
+        file = from_hub(path, lambda: Path(hf_hub_download(str(path), WEIGHT_NAME)))
     if file.is_dir():
         file = file / WEIGHT_NAME
     if not file.is_file():
