@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import string
 import warnings
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,7 @@ def load_tokenizer(path: str | Path, subfolder: str = "tokenizer") -> CLIPTokeni
         which pads with "!" instead of "<|endoftext|>").
     """
     try:
-        from transformers import CLIPTokenizer
+        CLIPTokenizer = import_clip_tokenizer()
     except ImportError as error:
         raise ImportError(
             "tokenizing prompts needs the transformers package: pip install transformers"
@@ -50,6 +51,29 @@ def load_tokenizer(path: str | Path, subfolder: str = "tokenizer") -> CLIPTokeni
             f"{folder} sets no model_max_length (tokenizer_config.json); SD tokenizers have 77"
         )
     return tokenizer
+
+
+class _NoModelsNotice(logging.Filter):
+    """Drops transformers' notice, when it is imported without PyTorch, that its models
+    will not be available ("PyTorch was not found. Models won't be available ..."):
+    jaxfusion uses its tokenizers only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Models won't be available" not in record.getMessage()
+
+
+def import_clip_tokenizer() -> type[CLIPTokenizer]:
+    """transformers' `CLIPTokenizer`, imported as quietly as the command imports it: a
+    filter on transformers' logger drops its no-PyTorch notice during the import alone,
+    and nothing else of the user's logging or environment changes."""
+    logger = logging.getLogger("transformers")
+    quiet = _NoModelsNotice()
+    logger.addFilter(quiet)
+    try:
+        from transformers import CLIPTokenizer
+    finally:
+        logger.removeFilter(quiet)
+    return CLIPTokenizer
 
 
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
