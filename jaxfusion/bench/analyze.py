@@ -581,8 +581,10 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
             )
         )
         display.note(
-            f"  step {record.memory_bytes_per_device / 1e9:.2f} GB per device, whole "
-            f"generation {_scaled(record.memory_bytes_generation_per_device, 1e-6, ',.0f')} MB"
+            "  memory per device: whole run "
+            f"{_scaled(record.memory_bytes_generation_per_device, 1e-6, ',.0f')} MB; one step "
+            f"compiled alone {record.memory_bytes_per_device / 1e6:,.0f} MB (its own program: "
+            "stale buffers in and out, nothing shared with a run)"
         )
         if record.host_links:
             crossing = {k: v["cross_host"] for k, v in record.host_links.items()}
@@ -757,16 +759,26 @@ def _scaled(value: float | None, scale: float, spec: str) -> str:
     return "—" if value is None else format(value * scale, spec)
 
 
+# The columns of `bench analyze`'s table and what each means (the table's legend).
+TABLE_LEGEND = {
+    "step GFLOPs": "one denoising step's FLOPs per device (xla attention)",
+    "÷ single": "that over the one-device step's",
+    "step recv MB": "bytes one device receives per step (traced program, in its dtype)",
+    "ref. recv MB": "the same under the reference PyTorch scheme",
+    "run MB": "memory of the whole generation per device (text encoders, every step, VAE "
+    "decode): what a device needs",
+    "weights MB": "all networks' weights, part of run MB",
+    "stale MB": "the buffers displaced steps keep from the step before, part of run MB",
+    "step alone MB": "one step compiled as a program of its own (UNet weights, stale buffers "
+    "in and out, temporaries); not part of run MB, and it can exceed it",
+}
+
+
 def print_table(records: list[StepAnalysis], display) -> None:
     from rich.table import Table
 
-    table = Table(
-        title="one denoising step and the whole generation, per device (CFG batch 2), "
-        "compiled by the CPU compiler for simulated devices"
-    )
-    for column in ("model", "size", "devices", "mode", "GFLOPs", "/ single", "traffic MB",
-                   "reference MB", "step memory MB", "stale MB", "generation MB",
-                   "weights MB"):  # fmt: skip
+    table = Table(title="per device, CFG batch 2: the CPU compiler's estimates")
+    for column in ("model", "size", "devices", "mode", *TABLE_LEGEND):
         table.add_column(column, justify="right")
     for r in records:
         table.add_row(
@@ -778,12 +790,16 @@ def print_table(records: list[StepAnalysis], display) -> None:
             f"{r.flops_per_device_step / r.flops_single_step:.3f}",
             f"{r.comm_bytes_per_device_step / 1e6:,.1f}",
             f"{r.comm_bytes_reference_per_device_step / 1e6:,.1f}",
-            f"{r.memory_bytes_per_device / 1e6:,.0f}",
-            f"{r.stale_bytes_per_device / 1e6:,.1f}",
             _scaled(r.memory_bytes_generation_per_device, 1e-6, ",.0f"),
             _scaled(r.weights_bytes_per_device, 1e-6, ",.0f"),
+            f"{r.stale_bytes_per_device / 1e6:,.1f}",
+            f"{r.memory_bytes_per_device / 1e6:,.0f}",
         )
     display.console.print(table)
+    display.note(
+        "Compiled for simulated CPU devices: estimates, not measurements. Columns:\n"
+        + "\n".join(f"  {name}: {meaning}" for name, meaning in TABLE_LEGEND.items())
+    )
 
 
 def plot_records(records: list[StepAnalysis], path: Path) -> None:
