@@ -45,13 +45,17 @@ def cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("┃│").replace("┃", "│").split("│")]
 
 
-def test_every_number_sits_under_its_column():
-    text = rendered([RECORD])
+def row_of(text: str) -> dict[str, str]:
+    """The table's one row of `text`, column name -> cell."""
     lines = text.splitlines()
     (header,) = [line for line in lines if "model" in line and "size" in line]
     (row,) = [line for line in lines if "3840x3840" in line]
-    table = dict(zip(cells(header), cells(row), strict=True))
-    assert table == {
+    return dict(zip(cells(header), cells(row), strict=True))
+
+
+def test_every_number_sits_under_its_column():
+    text = rendered([RECORD])
+    assert row_of(text) == {
         "model": "sdxl",
         "size": "3840x3840",
         "devices": "8 (C=1)",
@@ -81,9 +85,6 @@ def test_a_model_known_by_its_unet_alone_has_no_run_memory():
             "weights_bytes_per_device": None,
         }
     )
-    lines = rendered([unet_only]).splitlines()
-    (header,) = [line for line in lines if "model" in line and "size" in line]
-    (row,) = [line for line in lines if "3840x3840" in line]
-    table = dict(zip(cells(header), cells(row), strict=True))
+    table = row_of(rendered([unet_only]))
     assert table["run MB"] == table["weights MB"] == "—"
     assert table["step alone MB"] == "31,000"
