@@ -187,6 +187,27 @@ def test_tpu_collectives_bytes_and_overlap(tpu_overlap):
     assert all(c.window_flops <= schedule.flops() for c in schedule.collectives)
 
 
+def gather_across_inner_loop(x, w):
+    """An all-gather read after an inner loop of 4 matmuls (as an attention kernel's loop over
+    key chunks): libtpu carries the collective's buffers through the loop."""
+    gathered = jax.lax.all_gather(x, "patch", tiled=True)
+    y = jax.lax.fori_loop(0, 4, lambda _, y: jnp.tanh(y @ w), x)
+    return y + gathered[:M]
+
+
+def test_tpu_collective_carried_through_a_loop(tpu_mesh):
+    """The inner loop's 4 matmuls run while the all-gather travels; its body holds only the
+    collective's continuation, not a collective of its own."""
+    shapes = [(DEVICES * M, N), (N, N)]
+    compiled = compile_on(tpu_mesh, gather_across_inner_loop, shapes, **overlap_options("tpu"))
+    schedule = read_schedule(compiled.as_text())
+    (loop,) = schedule.entry_loops()
+    assert not schedule.collectives_in(loop.body)
+    gather = only(schedule, schedule.entry, "all-gather")
+    assert gather.start < loop.position < gather.done
+    assert gather.window_flops == 4 * 2 * M * N * N == schedule.flops()
+
+
 def test_tpu_overlap_options(tpu_mesh):
     check_overlap_options(tpu_mesh, "tpu")
 

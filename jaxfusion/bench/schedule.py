@@ -22,8 +22,9 @@ reader of compiled HLO's collectives: `bench analyze` counts a step's traffic wi
   `-done` (likewise `collective-permute`, `all-reduce`, `all-to-all`, `reduce-scatter`),
   `async-start` / `async-update` / `async-done` wrapping a collective, and TPU's async collective
   fusions (a fusion calling an `AsyncCollectiveStart` custom call, zero or more *continuation*
-  fusions that carry the collective's buffers along while computing, a fusion calling
-  `AsyncCollectiveDone`). Its `window_flops` are the FLOPs of every instruction scheduled
+  fusions that carry the collective's buffers along while computing, `while` loops that carry
+  them through their iterations (as an attention kernel's loop over key chunks), a fusion
+  calling `AsyncCollectiveDone`). Its `window_flops` are the FLOPs of every instruction scheduled
   strictly between start and done (continuation fusions included: their compute runs while the
   collective is in flight). A synchronous collective (every collective of a CPU compile) has
   start == done and window 0.
@@ -215,12 +216,15 @@ def read_schedule(text: str) -> Schedule:
         for position, instruction in enumerate(computations[name].instructions)
         if instruction.opcode == "while"
     )
-    collectives = tuple(
-        collective
-        for name in scheduled
-        for collective in _collectives(computations[name], computations, devices)
-    )
-    return Schedule(module, entry, computations, collectives, loops, scheduled)
+    collectives: list[Collective] = []
+    in_flight: dict[str, set[int]] = {}  # loop bodies: parameter elements carrying a collective
+    for name in scheduled:  # outer computations before the loops they run
+        found, carried = _collectives(
+            computations[name], computations, devices, in_flight.get(name, set())
+        )
+        collectives.extend(found)
+        in_flight.update(carried)
+    return Schedule(module, entry, computations, tuple(collectives), loops, scheduled)
 
 
 def traffic_by_kind(collectives: Iterable[Collective]) -> dict[str, dict[str, int]]:
@@ -601,13 +605,24 @@ class _Started:
     operations: tuple[Instruction, ...]
 
 
+_OUTER = ""  # the chain of a collective started outside this computation (a loop body)
+
+
 def _collectives(
-    computation: Computation, computations: Mapping[str, Computation], devices: int
-) -> list[Collective]:
-    """The collectives of one scheduled computation, each start paired with its done."""
+    computation: Computation,
+    computations: Mapping[str, Computation],
+    devices: int,
+    in_flight_parameters: set[int],
+) -> tuple[list[Collective], dict[str, set[int]]]:
+    """The collectives of one scheduled computation, each start paired with its done; and for
+    each loop it runs while a TPU async collective is in flight, the loop body's parameter
+    elements that carry that collective's buffers. `in_flight_parameters`: this computation's
+    own such elements (a loop body: its continuation fusions are not collectives of its own)."""
     found: list[Collective] = []
     started: dict[str, _Started] = {}  # by the name that its next instruction refers to
     carriers: dict[str, str] = {}  # TPU: values carrying an async collective fusion's buffers
+    carried_in: dict[str, dict[int, str]] = {}  # tuples and loops: element -> its chain
+    loops_carrying: dict[str, set[int]] = {}
 
     def record(begun: _Started, position: int, name: str, arrays: tuple[Array, ...]) -> None:
         window = computation.instructions[begun.position + 1 : position]
@@ -647,6 +662,19 @@ def _collectives(
             record(started.pop(first_operand), position, name, instruction.arrays)
         elif opcode == "get-tuple-element" and first_operand in carriers:
             carriers[name] = carriers[first_operand]
+        elif opcode == "get-tuple-element" and first_operand in carried_in:
+            chain = carried_in[first_operand].get(int(instruction.attributes["index"]))
+            if chain is not None:
+                carriers[name] = chain
+        elif opcode == "parameter" and in_flight_parameters:
+            carried_in[name] = dict.fromkeys(in_flight_parameters, _OUTER)
+        elif opcode == "tuple" and any(o in carriers for o in instruction.operands):
+            operands = enumerate(instruction.operands)
+            carried_in[name] = {i: carriers[o] for i, o in operands if o in carriers}
+        elif opcode == "while" and first_operand in carried_in:
+            carried_in[name] = carried_in[first_operand]  # the loop hands its buffers back
+            body = instruction.attributes["body"].lstrip("%")
+            loops_carrying[body] = set(carried_in[name])
         elif opcode == "fusion" and (inner := _inner_collectives(instruction, computations)):
             targets = _custom_call_targets(instruction, computations)
             chain = _chain_of(instruction, inner, carriers, started)
@@ -654,6 +682,8 @@ def _collectives(
             if ASYNC_COLLECTIVE_START in targets:
                 started[name] = _Started(position, (name,), inner)
                 carriers[name] = name
+            elif chain == _OUTER:  # continues a collective of the computation running the loop
+                carriers[name] = chain
             elif chain is not None and ASYNC_COLLECTIVE_DONE in targets:
                 record(started.pop(chain), position, name, delivered)
             elif chain is not None:
@@ -662,7 +692,7 @@ def _collectives(
                 carriers[name] = chain
             else:  # a collective fused into an ordinary, synchronous fusion
                 record(_Started(position, (name,), inner), position, name, delivered)
-    return sorted(found, key=lambda collective: (collective.start, collective.done))
+    return sorted(found, key=lambda c: (c.start, c.done)), loops_carrying
 
 
 def _received_bytes(kind: str, result_bytes: int, n: int) -> int:
@@ -730,10 +760,13 @@ def _chain_of(
 ) -> str | None:
     """The TPU async collective (its start's name) that a fusion continues or ends: one whose
     buffers reach it through an operand, and whose collective the fusion's computation holds
-    too (same opcode and channel)."""
+    too (same opcode and channel); `_OUTER` where the buffers come from the loop body's
+    parameter, carrying a collective started outside the loop."""
     signatures = {_signature(operation) for operation in inner}
     for operand in fusion.operands:
         chain = carriers.get(operand)
+        if chain == _OUTER:
+            return chain
         if chain in started and {_signature(o) for o in started[chain].operations} <= signatures:
             return chain
     return None
