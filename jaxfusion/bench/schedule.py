@@ -489,14 +489,22 @@ def _matmul_flops(instruction: Instruction, computation: Computation) -> int:
 
 
 def _convolution_flops(instruction: Instruction, kernel: Array) -> int:
-    """2 x result elements x kernel window elements x input features per group: the kernel's
-    `i` dimension of `dim_labels` (the input features divided by `feature_group_count`)."""
+    """2 x result elements x kernel taps x input features per group: the kernel's `i`
+    dimension of `dim_labels` (the input features divided by `feature_group_count`). The taps
+    of a spatial dimension are the kernel's size there, divided by the input's dilation
+    (`lhs_dilate`), rounded up: a dilated input's holes are zeros, not work. XLA:TPU writes
+    batched matmuls (attention's) as such convolutions, each batch dimension a window as large
+    as its dilation: one tap."""
     kernel_labels = instruction.attributes["dim_labels"].split("->")[0].split("_")[1]
-    window = math.prod(
-        size for label, size in zip(kernel_labels, kernel.dims, strict=True) if label.isdigit()
+    dilation = re.search(r"lhs_dilate=([\dx]+)", instruction.attributes.get("window", ""))
+    lhs_dilate = [int(d) for d in dilation.group(1).split("x")] if dilation else []
+    taps = math.prod(
+        -(-size // (lhs_dilate[int(label)] if lhs_dilate else 1))
+        for label, size in zip(kernel_labels, kernel.dims, strict=True)
+        if label.isdigit()
     )
     features = kernel.dims[kernel_labels.index("i")]
-    return 2 * instruction.arrays[0].elements * window * features
+    return 2 * instruction.arrays[0].elements * taps * features
 
 
 def _integers(text: str) -> list[int]:
