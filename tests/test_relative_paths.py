@@ -40,6 +40,7 @@ def generate(cwd: Path, cache: Path, model: str, out: str) -> np.ndarray:
     return np.load(cwd / out)
 
 
+@pytest.mark.slow
 def test_convert_there_and_back_and_generate_with_relative_paths(tmp_path, monkeypatch):
     work = tmp_path / "work"
     shutil.copytree(builtin_model_path(), work / "path" / "to" / "builtin")
