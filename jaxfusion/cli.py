@@ -9,12 +9,13 @@ JAX-free modules, and each command imports what it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from sharding.names import COMPRESSIONS, GROUP_NORM_RULES, MODES, NAIVE_SPLITS
 if TYPE_CHECKING:
     from jaxfusion.compilation_cache import CacheHits
     from jaxfusion.display import StageDisplay
+    from jaxfusion.interrupts import EndOnSignals
     from jaxfusion.pipelines import TextToImagePipeline
     from sharding.parallel import ParallelConfig
 
@@ -56,16 +58,24 @@ QUIET_LIBRARIES = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxfusion.display import StageDisplay
+
+    display = StageDisplay()
+    with end_on_termination(display):
+        return run_command(argv, display)
+
+
+def run_command(argv: Sequence[str] | None, display: StageDisplay) -> int:
+    """Parses `argv` and runs its command; its exit status. A multi-process run that fails
+    ends at once (`sharding.distributed.exit_now`)."""
+    from jaxfusion.display import escape
+
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
-    end_on_termination()
     devices = getattr(args, "devices", 1)
     devices = max(devices) if isinstance(devices, list) else devices
-    from jaxfusion.display import StageDisplay, escape
-
-    display = StageDisplay()
     show_warnings_as_notes(display)
     joined = False  # a multi-process run
     try:
@@ -79,16 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not joined and devices > 1:
                 simulate_cpu_devices(devices)
         return args.command(args, display)
-    except (ValueError, TypeError, OSError, ImportError) as error:
-        display.note(f"[red]error:[/red] {escape(str(error))}")
-        code = 2
-    except Exception:
-        if not joined:
-            raise
-        import traceback
+    except Exception as error:
+        if joined:  # a peer's failure may follow from a stop: end as the stop says, if so
+            from jaxfusion.interrupts import end_if_peer_stopped
 
-        traceback.print_exc()
-        code = 1
+            end_if_peer_stopped()
+        if isinstance(error, (ValueError, TypeError, OSError, ImportError)):
+            display.note(f"[red]error:[/red] {escape(str(error))}")
+            code = 2
+        elif joined:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        else:
+            raise
     if joined:  # the others may wait for this one in a collective: end now, not at exit
         from sharding.distributed import exit_now
 
@@ -96,14 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def end_on_termination() -> None:
-    """SIGTERM ends the command as Ctrl-C does, by an exception, so that the atomic writers
-    delete their temporary files on the way out (`jaxfusion.files`)."""
+def end_on_termination(display: StageDisplay | None = None) -> EndOnSignals:
+    """From now (until the returned object's `restore`, or the end of its `with` block),
+    SIGINT and SIGTERM end the command within moments, whatever runs (XLA compiling or
+    running included): the outputs being written are removed, one line says what was
+    stopped (on `display`), the exit status is 128 + the signal (`jaxfusion.interrupts`)."""
+    from jaxfusion.interrupts import EndOnSignals
 
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
+    if display is None:
+        return EndOnSignals()
+    return EndOnSignals(display.final, lambda: display.stage)
 
 
 def show_warnings_as_notes(display: StageDisplay) -> None:
@@ -498,11 +515,19 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
 
 
 def start_processes(args: argparse.Namespace, devices: int) -> bool:
-    """Joins the multi-process run the distributed options ask for; whether they ask."""
+    """Joins the multi-process run the distributed options ask for; whether they ask. A
+    signal to any process of the run ends all of them (`jaxfusion.interrupts`)."""
     if getattr(args, "coordinator", None) is None and getattr(args, "num_processes", None) is None:
         return False
+    import jax
+    from jax._src import distributed  # the client of JAX's coordination service
+
+    from jaxfusion import interrupts
     from sharding.distributed import initialize
 
+    # Its SIGTERM handler (a preemption notice for `reached_preemption_sync_point`, which
+    # jaxfusion does not use) would take SIGTERM from `jaxfusion.interrupts`.
+    jax.config.update("jax_enable_preemption_service", False)
     auto = args.coordinator == "auto"
     initialize(
         None if auto else args.coordinator,
@@ -511,6 +536,8 @@ def start_processes(args: argparse.Namespace, devices: int) -> bool:
         devices=devices,
         timeout_s=args.distributed_timeout,
     )
+    client = distributed.global_state.client
+    interrupts.watch_peers(client, jax.process_index(), jax.process_count())
     return True
 
 
@@ -777,7 +804,8 @@ def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.bench import profile
 
     pipe, _ = load(args, display, check=lambda abstract: profile.check(abstract, options))
-    profile.run(pipe, options, display)
+    with filling(options.out):
+        profile.run(pipe, options, display)
     return 0
 
 
@@ -803,8 +831,17 @@ def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
     from jaxfusion.bench import evaluate
 
     pipe, _ = load(args, display, check=lambda abstract: evaluate.check(abstract, options))
-    evaluate.run(pipe, options, display)
+    with filling(options.out):
+        evaluate.run(pipe, options, display)
     return 0
+
+
+def filling(out: Path | None) -> AbstractContextManager:
+    """The --out folder a command fills file by file (None: this process writes none):
+    removed, or emptied if it was there, if the command is stopped."""
+    from jaxfusion import files
+
+    return contextlib.nullcontext() if out is None else files.filling(out)
 
 
 def request_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,29 +8,52 @@ from collections.abc import Iterator
 
 from rich.console import Console
 from rich.markup import escape
+from rich.status import Status
 
 __all__ = ["StageDisplay", "escape"]  # escape: text shown as is, brackets and all
 
 
 class StageDisplay:
     """`with display("compiling"): ...` shows the stage while it runs, then "✓ compiling
-    (12.3 s)". `last_seconds` holds the duration of the stage that ended last."""
+    (12.3 s)". `last_seconds` holds the duration of the stage that ended last; `stage`
+    names the innermost stage running now (None between stages)."""
 
     def __init__(self, console: Console | None = None):
         # Off a terminal (logs, CI) rich would assume 80 columns and squeeze tables.
         width = None if sys.stderr.isatty() else 160
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True, width=width)
         self.last_seconds = 0.0
+        self._stages: list[str] = []
+        self._statuses: list[Status] = []
+
+    @property
+    def stage(self) -> str | None:
+        return self._stages[-1] if self._stages else None
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         if not self.console.is_terminal:  # a log shows what runs, not only what ended
             self.console.print(f"{name} ...")
-        with self.console.status(f"{name} ..."):
-            yield
+        status = self.console.status(f"{name} ...")
+        self._stages.append(name)
+        self._statuses.append(status)
+        try:
+            with status:
+                yield
+        finally:
+            self._stages.pop()
+            self._statuses.pop()
         self.last_seconds = time.perf_counter() - start
         self.console.print(f"[green]✓[/green] {name} ({self.last_seconds:.1f} s)")
 
     def note(self, text: str) -> None:
         self.console.print(text)
+
+    def final(self, text: str) -> None:
+        """Prints `text` (plain, not markup) as the display's last line, from any thread:
+        the spinner of a running stage is taken down first (and the cursor shown again)."""
+        for status in list(self._statuses):
+            status.stop()
+        self.console.print(escape(text))
+        self.console.show_cursor(True)  # hidden by any other live display (a progress bar)

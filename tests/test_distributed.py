@@ -1,10 +1,11 @@
 """Two processes x 2 simulated CPU devices (JAX's multi-controller runtime, gloo
 collectives), started as `jaxfusion generate` subprocesses on localhost: the image equals the
-single-process 4-device run's, only process 0 writes it, and a process that fails makes the
-other end with a clear error, not hang."""
+single-process 4-device run's, only process 0 writes it, a process that fails makes the
+other end with a clear error, not hang, and a signal to one ends both."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,17 @@ def launch(tmp_path, arguments, timeout_s: int = PEER_TIMEOUT_S) -> list[subproc
             *("--process-id", str(i), "--distributed-timeout", str(timeout_s)),
         ]
         with open(tmp_path / f"log-{i}.txt", "w") as log:
-            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log, text=True))
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                    text=True,
+                    # As a terminal's foreground job: SIGINT not ignored (a background job's is).
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                )
+            )
     return procs
 
 
@@ -198,6 +209,47 @@ def test_a_killed_process_ends_the_other_within_the_timeout(tmp_path):
     assert "1\n" in output0.split("stopped sending heartbeats")[1][:40]  # names process 1
     assert ended < timeout_s + 30  # the timeout, and a busy machine's slack
     assert not (tmp_path / "out-0.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("which", "signum", "stage", "steps", "height"),
+    [
+        (0, signal.SIGINT, "compiling", STEPS, SIZE),  # process 0 serves the coordinator
+        pytest.param(
+            1, signal.SIGTERM, "denoising", 1000, 128, marks=pytest.mark.slow
+        ),  # in a collective
+    ],
+)
+def test_a_signal_to_one_process_ends_every_process(tmp_path, which, signum, stage, steps, height):
+    """SIGINT or SIGTERM to one process of a displaced run over 2 processes x 1 device
+    while it compiles or denoises: each ends within moments with the signal's status, one
+    line each saying why, and no image."""
+    name = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}[signum]
+    arguments = generate_arguments(tmp_path, "displaced", devices=2, height=height, steps=steps)
+    start = time.perf_counter()
+    procs = launch(tmp_path, arguments)
+    log = tmp_path / f"log-{which}.txt"
+    while not any(line.startswith(stage) for line in log.read_text().splitlines()):
+        assert time.perf_counter() - start < TIMEOUT_S and procs[which].poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)
+    procs[which].send_signal(signum)
+    sent = time.perf_counter()
+    results = finish(tmp_path, procs, start)
+    ended = time.perf_counter() - sent
+    print(f"{name} to process {which} while {stage}: both ended within {ended:.2f} s")
+    assert ended < 10  # moments, and a busy machine's slack
+    for i, (rc, output) in enumerate(results):
+        last = output.splitlines()[-1]
+        assert rc == 128 + signum, output[-3000:]
+        if i == which:
+            assert last.startswith(f"stopped by {name} while {stage}"), last
+            assert last.endswith("; every process of the run ends"), last
+        else:
+            assert last.startswith(f"stopped while {stage}"), last
+            assert f"process {which} was stopped by {name}, so every process" in last
+        assert "Traceback" not in output and "Check failure" not in output
+    assert not list(tmp_path.glob("out-*"))
 
 
 def test_host_links_count_the_pairs_that_cross_the_host_boundary():
