@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from jaxfusion.compilation_cache import CacheHits
     from jaxfusion.display import StageDisplay
     from jaxfusion.interrupts import EndOnSignals
+    from jaxfusion.multiprocess import StartUp
     from jaxfusion.pipelines import TextToImagePipeline
     from sharding.parallel import ParallelConfig
 
@@ -77,7 +78,7 @@ def run_command(argv: Sequence[str] | None, display: StageDisplay) -> int:
     devices = getattr(args, "devices", 1)
     devices = max(devices) if isinstance(devices, list) else devices
     show_warnings_as_notes(display)
-    joined = False  # a multi-process run
+    joined = False  # a multi-process run: this process has started to join it
     try:
         if args.command is run_analyze:  # compiled for simulated CPU devices: no GPU needed
             import jax
@@ -85,8 +86,11 @@ def run_command(argv: Sequence[str] | None, display: StageDisplay) -> int:
             jax.config.update("jax_platforms", "cpu")
             simulate_cpu_devices(devices)
         else:
-            joined = start_processes(args, devices)
-            if not joined and devices > 1:
+            start = start_up(args)
+            joined = start is not None
+            if joined:
+                start_processes(start, args, devices)
+            elif devices > 1:
                 simulate_cpu_devices(devices)
         return args.command(args, display)
     except Exception as error:
@@ -514,31 +518,69 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start_processes(args: argparse.Namespace, devices: int) -> bool:
-    """Joins the multi-process run the distributed options ask for; whether they ask. A
-    signal to any process of the run ends all of them (`jaxfusion.interrupts`)."""
+def start_up(args: argparse.Namespace) -> StartUp | None:
+    """The multi-process start-up the distributed options ask for, checked (None: they do
+    not ask for one)."""
     if getattr(args, "coordinator", None) is None and getattr(args, "num_processes", None) is None:
-        return False
+        return None
+    from jaxfusion.multiprocess import StartUp
+
+    auto = args.coordinator == "auto"
+    start = StartUp(
+        None if auto else args.coordinator,
+        args.num_processes,
+        args.process_id,
+        args.distributed_timeout,
+    )
+    start.check()
+    return start
+
+
+# Options that may differ between the processes of a run: which process it is, the paths
+# of its files (each host has its own), how long it waits.
+PER_PROCESS_OPTIONS = {
+    "command", "coordinator", "process_id", "distributed_timeout",
+    "out", "json", "model", "prompts", "image", "latents", "lora", "refiner",
+}  # fmt: skip
+
+
+def start_processes(start: StartUp, args: argparse.Namespace, devices: int) -> None:
+    """Joins the multi-process run `start` describes, explaining a start-up that fails;
+    then every process checks that the others run the same command, options and
+    versions, and a signal to any of them ends all (`jaxfusion.interrupts`)."""
     import jax
+    import jaxlib
     from jax._src import distributed  # the client of JAX's coordination service
 
-    from jaxfusion import interrupts
+    import jaxfusion
+    from jaxfusion import interrupts, multiprocess
     from sharding.distributed import initialize
 
     # Its SIGTERM handler (a preemption notice for `reached_preemption_sync_point`, which
     # jaxfusion does not use) would take SIGTERM from `jaxfusion.interrupts`.
     jax.config.update("jax_enable_preemption_service", False)
-    auto = args.coordinator == "auto"
-    initialize(
-        None if auto else args.coordinator,
-        args.num_processes,
-        args.process_id,
-        devices=devices,
-        timeout_s=args.distributed_timeout,
-    )
-    client = distributed.global_state.client
-    interrupts.watch_peers(client, jax.process_index(), jax.process_count())
-    return True
+    with multiprocess.explained(start):
+        initialize(
+            start.coordinator,
+            start.num_processes,
+            start.process_id,
+            devices=devices,
+            timeout_s=start.timeout_s,
+        )
+    client, index, count = distributed.global_state.client, jax.process_index(), jax.process_count()
+    interrupts.watch_peers(client, index, count)
+    arguments = {
+        "the command": args.command.__name__.removeprefix("run_"),
+        **{
+            f"--{name.replace('_', '-')}": str(value)
+            for name, value in sorted(vars(args).items())
+            if name not in PER_PROCESS_OPTIONS
+        },
+        "jaxfusion": jaxfusion.__version__,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+    }
+    multiprocess.check_same_arguments(client, index, count, arguments, start.timeout_s)
 
 
 def lora_option(text: str) -> tuple[str, float]:

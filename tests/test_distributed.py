@@ -1,7 +1,9 @@
 """Two processes x 2 simulated CPU devices (JAX's multi-controller runtime, gloo
 collectives), started as `jaxfusion generate` subprocesses on localhost: the image equals the
 single-process 4-device run's, only process 0 writes it, a process that fails makes the
-other end with a clear error, not hang, and a signal to one ends both."""
+other end with a clear error, not hang, and a signal to one ends both. A start-up that
+cannot succeed (no coordinator, a process id out of range, processes started with other
+options) is refused in one line, before JAX would abort."""
 
 import json
 import os
@@ -13,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from commands import refused
 
 import jaxfusion
 from jaxfusion.builtin import builtin_model_path
@@ -250,6 +253,76 @@ def test_a_signal_to_one_process_ends_every_process(tmp_path, which, signum, sta
             assert f"process {which} was stopped by {name}, so every process" in last
         assert "Traceback" not in output and "Check failure" not in output
     assert not list(tmp_path.glob("out-*"))
+
+
+def test_an_unreachable_coordinator_is_explained_before_jax_aborts(tmp_path):
+    """Process 1 alone: no coordinator answers. One line names the address, the timeout
+    and what to check, with exit status 2, where JAX would abort with a C++ stack after
+    about twice the timeout."""
+    port = free_port()
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "jaxfusion.cli", "generate", "--prompt", PROMPT),
+            *("--devices", "2", "--out", str(tmp_path / "out.npy")),
+            *("--coordinator", f"localhost:{port}", "--num-processes", "2"),
+            *("--process-id", "1", "--distributed-timeout", "2"),
+        ],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"process 1 found no coordinator at localhost:{port} within 2 s" in lines[0]
+    assert "process 0 runs on localhost" in lines[0] and "--distributed-timeout" in lines[0]
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_processes_started_with_other_options_are_refused(tmp_path):
+    """Two processes whose --height differs: each refuses the run, naming the option, the
+    values and the processes, before loading anything."""
+
+    def arguments(i: int) -> list[str]:
+        return generate_arguments(tmp_path, "sync", devices=2, height=[64, 128][i])(i)
+
+    results = finish(tmp_path, launch(tmp_path, arguments), time.perf_counter())
+    for i, (rc, output) in enumerate(results):
+        assert rc == 2, output[-3000:]
+        mine, theirs = ("64", "128") if i == 0 else ("128", "64")
+        expected = f"--height {mine} on process {i}, {theirs} on process {1 - i}"
+        assert output.splitlines() == [
+            f"error: the processes of the run differ: {expected}"
+            + (
+                ": start every process with the same command and options (all but --process-id "
+                "and file paths) and the same versions of jaxfusion, jax and jaxlib"
+            )
+        ]
+
+
+def test_start_up_mistakes_are_refused_before_jax(capsys, tmp_path):
+    """In the options' words, at once: a process id out of range, an address that is not
+    HOST:PORT, a host name that does not resolve, a port in use on process 0's host."""
+    port = free_port()
+
+    def refusal(coordinator: str, process_id: int) -> str:
+        return refused(
+            capsys, "generate", "--prompt", PROMPT, "--out", str(tmp_path / "out.npy"),
+            "--coordinator", coordinator, "--num-processes", "2", "--process-id",
+            str(process_id),
+        )  # fmt: skip
+
+    assert "--process-id 2 is not in 0..1 (--num-processes 2)" in refusal(f"localhost:{port}", 2)
+    assert "use HOST:PORT" in refusal("localhost", 1)
+    unresolved = refusal(f"nosuch.invalid:{port}", 1)
+    assert "the host name nosuch.invalid does not resolve" in unresolved
+    with socket.create_server(("", port)):
+        in_use = refusal(f"localhost:{port}", 0)
+    assert (
+        f"cannot serve the coordinator on port {port} of this host (Address already in use)"
+        in in_use
+    )
+    assert not list(tmp_path.iterdir())
 
 
 def test_host_links_count_the_pairs_that_cross_the_host_boundary():
