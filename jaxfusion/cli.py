@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -47,6 +48,10 @@ WARMUP_HELP = (
     "16 steps, 1 for 4 steps)"
 )
 TRAIN_DEFAULTS = TrainConfig()
+GUIDANCE_HELP = (
+    "classifier-free guidance scale, 0 or more: 1 or less turns guidance off, as diffusers "
+    "(default as diffusers: 5.0 SDXL, 7.5 SD)"
+)
 
 
 # Libraries' notices that are not about the user's request ("PyTorch was not found", ...).
@@ -413,7 +418,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
+    parser.add_argument("--guidance", type=guidance_option, help=GUIDANCE_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", choices=KINDS, help="default: the model folder's own")
     parser.add_argument(
@@ -432,7 +437,7 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--strength",
-        type=float,
+        type=strength_option,
         help="with --image: how much to change it, in (0, 1] (default as diffusers: 0.8 SD, "
         "0.3 SDXL)",
     )
@@ -459,7 +464,7 @@ def add_measurement_options(
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--guidance", type=float, help="guidance scale (default as diffusers)")
+    parser.add_argument("--guidance", type=guidance_option, help=GUIDANCE_HELP)
     parser.add_argument("--scheduler", choices=KINDS, help="default: the folder's own")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     add_attention_option(parser)
@@ -584,14 +589,62 @@ def start_processes(start: StartUp, args: argparse.Namespace, devices: int) -> N
 
 
 def lora_option(text: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (PATH, SCALE)."""
-    path, _, scale = text.rpartition(":")
-    if not path:
+    """--lora PATH[:SCALE] -> (PATH, SCALE); a ':' of an existing path is part of it."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or Path(text).exists():
         return text, 1.0
+    value = float_option(
+        scale,
+        f"{text!r}: no such file or folder, and {scale!r} after its last ':' is not a "
+        f"number: use PATH or PATH:SCALE, e.g. {path}:0.8",
+    )
+    return path, value
+
+
+def guidance_option(text: str) -> float:
+    """--guidance: 0 or more."""
+    value = float_option(text, f"{text!r} is not a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text} is negative: use 0 to 1 to turn classifier-free guidance off (as "
+            "diffusers runs any value up to 1), or above 1 to guide (default 5.0 SDXL, 7.5 SD)"
+        )
+    return value
+
+
+def strength_option(text: str) -> float:
+    """--strength: in (0, 1]."""
+    value = float_option(text, f"{text!r} is not a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not in (0, 1]: the fraction of the steps that change the image "
+            "(0.3: a light touch, 1: all of them, as from noise)"
+        )
+    return value
+
+
+def float_option(text: str, refusal: str) -> float:
+    """A finite number, or argparse's refusal of the option (`refusal`)."""
     try:
-        return path, float(scale)
+        value = float(text)
     except ValueError:
-        return text, 1.0  # a ':' that is part of the path
+        raise argparse.ArgumentTypeError(refusal) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: use a finite number")
+    return value
+
+
+def prompts_file(path: str) -> list[str]:
+    """The prompts of --prompts FILE (`read_prompts`), a file that cannot be read refused
+    in the option's words."""
+    try:
+        return read_prompts(path)
+    except OSError as error:
+        raise OSError(
+            f"--prompts {path}: {error.strerror or error}: name a text file, one prompt a line"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path} is not a UTF-8 text file, one prompt a line") from None
 
 
 def load_loras(pipe: TextToImagePipeline, loras: Sequence[tuple[str, float]]) -> None:
@@ -612,6 +665,12 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     """The `ParallelConfig` of the patch-parallelism options."""
     from sharding.parallel import ParallelConfig
 
+    if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:
+        raise ValueError(
+            f"--cfg-parallel puts the two halves of classifier-free guidance on different "
+            f"devices, but --guidance {args.guidance:g} turns guidance off: pass "
+            "--no-cfg-parallel (or leave --cfg-parallel out), or a guidance above 1"
+        )
     return ParallelConfig(
         devices=args.devices,
         cfg=2 if args.cfg_parallel else 1,
@@ -845,6 +904,9 @@ def run_profile(args: argparse.Namespace, display: StageDisplay) -> int:
     )
     from jaxfusion.bench import profile
 
+    if len(profile.steady_steps(options.parallel, options.steps)) < 2:  # refused before running
+        steady = profile.describe_steady_state(None, options.parallel, options.steps)
+        raise ValueError(f"--steps {options.steps}: {steady}")
     pipe, _ = load(args, display, check=lambda abstract: profile.check(abstract, options))
     with filling(options.out):
         profile.run(pipe, options, display)
@@ -860,7 +922,7 @@ def run_eval(args: argparse.Namespace, display: StageDisplay) -> int:
             **request_options(args),
             out=args.out if writes else None,
             model=args.model,
-            prompts=read_prompts(args.prompts) if args.prompts else EvalOptions.prompts,
+            prompts=prompts_file(args.prompts) if args.prompts else EvalOptions.prompts,
             seeds=args.seeds,
             devices=args.devices,
             group_norm=args.gn,
@@ -960,7 +1022,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     latents = None
-    prompts = args.prompt or read_prompts(args.prompts)
+    prompts = args.prompt or prompts_file(args.prompts)
     if args.latents is not None:
         try:
             latents = np.load(args.latents, allow_pickle=False)

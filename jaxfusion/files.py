@@ -89,14 +89,24 @@ def write_text_atomically(target: Path, text: str) -> None:
     write_atomically(target, lambda tmp: Path(tmp).write_text(text))
 
 
+def check_parent_folder(path: Path, option: str) -> None:
+    """Refuses `path` (the value of `option`) whose folder is missing or is a file."""
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(
+            f"{option} {path}: {parent} is a file, not a folder: name a path in a folder"
+        )
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: folder {parent} does not exist")
+
+
 def check_new_folder(out: str | Path) -> Path:
     """`out` as a folder a command may fill: new or empty, in a folder that exists (raises
-    FileExistsError or FileNotFoundError otherwise)."""
+    FileExistsError, FileNotFoundError or NotADirectoryError otherwise)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty folder: name a new one")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    check_parent_folder(out, "--out")
     return out
 
 

@@ -8,19 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from jaxfusion.files import write_atomically
+from jaxfusion.files import check_parent_folder, write_atomically
 
 SUFFIXES = (".png", ".npy")
 
 
 def check_output_path(path: str | Path) -> Path:
-    """Refuses an output path whose suffix is not .png or .npy, or whose folder is missing or
-    not writable."""
+    """Refuses an output path whose suffix is not .png or .npy, or whose folder is missing,
+    a file, or not writable."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--out {path}: the file must end in .png (image) or .npy (float32 array)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--out {path}: folder {path.parent} does not exist")
+    check_parent_folder(path, "--out")
     try:  # what the write will do, tried now: permissions, read-only or full file systems
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
     except OSError as error:

@@ -92,6 +92,55 @@ def test_refusals_before_compiling(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_mistakes_are_refused_in_the_options_words(tmp_path, capsys, monkeypatch):
+    """Each refusal names the option at fault and what would work, before anything loads."""
+    monkeypatch.setattr(cli, "simulate_cpu_devices", lambda count: None)  # JAX has started
+    out = str(tmp_path / "image.png")
+
+    def refusal(*argv: str) -> str:
+        error = refused(capsys, *argv)
+        assert "loading" not in error and "compiling" not in error
+        return error
+
+    def generate(*options: str) -> str:
+        return refusal("generate", "--prompt", PROMPT, *options)
+
+    lora = tmp_path / "style.safetensors"
+    lora.touch()
+    bad_scale = generate("--lora", f"{lora}:abc", "--out", out)
+    assert "argument --lora" in bad_scale and "'abc'" in bad_scale and "PATH:SCALE" in bad_scale
+    missing = refusal("generate", "--prompts", str(tmp_path / "missing.txt"), "--out", out)
+    assert f"--prompts {tmp_path / 'missing.txt'}: No such file" in missing
+    (tmp_path / "one.txt").touch()
+    under_a_file = generate("--out", str(tmp_path / "one.txt" / "o.png"))
+    assert f"{tmp_path / 'one.txt'} is a file, not a folder" in under_a_file
+    for strength in ("0", "1.5"):
+        assert f"argument --strength: {strength} is not in (0, 1]" in generate(
+            "--image", out, "--strength", strength, "--out", out
+        )
+    assert "--no-cfg-parallel" in generate(
+        "--devices", "2", "--cfg-parallel", "--guidance", "0", "--out", out
+    )
+    negative = generate("--guidance", "-3", "--out", out)
+    assert "argument --guidance: -3 is negative: use 0 to 1" in negative
+    few_steps = refusal("profile", "--devices", "4", "--steps", "3", "--out", str(tmp_path / "p"))
+    assert "--steps 3: no steady-state loop" in few_steps and "use --steps 4 or more" in few_steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt", "style.safetensors"]
+    # The range refused is the one documented.
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    documented = " ".join(capsys.readouterr().out.split())
+    assert "with --image: how much to change it, in (0, 1]" in documented
+
+
+def test_lora_scale_after_the_last_colon(tmp_path):
+    with_colon = tmp_path / "a:b.safetensors"
+    with_colon.touch()
+    assert cli.lora_option(f"{tmp_path}/x.safetensors:0.5") == (f"{tmp_path}/x.safetensors", 0.5)
+    assert cli.lora_option(str(with_colon)) == (str(with_colon), 1.0)  # a path, not a scale
+    assert cli.lora_option("user/lora") == ("user/lora", 1.0)
+
+
 @pytest.mark.slow
 def test_latents_file_and_convert_round_trip(cache, tmp_path, capsys):
     """A diffusers folder -> Flax (orbax) -> diffusers again (converted in this process); each
