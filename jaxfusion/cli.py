@@ -731,13 +731,47 @@ def run_generate(args: argparse.Namespace, display: StageDisplay) -> int:
 def generate(
     pipe: TextToImagePipeline, kwargs: dict[str, Any], cache_hits: CacheHits, display: StageDisplay
 ) -> Any:
-    """`pipe(**kwargs)`, saying whether its program came from the disk cache."""
+    """`pipe(**kwargs)`, saying how it runs over devices and whether its program came from
+    the disk cache."""
     request, options = pipe.prepare(**kwargs)
+    display.note(describe_parallel(options.parallel, len(request.schedule.timesteps)))
     hits = cache_hits.count
-    pipe.compile(request, options, display)
-    if cache_hits.count > hits:
-        display.note("the generation program came from the disk cache (not compiled again)")
+
+    def compiling(name: str) -> AbstractContextManager:
+        def outcome() -> str | None:
+            if cache_hits.count > hits:
+                return "traced; the compiled program came from the disk cache"
+            return None
+
+        return display(name, outcome)
+
+    pipe.compile(request, options, compiling)
     return pipe.run(request, options, display)
+
+
+def describe_parallel(parallel: ParallelConfig, steps: int) -> str:
+    """How a run of `steps` steps uses the devices, in a line: "displaced on 4 devices, steps
+    0-4 synchronous", "single device", ..."""
+    if parallel.mode == "single":
+        return "single device"
+    layout = [f"{parallel.data} prompt groups"] if parallel.data > 1 else []
+    layout += ["2 guidance halves"] if parallel.cfg > 1 else []
+    if layout:
+        layout.append(f"{parallel.patches} patches")
+    line = f"{parallel.mode} on {parallel.devices} devices"
+    line += f" ({' x '.join(layout)})" if layout else ""
+    if parallel.mode == "naive":
+        return f"{line}, {parallel.naive_split} slabs"
+    if parallel.mode == "sync":
+        return line
+    warm = dict(parallel.schedule(steps))["warm-up"]
+    synchronous = f"step {warm[0]}" if len(warm) == 1 else f"steps {warm[0]}-{warm[-1]}"
+    line += f", {synchronous} synchronous"
+    if parallel.compress != "none":
+        line += f", exchange compressed {parallel.compress}"
+    if parallel.kv_refresh > 1:
+        line += f", K/V every {parallel.kv_refresh} steps"
+    return line
 
 
 def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:

@@ -4,13 +4,14 @@ it starts elsewhere), and a line with its duration when it ends."""
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
 from rich.status import Status
 
 __all__ = ["StageDisplay", "escape"]  # escape: text shown as is, brackets and all
+Outcome = Callable[[], str | None]  # what a stage turned out to do, asked when it ends
 
 
 class StageDisplay:
@@ -31,7 +32,9 @@ class StageDisplay:
         return self._stages[-1] if self._stages else None
 
     @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def __call__(self, name: str, outcome: Outcome | None = None) -> Iterator[None]:
+        """The stage `name` around the block. `outcome`, called when it ends, may say what
+        the stage turned out to do instead: the last line is then "✓ OUTCOME (12.3 s)"."""
         start = time.perf_counter()
         if not self.console.is_terminal:  # a log shows what runs, not only what ended
             self.console.print(f"{name} ...")
@@ -45,7 +48,8 @@ class StageDisplay:
             self._stages.pop()
             self._statuses.pop()
         self.last_seconds = time.perf_counter() - start
-        self.console.print(f"[green]✓[/green] {name} ({self.last_seconds:.1f} s)")
+        line = (outcome() if outcome is not None else None) or name
+        self.console.print(f"[green]✓[/green] {line} ({self.last_seconds:.1f} s)")
 
     def note(self, text: str) -> None:
         self.console.print(text)

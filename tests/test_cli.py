@@ -32,8 +32,11 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
     first = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(png))
     assert "trained on coloured shapes" in first.stderr and "compiling" in first.stderr
     assert "from the disk cache" not in first.stderr
+    assert "single device" in first.stderr.splitlines()
     second = jaxfusion_command(cache, "generate", "--prompt", PROMPT, *FAST, "--out", str(npy))
-    assert "from the disk cache" in second.stderr
+    # What the stage did, in its last line: not compiled (no "✓ compiling" line).
+    assert "✓ traced; the compiled program came from the disk cache (" in second.stderr
+    assert "✓ compiling" not in second.stderr
     # A new size compiles its own program (small helper programs may come from the cache).
     new_size = jaxfusion_command(
         cache,
@@ -139,6 +142,26 @@ def test_lora_scale_after_the_last_colon(tmp_path):
     assert cli.lora_option(f"{tmp_path}/x.safetensors:0.5") == (f"{tmp_path}/x.safetensors", 0.5)
     assert cli.lora_option(str(with_colon)) == (str(with_colon), 1.0)  # a path, not a scale
     assert cli.lora_option("user/lora") == ("user/lora", 1.0)
+
+
+def test_the_run_says_its_mode_and_devices_once():
+    from sharding.parallel import ParallelConfig
+
+    lines = {
+        "single device": ParallelConfig(),
+        "displaced on 4 devices, steps 0-4 synchronous": ParallelConfig(devices=4),
+        "displaced on 2 devices, step 0 synchronous, exchange compressed int8": ParallelConfig(
+            devices=2, warmup_steps=0, compress="int8"
+        ),
+        "sync on 8 devices (2 guidance halves x 4 patches)": ParallelConfig(
+            devices=8, cfg=2, mode="sync"
+        ),
+        "naive on 4 devices (2 prompt groups x 2 patches), row slabs": ParallelConfig(
+            devices=4, data=2, mode="naive"
+        ),
+    }
+    for line, parallel in lines.items():
+        assert cli.describe_parallel(parallel, 50) == line
 
 
 @pytest.mark.slow
