@@ -25,13 +25,16 @@ def backends(tmp_path_factory):
     return Backends(tmp_path_factory)
 
 
-def starting_image(seed: int = 0) -> np.ndarray:
-    """(1, SIZE, SIZE, 3) float32 in [0, 1]: a smooth gradient with some noise."""
+def starting_image(seed: int = 0, height: int = SIZE, width: int = SIZE) -> np.ndarray:
+    """(1, height, width, 3) float32 in [0, 1]: a smooth gradient with some noise."""
     rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 1, SIZE, dtype=np.float32)
-    rows, columns = np.meshgrid(ramp, ramp, indexing="ij")
+    rows, columns = np.meshgrid(
+        np.linspace(0, 1, height, dtype=np.float32),
+        np.linspace(0, 1, width, dtype=np.float32),
+        indexing="ij",
+    )
     image = np.stack([rows * columns, columns, 1 - rows], axis=-1)
-    image = image + 0.1 * rng.standard_normal((SIZE, SIZE, 3))
+    image = image + 0.1 * rng.standard_normal((height, width, 3))
     return np.clip(image, 0, 1).astype(np.float32)[None]
 
 
@@ -45,10 +48,12 @@ def image_file(folder: Path) -> Path:
     return path
 
 
-def added_noise(seed: int = 1) -> np.ndarray:
-    """(1, 4, h, w) float32 NCHW: the unit noise added to the image's latents."""
+def added_noise(seed: int = 1, height: int = SIZE, width: int = SIZE) -> np.ndarray:
+    """(1, 4, h, w) float32 NCHW: the unit noise added to the latents of a height x width
+    image."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((1, 4, LATENT_SIZE, LATENT_SIZE)).astype(np.float32)
+    factor = SIZE // LATENT_SIZE
+    return rng.standard_normal((1, 4, height // factor, width // factor)).astype(np.float32)
 
 
 def run_img2img(pipe, prompt, noise: np.ndarray | None, **options) -> np.ndarray:
@@ -89,6 +94,18 @@ def test_matches_diffusers_img2img(backends, kind, strength):
         PROMPT, image=starting_image(seed=2)[:, ::-1], strength=strength, latents=noise, **common
     )
     assert psnr(other, actual) < 80
+
+
+@pytest.mark.slow
+def test_img2img_at_a_size_that_does_not_halve_evenly(backends):
+    """24x40 pixels through SD's 4-level UNet (latent 12x20 -> 6x10 -> 3x5 -> 2x3)."""
+    torch_pipe = img2img_class("sd").from_pipe(backends.torch("sd", None))
+    image, noise = starting_image(height=24, width=40), added_noise(height=24, width=40)
+    common = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, strength=0.75)
+    expected = run_img2img(torch_pipe, PROMPT, noise, image=image, **common)
+    actual = backends.jax("sd")(PROMPT, image=image, latents=noise, **common)
+    assert actual.shape == expected.shape == (1, 24, 40, 3)
+    assert psnr(actual, expected) >= MIN_PSNR
 
 
 @pytest.mark.slow

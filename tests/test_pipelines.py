@@ -74,15 +74,21 @@ def compare(
     label: str,
     guidance_scale: float = 5.0,
     seed: int = 0,
+    height: int = SIZE,
+    width: int = SIZE,
     **conditioning,
 ) -> float:
     """Both backends from the same latents; asserts PSNR >= MIN_PSNR and returns it."""
     batch = 1 if isinstance(prompt, str) else len(prompt)
-    latents = initial_latents(batch, 4, LATENT_SIZE, LATENT_SIZE, seed)
-    options = dict(COMMON, guidance_scale=guidance_scale, latents=latents, **conditioning)
+    factor = SIZE // LATENT_SIZE
+    latents = initial_latents(batch, 4, height // factor, width // factor, seed)
+    options = dict(
+        COMMON, height=height, width=width, guidance_scale=guidance_scale, latents=latents
+    )
+    options.update(conditioning)
     expected = run_diffusers(backends.torch(kind, scheduler), prompt, negative_prompt, **options)
     actual = backends.jax(kind)(prompt, negative_prompt, scheduler=scheduler, **options)
-    assert expected.shape == (batch, SIZE, SIZE, 3)
+    assert expected.shape == (batch, height, width, 3)
     assert actual.shape == expected.shape
     assert actual.dtype == np.float32
     value = psnr(actual, expected)
@@ -101,6 +107,12 @@ def compare(
 )
 def test_matches_diffusers(backends, kind, scheduler):
     compare(backends, kind, scheduler, PROMPT, NEGATIVE, label=f"{kind} {scheduler}")
+
+
+def test_sizes_that_do_not_halve_evenly(backends):
+    """24x40 pixels (diffusers' pipelines take multiples of 8): a 12x20 latent, which SD's
+    4-level UNet halves to 6x10, 3x5 and 2x3, then upsamples to the skips' sizes."""
+    compare(backends, "sd", "euler", PROMPT, NEGATIVE, label="sd 24x40", height=24, width=40)
 
 
 @pytest.mark.slow
@@ -174,7 +186,7 @@ def test_bad_requests_fail_before_compiling(backends):
     options = dict(COMMON, guidance_scale=5.0)
     with count_compiles() as compiles:
         with pytest.raises(ValueError, match="height"):
-            pipe(PROMPT, **dict(options, height=30))
+            pipe(PROMPT, **dict(options, height=31))
         with pytest.raises(ValueError) as error:
             pipe(PROMPT, scheduler="pndm", **options)
         assert not compiles

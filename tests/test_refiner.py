@@ -98,6 +98,19 @@ def test_refiner_matches_diffusers(refiners):
 
 
 @pytest.mark.slow
+def test_refiner_at_a_size_that_does_not_halve_evenly(refiners):
+    """A 22x38 image (img2img takes the image's size: the VAE needs multiples of 2 here): an
+    11x19 latent, odd at every level of the refiner's UNet."""
+    refiner, torch_refiner = refiners
+    image, noise = starting_image(height=22, width=38), added_noise(height=22, width=38)
+    call = dict(COMMON, image=image, strength=0.5)
+    expected = run_img2img(torch_refiner, PROMPT, noise, **call)
+    actual = refiner(PROMPT, latents=noise, **call)
+    assert actual.shape == expected.shape == (1, 22, 38, 3)
+    assert psnr(actual, expected) >= MIN_PSNR
+
+
+@pytest.mark.slow
 def test_refiner_sync_equals_single(refiners):
     """The refiner's conditioning (aesthetic-score time ids) reaches every patch; displaced
     image-to-image is tested on the base in test_features_parallel.py."""

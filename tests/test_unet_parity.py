@@ -17,6 +17,7 @@ from diffusers_models import (
 from flax import nnx
 
 from jaxfusion import UNet2DConditionModel, UNetConfig, convert
+from jaxfusion.models.resnet import nearest_indices
 from jaxfusion.models.scaled_dot_product import set_attention
 
 CONFIGS = {"sdxl": SDXL_LIKE, "sd15": SD15_LIKE, "sd2": SD2_LIKE}
@@ -66,6 +67,32 @@ def test_matches_diffusers(saved_unets, name, dtype):
     error = relative_l2(actual, expected)
     print(f"{name} {dtype}: relative L2 error {error:.2e}")
     assert error <= TOLERANCE[dtype]
+
+
+def test_nearest_indices_match_torch():
+    """Upsampling to the skip's size picks PyTorch's rows, up to 4K UHD's 270-row latent."""
+    import torch
+
+    for size in (*range(1, 40), 68, 135, 240):
+        for output_size in (2 * size - 1, 2 * size):
+            source = torch.arange(size, dtype=torch.float32).reshape(1, 1, size, 1)
+            expected = torch.nn.functional.interpolate(source, size=(output_size, 1))
+            np.testing.assert_array_equal(
+                nearest_indices(size, output_size), expected.flatten().numpy().astype(int)
+            )
+
+
+@pytest.mark.parametrize(("height", "width"), [(7, 10), (6, 14)])
+def test_sizes_that_do_not_halve_evenly(saved_unets, height, width):
+    """A latent that is odd (7: 7 -> 4 -> 2, upsampled 2 -> 4 -> 7) or not a multiple of
+    4 (6 -> 3 -> 2 -> 3 -> 6), as diffusers draws them: the down path rounds up, each
+    upsampler goes to the size of the skip it meets."""
+    folder, torch_unet = saved_unets["sdxl"]
+    inputs = unet_inputs(SDXL_LIKE, batch=1, height=height, width=width)
+    expected = torch_unet_output(torch_unet, inputs)
+    actual = jax_unet_output(convert.load_unet(folder), inputs)
+    assert actual.shape == (1, height, width, 4)
+    assert relative_l2(actual, expected) <= TOLERANCE["float32"]
 
 
 @pytest.mark.slow

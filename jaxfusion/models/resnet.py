@@ -3,6 +3,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import sharding
@@ -84,7 +85,8 @@ class ResnetBlock2D(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
-    """3x3 convolution with stride 2 (`conv`): (B, H, W, C) -> (B, H/2, W/2, C) for even H, W.
+    """3x3 convolution with stride 2 (`conv`): (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C)
+    with `padding` 1, (B, floor(H/2), floor(W/2), C) with 0.
 
     `padding` is diffusers' `downsample_padding`: 1 pads every side by one (the UNet), 0 pads
     only the bottom and the right by one (the VAE encoder).
@@ -108,7 +110,9 @@ class Downsample2D(nnx.Module):
 
 
 class Upsample2D(nnx.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 `conv`: (B, H, W, C) -> (B, 2H, 2W, C).
+    """Nearest-neighbour upsampling, then a 3x3 `conv`: (B, H, W, C) -> (B, 2H, 2W, C), or to
+    the `size` given (diffusers' `output_size`: a UNet upsamples an odd-sized feature map to
+    the size of the skip connection it meets, 2H - 1 rows for H).
 
     `row_blocks_threshold`: inputs larger than this many bytes are upsampled and convolved
     by blocks of rows (`row_blocks`, exact); None (the default) never."""
@@ -125,8 +129,21 @@ class Upsample2D(nnx.Module):
         self.row_blocks_threshold = row_blocks_threshold
         self.row_block_bytes = row_blocks.BLOCK_BYTES
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if row_blocks.applies(x, self.row_blocks_threshold):
-            return row_blocks.upsample_conv(self.conv, x, block_bytes=self.row_block_bytes)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        height, width = x.shape[1:3]
+        if size is None or tuple(size) == (2 * height, 2 * width):
+            if row_blocks.applies(x, self.row_blocks_threshold):
+                return row_blocks.upsample_conv(self.conv, x, block_bytes=self.row_block_bytes)
+            return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        rows = nearest_indices(height, size[0])
+        columns = nearest_indices(width, size[1])
+        return self.conv(x[:, rows][:, :, columns])
+
+
+def nearest_indices(size: int, output_size: int) -> np.ndarray:
+    """The source index of each output index of `torch.nn.functional.interpolate(...,
+    mode="nearest")` from `size` to `output_size` elements: floor(i x size / output_size),
+    with the scale and the product in float32, as PyTorch computes them."""
+    scale = np.float32(size) / np.float32(output_size)
+    product = np.arange(output_size, dtype=np.float32) * scale
+    return np.minimum(np.floor(product).astype(np.int64), size - 1)

@@ -151,7 +151,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 class UpBlock2D(nnx.Module):
     """`num_layers` resnets, each taking the running state concatenated (on channels) with one
     skip state from the down path, each followed by a transformer when `attention` is
-    given; then an optional 2x upsampler."""
+    given; then an optional upsampler to the next skip's size."""
 
     def __init__(
         self,
@@ -197,11 +197,13 @@ class UpBlock2D(nnx.Module):
         temb: jax.Array,
         encoder_hidden_states: jax.Array,
     ) -> jax.Array:
-        """`skips` are consumed from the end, one per resnet."""
+        """`skips` are consumed from the end, one per resnet; the upsampler takes the state to
+        the size of the next skip (diffusers' `upsample_size`: twice the size, or one less
+        where the down path halved an odd size)."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, encoder_hidden_states)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, skips[-1].shape[1:3] if skips else None)
         return x

@@ -330,14 +330,6 @@ class UNet2DConditionModel(nnx.Module):
                 f"sample has shape {tuple(sample_shape)}; expected (batch, height, width, "
                 f"{config.in_channels}) (NHWC; diffusers' NCHW latents need a transpose)"
             )
-        factor = 2 ** (config.num_levels - 1)
-        height, width = sample_shape[1:3]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"latent size {height}x{width} is not divisible by {factor} (this UNet "
-                f"downsamples {config.num_levels - 1} times); use a multiple of {factor}, e.g. "
-                f"{_nearest_multiple(height, factor)}x{_nearest_multiple(width, factor)}"
-            )
         if config.addition_embed_type == "text_time" and (text_embeds is None or time_ids is None):
             raise ValueError(
                 "this UNet has addition_embed_type='text_time' (SDXL): pass text_embeds "
@@ -409,6 +401,3 @@ class UNet2DConditionModel(nnx.Module):
         """Stores the text keys and values of every cross-attention (see `cache_text_kv`)."""
         cache_text_kv(self, conditioning.encoder_hidden_states)
 
-
-def _nearest_multiple(value: int, factor: int) -> int:
-    return max(factor, round(value / factor) * factor)

@@ -339,15 +339,15 @@ class TextToImagePipeline:
         return size, size
 
     def check_size(self, height: int, width: int) -> None:
-        """Refuses an image size the VAE and UNet cannot take, with the nearest valid ones."""
-        multiple = self.size_multiple()
+        """Refuses an image size the VAE cannot take (as diffusers: a positive multiple of its
+        downscale factor), with the nearest valid ones."""
+        multiple = self.downscale_factor
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % multiple:
                 lower = max(multiple, size // multiple * multiple)
                 raise ValueError(
                     f"{name}={size} is not a positive multiple of {multiple} (the VAE "
-                    f"downscales by {self.downscale_factor} and the UNet halves the latent "
-                    f"{self.unet.config.num_levels - 1} times); use {lower} or {lower + multiple}"
+                    f"downscales by {multiple}); use {lower} or {lower + multiple}"
                 )
 
     def __call__(
@@ -668,7 +668,8 @@ class TextToImagePipeline:
         parallel.mesh()
 
     def size_multiple(self) -> int:
-        """Image height and width must be multiples of this (VAE and UNet downscaling)."""
+        """What a patch's side must be a multiple of for the feature maps to split into equal
+        slabs at every UNet level (VAE and UNet downscaling)."""
         return self.downscale_factor * 2 ** (self.unet.config.num_levels - 1)
 
     def size(self, height: int | None, width: int | None) -> tuple[int, int]:
