@@ -145,14 +145,20 @@ def check_same_arguments(
     """Refuses a run whose processes were started with other `arguments` (option -> value,
     and the versions) than this one's: every process publishes its own through the
     coordination service (`client`) and reads the others' (waiting `timeout_s` at most).
-    Raises ValueError naming the first option that differs and the processes."""
+    Raises ValueError naming the first option that differs and the processes, or
+    ConnectionError for a process that does not publish them in time (it failed)."""
     client.key_value_set(ARGUMENTS_KEY.format(index), json.dumps(arguments))
     for other in range(count):
         if other == index:
             continue
-        theirs = json.loads(
-            client.blocking_key_value_get(ARGUMENTS_KEY.format(other), timeout_s * 1000)
-        )
+        try:
+            published = client.blocking_key_value_get(ARGUMENTS_KEY.format(other), timeout_s * 1000)
+        except Exception as error:  # JAX's DEADLINE_EXCEEDED
+            raise ConnectionError(
+                f"process {other} joined the run but did not send its options within "
+                f"{timeout_s} s (--distributed-timeout): see its output ({error})"
+            ) from None
+        theirs = json.loads(published)
         for name in sorted(set(arguments) | set(theirs)):
             mine, its = arguments.get(name, "none"), theirs.get(name, "none")
             if mine != its:

@@ -300,6 +300,34 @@ def test_processes_started_with_other_options_are_refused(tmp_path):
         ]
 
 
+class Store:
+    """The coordination service's key-value store as `check_same_arguments` uses it; a
+    process that never publishes makes the read fail, as JAX's deadline does."""
+
+    def __init__(self, published: dict[str, str]):
+        self.published = published
+
+    def key_value_set(self, key: str, value: str) -> None:
+        self.published[key] = value
+
+    def blocking_key_value_get(self, key: str, timeout_ms: int) -> str:
+        if key not in self.published:
+            raise RuntimeError("DEADLINE_EXCEEDED: Deadline Exceeded")
+        return self.published[key]
+
+
+def test_other_versions_or_a_silent_process_are_refused():
+    from jaxfusion.multiprocess import ARGUMENTS_KEY, check_same_arguments
+
+    mine = {"the command": "generate", "jax": "0.10.2"}
+    theirs = json.dumps(dict(mine, jax="0.10.1"))
+    differ = r"differ: jax 0\.10\.2 on process 0, 0\.10\.1 on process 1"
+    with pytest.raises(ValueError, match=differ):
+        check_same_arguments(Store({ARGUMENTS_KEY.format(1): theirs}), 0, 2, mine, 5)
+    with pytest.raises(ConnectionError, match="process 1 joined the run but did not send its"):
+        check_same_arguments(Store({}), 0, 2, mine, 5)
+
+
 def test_start_up_mistakes_are_refused_before_jax(capsys, tmp_path):
     """In the options' words, at once: a process id out of range, an address that is not
     HOST:PORT, a host name that does not resolve, a port in use on process 0's host."""
