@@ -17,11 +17,24 @@ class KVExchange(PatchPrimitive):
     heads * head_dim), keys then values; stale buffer (displaced steps): `kv`, this patch's
     message of the previous step in the codec's form (`sharding.codecs`; residual codecs
     also keep every patch's (2, B, P, tokens, heads * head_dim) base).
+
+    Joint attention (text tokens beside the image's, as in SD3 and Flux): the first
+    `shared_tokens` are every patch's own (the text's: never exchanged), the rest the
+    patch's image tokens.
     """
 
-    def __call__(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """key, value: (B, tokens, heads, head_dim) of this patch -> (B, P * tokens, heads,
-        head_dim) of the whole image."""
+    def __call__(
+        self, key: jax.Array, value: jax.Array, shared_tokens: int = 0
+    ) -> tuple[jax.Array, jax.Array]:
+        """key, value: (B, shared_tokens + tokens, heads, head_dim) of this patch ->
+        (B, shared_tokens + P * tokens, heads, head_dim): the shared tokens, then the whole
+        image's."""
+        if shared_tokens:
+            image_key, image_value = self(key[:, shared_tokens:], value[:, shared_tokens:])
+            return (
+                jnp.concatenate([key[:, :shared_tokens], image_key], axis=1),
+                jnp.concatenate([value[:, :shared_tokens], image_value], axis=1),
+            )
         b, tokens, heads, head_dim = key.shape
         own = jnp.stack([key, value]).reshape(2, b, tokens, heads * head_dim)
 

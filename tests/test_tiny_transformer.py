@@ -1,7 +1,11 @@
 """The denoising loops run a denoiser that is not a UNet: the tiny DiT-like transformer of
-`tiny_transformer.py`. `sync` equals one device; `displaced` and `naive` equal an independent
-sequential float64 numpy reference of the algorithm for this transformer (written from the
-module's weights, not by calling its JAX code), stepped by diffusers' EulerDiscreteScheduler."""
+`tiny_transformer.py`, with image self-attention and with joint attention (text tokens beside
+the image's, as SD3 and Flux). `sync` equals one device; `displaced` and `naive` equal an
+independent sequential float64 numpy reference of the algorithm for this transformer (written
+from the module's weights, not by calling its JAX code), stepped by diffusers'
+EulerDiscreteScheduler. Under joint attention every patch keeps its own text tokens: in a
+displaced step they attend to the other patches' stale image keys, so each patch's text
+states differ, as the reference computes them."""
 
 import diffusers
 import jax
@@ -19,6 +23,7 @@ from sharding.loops import Sampling, denoise
 
 STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
 LATENT, CHANNELS, PATCH, WIDTH, HEADS, LABEL = 16, 4, 2, 32, 2, 8
+TEXT_TOKENS, TEXT_DIM = 3, 6  # joint attention's text
 SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")  # test_parallel.py's
 ROUNDING = 1e-5  # float32 vs float32 (sync vs single): reordered sums only
 # JAX (float32) vs the float64 reference: float32 rounding of every activation (~1e-7
@@ -76,13 +81,14 @@ class Reference:
     def __init__(self, model: TinyTransformer):
         self.w = jax.tree.map(f64, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-    def forward(self, slab, index, t, label, context):
+    def forward(self, slab, index, t, label, text, context):
         """The prediction (B, rows, W, C) for `slab` (B, rows, W, C), patch `index` of
-        equal row slabs (0 for the whole latent), at timestep `t`, labels (B, label_dim).
+        equal row slabs (0 for the whole latent), at timestep `t`, labels (B, label_dim),
+        text (B, T, text_dim) or None.
 
-        context(layer, k, v): the keys and values (B, N_kv, heads, head_dim) that layer's
-        attention uses, given this slab's fresh ones (B, N, heads, head_dim).
-        Returns (prediction, [(k, v) fresh of each layer]).
+        context(layer, k, v): the image keys and values (B, N_kv, heads, head_dim) that
+        layer's attention uses, given this slab's fresh ones (B, N, heads, head_dim); the
+        text's own are put first. Returns (prediction, [(k, v) fresh of each layer]).
         """
         w, p = self.w, PATCH
         b, rows, cols, c = slab.shape
@@ -102,6 +108,10 @@ class Reference:
         x = x + np_sinusoidal(np.float64(t), WIDTH) @ w["time_proj"]["kernel"]
         x = x + w["time_proj"]["bias"]
         x = x + (label @ w["label_proj"]["kernel"] + w["label_proj"]["bias"])[:, None]
+        shared = 0
+        if text is not None:
+            shared = text.shape[1]
+            x = np.concatenate([text @ w["text_proj"]["kernel"] + w["text_proj"]["bias"], x], 1)
         fresh = []
         hd = WIDTH // HEADS
         for layer, blk in enumerate(w["blocks"].values()):
@@ -111,19 +121,21 @@ class Reference:
 
             h = np_layer_norm(x, blk["norm1"]["scale"], blk["norm1"]["bias"])
             q, k, v = (lin(n, h).reshape(b, -1, HEADS, hd) for n in ("to_q", "to_k", "to_v"))
-            fresh.append((k, v))
-            keys, values = context(layer, k, v)
+            fresh.append((k[:, shared:], v[:, shared:]))
+            keys, values = context(layer, k[:, shared:], v[:, shared:])
+            keys = np.concatenate([k[:, :shared], keys], axis=1)
+            values = np.concatenate([v[:, :shared], values], axis=1)
             weights = np_softmax(np.einsum("bqhd,bkhd->bhqk", q, keys) / np.sqrt(hd))
             a = np.einsum("bhqk,bkhd->bqhd", weights, values).reshape(b, -1, WIDTH)
             x = x + lin("to_out", a)
             h = np_layer_norm(x, blk["norm2"]["scale"], blk["norm2"]["bias"])
             x = x + lin("fc2", np_gelu(lin("fc1", h)))
-        h = np_layer_norm(x, w["norm_out"]["scale"], w["norm_out"]["bias"])
+        h = np_layer_norm(x[:, shared:], w["norm_out"]["scale"], w["norm_out"]["bias"])
         out = h @ w["proj_out"]["kernel"] + w["proj_out"]["bias"]
         out = out.reshape(b, tr, tc, p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, rows, cols, c), fresh
 
-    def predict(self, step, sample, t, label, mode, patches, stale):
+    def predict(self, step, sample, t, label, text, mode, patches, stale):
         """The prediction at `step` for the whole `sample` (B, h, w, C) under `mode`; `stale`
         holds every layer's (K, V) of the whole image from the previous step and is updated
         in place with this step's (each patch's own fresh ones)."""
@@ -132,7 +144,7 @@ class Reference:
             return k, v
 
         if mode == "single" or (mode == "displaced" and step <= WARMUP):
-            out, fresh = self.forward(sample, 0, t, label, own)
+            out, fresh = self.forward(sample, 0, t, label, text, own)
             stale[:] = fresh
             return out
         outs, fresh_slabs = [], []
@@ -147,7 +159,7 @@ class Reference:
                     keys[:, i * n : (i + 1) * n], values[:, i * n : (i + 1) * n] = k, v
                     return keys, values
 
-            out, fresh = self.forward(slab, i, t, label, context)
+            out, fresh = self.forward(slab, i, t, label, text, context)
             outs.append(out)
             fresh_slabs.append(fresh)
         stale[:] = [
@@ -156,16 +168,17 @@ class Reference:
         ]
         return np.concatenate(outs, axis=1)
 
-    def denoise(self, latents, label, mode, patches=1):
+    def denoise(self, latents, label, text, mode, patches=1):
         """Final latents (B, h, w, C) from the initial noise `latents` (B, h, w, C, before
-        init_noise_sigma), labels (2B, label_dim) unconditional first, with guidance."""
+        init_noise_sigma), labels (2B, label_dim) and text (2B, T, text_dim) or None,
+        unconditional first, with guidance."""
         scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
         scheduler.set_timesteps(STEPS)
         x = torch.from_numpy(latents.astype(np.float64)) * scheduler.init_noise_sigma
         stale = [None] * len(self.w["blocks"])
         for step, t in enumerate(scheduler.timesteps):
             sample = scheduler.scale_model_input(torch.cat([x, x]), t).numpy()
-            noise = self.predict(step, sample, float(t), label, mode, patches, stale)
+            noise = self.predict(step, sample, float(t), label, text, mode, patches, stale)
             uncond, cond = np.split(noise, 2)
             guided = torch.from_numpy(uncond + GUIDANCE * (cond - uncond))
             x = scheduler.step(guided, t, x).prev_sample
@@ -176,21 +189,32 @@ class Reference:
 
 
 class Case:
-    """The random tiny transformer, an Euler schedule and one CFG batch of inputs; JAX runs
-    compiled once per parallel configuration, reference runs once per (mode, patches)."""
+    """The random tiny transformer (with joint attention if `joint`), an Euler schedule and
+    one CFG batch of inputs; JAX runs compiled once per parallel configuration, reference runs
+    once per (mode, patches)."""
 
-    def __init__(self):
-        self.model = randomized(TinyTransformer(rngs=nnx.Rngs(0)))
+    def __init__(self, joint: bool):
+        text_dim = TEXT_DIM if joint else None
+        self.model = randomized(TinyTransformer(text_dim=text_dim, rngs=nnx.Rngs(0)))
         rng = np.random.default_rng(0)
         self.latents = rng.standard_normal((1, LATENT, LATENT, CHANNELS)).astype(np.float32)
         self.label = rng.standard_normal((2, LABEL)).astype(np.float32)  # (uncond, cond)
-        config = schedulers.SchedulerConfig.from_diffusers(SCHEDULER, "euler")
-        self.schedule = schedulers.make_schedule(config, STEPS)
+        text = rng.standard_normal((2, TEXT_TOKENS, TEXT_DIM)).astype(np.float32)
+        self.text = text if joint else None
+        self.schedule = self.schedule_of()
         self.reference_model = Reference(self.model)
         self._runs, self._references = {}, {}
 
+    @staticmethod
+    def schedule_of() -> schedulers.Schedule:
+        config = schedulers.SchedulerConfig.from_diffusers(SCHEDULER, "euler")
+        return schedulers.make_schedule(config, STEPS)
+
     def sampling(self) -> Sampling:
-        return Sampling(self.schedule, {"label": jnp.asarray(self.label)}, jnp.float32(GUIDANCE))
+        conditioning = {"label": jnp.asarray(self.label)}
+        if self.text is not None:
+            conditioning["text"] = jnp.asarray(self.text)
+        return Sampling(self.schedule, conditioning, jnp.float32(GUIDANCE))
 
     def jax(self, parallel: ParallelConfig) -> np.ndarray:
         """Final latents (B, h, w, C) of `sharding.loops.denoise`."""
@@ -203,16 +227,17 @@ class Case:
 
     def reference(self, mode: str, patches: int = 1) -> np.ndarray:
         if (mode, patches) not in self._references:
+            text = None if self.text is None else self.text.astype(np.float64)
             out = self.reference_model.denoise(
-                self.latents, self.label.astype(np.float64), mode, patches
+                self.latents, self.label.astype(np.float64), text, mode, patches
             )
             self._references[mode, patches] = out
         return self._references[mode, patches]
 
 
-@pytest.fixture(scope="module")
-def case():
-    return Case()
+@pytest.fixture(scope="module", params=[False, True], ids=["self-attention", "joint"])
+def case(request):
+    return Case(joint=request.param)
 
 
 SINGLE = ParallelConfig()
@@ -247,19 +272,47 @@ def test_naive_equals_reference_and_differs_from_single(case):
     assert relative_l2(naive, case.jax(SINGLE)) > DISPLACED_MARGIN
 
 
-def label_products(jaxpr, in_scan: bool = False) -> tuple[int, int]:
-    """(outside scans, inside scans): how many matrix products of `jaxpr` and its inner
-    programs take the (2, LABEL) labels."""
-    outside = inside = 0
+def equations(jaxpr, in_scan: bool = False):
+    """Every equation of `jaxpr` and of its inner programs, with whether a scan runs it."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and eqn.invars[0].aval.shape == (2, LABEL):
-            inside, outside = inside + in_scan, outside + (not in_scan)
+        yield eqn, in_scan
         for param in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns")):
             inner = getattr(param, "jaxpr", param)
             if hasattr(inner, "eqns"):
-                o, i = label_products(inner, in_scan or eqn.primitive.name == "scan")
-                outside, inside = outside + o, inside + i
-    return outside, inside
+                yield from equations(inner, in_scan or eqn.primitive.name == "scan")
+
+
+def label_products(jaxpr) -> tuple[int, int]:
+    """(outside scans, inside scans): how many matrix products of `jaxpr` and its inner
+    programs take the (2, LABEL) labels."""
+    scanned = [
+        in_scan
+        for eqn, in_scan in equations(jaxpr)
+        if eqn.primitive.name == "dot_general" and eqn.invars[0].aval.shape == (2, LABEL)
+    ]
+    return scanned.count(False), scanned.count(True)
+
+
+@pytest.mark.parametrize("mode", ["sync", "displaced"])
+def test_joint_attention_exchanges_only_image_tokens(mode):
+    """The text's keys and values stay on each device: every keys-and-values message that
+    travels, (2, B, tokens, D), holds this patch's image tokens and no text token."""
+    model = TinyTransformer(text_dim=TEXT_DIM, rngs=nnx.Rngs(0))
+    graphdef, weights = nnx.split(model)
+    devices = 4
+    parallel = ParallelConfig(devices, mode=mode, warmup_steps=WARMUP)
+    conditioning = {"label": jnp.zeros((2, LABEL)), "text": jnp.zeros((2, TEXT_TOKENS, TEXT_DIM))}
+    sampling = Sampling(Case.schedule_of(), conditioning, jnp.float32(GUIDANCE))
+    latents = jnp.zeros((1, LATENT, LATENT, CHANNELS))
+    program = jax.make_jaxpr(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x, parallel))
+    jaxpr = program(weights, sampling, latents).jaxpr
+    messages = [
+        eqn.invars[0].aval.shape
+        for eqn, _ in equations(jaxpr)
+        if eqn.primitive.name == "all_gather" and eqn.invars[0].aval.ndim == 4
+    ]
+    image_tokens = (LATENT // devices // PATCH) * (LATENT // PATCH)
+    assert messages and {shape[2] for shape in messages} == {image_tokens}, messages
 
 
 def test_label_embedding_is_cached_before_the_loop(case):

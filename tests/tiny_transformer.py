@@ -7,6 +7,10 @@ not a UNet, to show that `sharding.loops` runs any model of the primitives (test
       -> blocks: x += out(attention(LN(x))); x += MLP(LN(x))
       -> LN -> Linear to p * p * C -> unpatchify -> (B, h, w, C)
 
+With `text_dim`, joint attention as in SD3 and Flux: the blocks run on the text tokens
+Linear(text) (B, T, D) followed by the image tokens; the text's keys and values stay on each
+device (`KVExchange`'s `shared_tokens`), only the image's travel.
+
 Tokens are row-major, so a row slab of the latent (h/P rows, a multiple of p) is a contiguous
 run of tokens: what `KVExchange` gathers along tokens. The patch embedding needs no halo
 (padding (0, 0), stride = kernel), so each slab embeds alone. Absolute positions are the one
@@ -79,8 +83,9 @@ class Block(nnx.Module):
         self.fc1 = Linear(width, 4 * width, rngs=rngs)
         self.fc2 = Linear(4 * width, width, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, N, D) tokens of this slab -> (B, N, D)."""
+    def __call__(self, x: jax.Array, text_tokens: int = 0) -> jax.Array:
+        """(B, N, D) tokens (the first `text_tokens` the text's, the rest this slab's) ->
+        (B, N, D)."""
         b, n, d = x.shape
         h = self.norm1(x)
 
@@ -88,17 +93,18 @@ class Block(nnx.Module):
             return y.reshape(b, n, self.heads, d // self.heads)
 
         q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
-        k, v = self.kv(k, v)  # (B, N_image, heads, head_dim): every patch's
+        k, v = self.kv(k, v, text_tokens)  # (B, T + N_image, heads, head_dim): every patch's
         x = x + self.to_out(attention(q, k, v, backend="xla").reshape(b, n, d))
         return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
 
 
 class TinyTransformer(nnx.Module):
-    """The DiT-like denoiser (see the module docstring), conditioning {"label": (B, label_dim)}.
+    """The DiT-like denoiser (see the module docstring), conditioning {"label": (B, label_dim)}
+    and, with `text_dim`, "text": (B, T, text_dim).
 
     Parameters: `patch_embed` (a `sharding.Conv2d`, kernel (p, p, C, D)), `time_proj`
-    (D -> D on sinusoidal features), `label_proj` (label_dim -> D), `blocks`, `norm_out`,
-    `proj_out` (D -> p * p * C).
+    (D -> D on sinusoidal features), `label_proj` (label_dim -> D), `text_proj` (text_dim ->
+    D, or None), `blocks`, `norm_out`, `proj_out` (D -> p * p * C).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class TinyTransformer(nnx.Module):
         heads: int = 2,
         depth: int = 2,
         label_dim: int = 8,
+        text_dim: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.channels, self.patch, self.width = channels, patch, width
@@ -117,6 +124,7 @@ class TinyTransformer(nnx.Module):
         self.position = SlabPosition(width)
         self.time_proj = Linear(width, width, rngs=rngs)
         self.label_proj = Linear(label_dim, width, rngs=rngs)
+        self.text_proj = None if text_dim is None else Linear(text_dim, width, rngs=rngs)
         self.blocks = nnx.List([Block(width, heads, rngs=rngs) for _ in range(depth)])
         self.norm_out = LayerNorm(width, epsilon=EPSILON, rngs=rngs)
         self.proj_out = Linear(width, patch * patch * channels, rngs=rngs)
@@ -142,7 +150,13 @@ class TinyTransformer(nnx.Module):
         x = tokens.reshape(b, rows * cols, d) + self.position(rows, cols)
         x = x + self.time_proj(sinusoidal(jnp.asarray(timestep), d))
         x = x + self.label_embedding(conditioning)[:, None]
+        text_tokens = 0
+        if self.text_proj is not None:
+            text = self.text_proj(conditioning["text"])
+            text_tokens = text.shape[1]
+            x = jnp.concatenate([text, x], axis=1)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, text_tokens)
+        x = x[:, text_tokens:]
         out = self.proj_out(self.norm_out(x)).reshape(b, rows, cols, p, p, c)
         return out.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows * p, cols * p, c)
