@@ -196,8 +196,9 @@ class ParallelConfig:
 
     def check_size(self, height: int, width: int, multiple: int) -> None:
         """Refuses an image whose feature maps do not split into P equal slabs at every UNet
-        level. `multiple`: what one device needs the split side to be a multiple of (the
-        VAE's downscale factor times 2 ** (UNet levels - 1)); with P patches, P times that."""
+        level, naming the patch counts that split it. `multiple`: what one patch needs the
+        split side to be a multiple of (the VAE's downscale factor times 2 ** (UNet levels -
+        1)); with P patches, P times that."""
         if self.mode == "single" or self.patches == 1:
             return
         sides = {"row": ("height",), "col": ("width",), "alternate": ("height", "width")}
@@ -206,10 +207,15 @@ class ParallelConfig:
         for name, size in (("height", height), ("width", width)):
             if name in split and size % step:
                 lower = max(step, size // step * step)
+                units = size // multiple if size % multiple == 0 else 1
+                splits = [p for p in range(1, units + 1) if units % p == 0]
+                counts = ", ".join(map(str, splits[:-1])) + f" or {splits[-1]}"
                 raise ValueError(
                     f"{name}={size} does not split into {self.patches} patches at every UNet "
                     f"level: it must be a multiple of {step} ({multiple} per patch x "
-                    f"{self.patches} patches); use {lower} or {lower + step}"
+                    f"{self.patches} patches); use {lower} or {lower + step}, or "
+                    + ("one device" if units == 1 else f"{counts} patches")
+                    + (f" (x {self.cfg} devices with CFG parallel)" if self.cfg > 1 else "")
                 )
 
 
