@@ -42,6 +42,15 @@ def compilation_cache(tmp_path_factory):
     enable_compilation_cache(root / "xla-cache")
 
 
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    """The tiny random pipelines in both frameworks (`pipelines.Backends`), one set per
+    module."""
+    from pipelines import Backends
+
+    return Backends(tmp_path_factory)
+
+
 # The modules whose tests take longest, longest first (`--durations=100` of a clean-clone
 # `.ci/run`, summed per module): they start first, so that the run does not end on one of
 # them alone while the other workers idle. The others follow in collection order.

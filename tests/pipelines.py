@@ -1,5 +1,7 @@
 """Tiny random diffusers pipelines (SDXL and SD 1.x shaped) written with `save_pretrained`, and
-helpers to compare generated images. A 4-step 32x32 generation takes well under a second."""
+helpers to compare generated images: both backends of a folder (`Backends`), the prompts and
+parity bound of the tests that compare them, and image-to-image's starting image and noise.
+A 4-step 32x32 generation takes well under a second."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 import transformers
 from diffusers_models import SD15_LIKE, SD_NOISE_SCHEDULE, SDXL_LIGHT, SDXL_LIKE, randomize
 
+import jaxfusion
+from jaxfusion.diffusers_backend import given_image_noise, load_diffusers_pipeline
 from jaxfusion.tokenizer import write_tokenizer
 
 # Prompt words: each one token of the tiny tokenizers (other words are spelled letter by letter).
@@ -34,6 +38,11 @@ VAE = dict(
     sample_size=SIZE,
 )
 LATENT_SIZE = SIZE // 2 ** (len(VAE["block_out_channels"]) - 1)
+PROMPT = "a photo of a red cat at the top left"
+NEGATIVE = "blue square"
+# jaxfusion against diffusers, float32 on both sides: 126-138 dB on these models (float32
+# rounding alone; a wrong constant or a missing term costs tens of dB). The README's claim.
+MIN_PSNR = 120.0
 # The token ids of `write_tokenizer`: 0 start of text, 1 end of text, 2 "!".
 TEXT = dict(
     intermediate_size=37,
@@ -209,3 +218,73 @@ def count_compiles():
         yield compiles
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+JAX_CLASSES = {"sdxl": jaxfusion.SDXLPipeline, "sd": jaxfusion.SDPipeline}
+
+
+class Backends:
+    """Each random pipeline folder written once, and loaded once per backend (diffusers once
+    per scheduler)."""
+
+    def __init__(self, tmp_path_factory):
+        self._tmp = tmp_path_factory
+        self._folders, self._jax, self._torch = {}, {}, {}
+
+    def folder(self, kind: str):
+        if kind not in self._folders:
+            self._folders[kind] = save_random_pipeline(self._tmp.mktemp(kind), kind)
+        return self._folders[kind]
+
+    def jax(self, kind: str):
+        if kind not in self._jax:
+            self._jax[kind] = JAX_CLASSES[kind].from_pretrained(self.folder(kind), dtype="float32")
+        return self._jax[kind]
+
+    def torch(self, kind: str, scheduler: str | None):
+        key = kind, scheduler
+        if key not in self._torch:
+            self._torch[key] = load_diffusers_pipeline(
+                self.folder(kind), dtype="float32", scheduler=scheduler, device="cpu"
+            )
+        return self._torch[key]
+
+
+def starting_image(seed: int = 0, height: int = SIZE, width: int = SIZE) -> np.ndarray:
+    """(1, height, width, 3) float32 in [0, 1]: a smooth gradient with some noise."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.meshgrid(
+        np.linspace(0, 1, height, dtype=np.float32),
+        np.linspace(0, 1, width, dtype=np.float32),
+        indexing="ij",
+    )
+    image = np.stack([rows * columns, columns, 1 - rows], axis=-1)
+    image = image + 0.1 * rng.standard_normal((height, width, 3))
+    return np.clip(image, 0, 1).astype(np.float32)[None]
+
+
+def image_file(folder: Path) -> Path:
+    """`starting_image` as a 40x48 PNG file (height x width): the command resizes it."""
+    from PIL import Image
+
+    path = folder / "start.png"
+    pixels = np.round(starting_image()[0] * 255).astype(np.uint8)
+    Image.fromarray(pixels).resize((48, 40), Image.Resampling.BICUBIC).save(path)
+    return path
+
+
+def added_noise(seed: int = 1, height: int = SIZE, width: int = SIZE) -> np.ndarray:
+    """(1, 4, h, w) float32 NCHW: the unit noise added to the latents of a height x width
+    image."""
+    rng = np.random.default_rng(seed)
+    factor = SIZE // LATENT_SIZE
+    return rng.standard_normal((1, 4, height // factor, width // factor)).astype(np.float32)
+
+
+def run_img2img(pipe, prompt, noise: np.ndarray | None, **options) -> np.ndarray:
+    """A diffusers img2img pipeline's output (images (B, H, W, 3), or latents (B, C, h, w)
+    with output_type="latent") for `options`, adding `noise` (`given_image_noise`)."""
+    options = {"output_type": "np", **options}
+    with torch.inference_mode(), given_image_noise(pipe, noise):
+        result = pipe(prompt, **options).images
+    return np.asarray(result, np.float32)

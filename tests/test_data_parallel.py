@@ -4,6 +4,7 @@ one such submesh with the same noise; mismatched counts are refused before compi
 
 import numpy as np
 import pytest
+from diffusers_models import relative_l2
 
 import jaxfusion
 from jaxfusion.builtin import builtin_model_path
@@ -17,10 +18,6 @@ ROUNDING = 1e-5  # float32, relative L2
 @pytest.fixture(scope="module")
 def pipe():
     return jaxfusion.load_pipeline(builtin_model_path())
-
-
-def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def batch_and_alone(pipe, parallel: ParallelConfig, alone: ParallelConfig, scheduler: str):

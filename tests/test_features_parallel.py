@@ -7,10 +7,8 @@ tests/test_img2img.py, tests/test_few_step.py."""
 
 import numpy as np
 import pytest
-from pipelines import save_random_pipeline
-from test_img2img import added_noise, starting_image
-from test_lora import random_adapters, write_kohya
-from test_pipelines import NEGATIVE, PROMPT
+from loras import random_adapters, write_kohya
+from pipelines import NEGATIVE, PROMPT, added_noise, save_random_pipeline, starting_image
 
 import jaxfusion
 from jaxfusion.images import psnr

@@ -7,20 +7,21 @@ of displaced mode for short runs."""
 import json
 import shutil
 
+import fake_sampling
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
+from diffusers_models import relative_l2
+from fake_sampling import SDXL, configured, jax_sample
 from flax import nnx
-from pipelines import LATENT_SIZE, SIZE, initial_latents, save_random_pipeline
-from test_schedulers import SDXL, configured, fake_model, jax_sample, relative_l2
+from pipelines import LATENT_SIZE, MIN_PSNR, PROMPT, SIZE, initial_latents, save_random_pipeline
 
 import jaxfusion
 from jaxfusion import schedulers
 from jaxfusion.cli import build_parser
-from jaxfusion.diffusers_backend import given_step_noise, load_diffusers_pipeline, run_diffusers
+from jaxfusion.diffusers_backend import load_diffusers_pipeline, run_diffusers
 from jaxfusion.images import psnr
 from jaxfusion.schedulers import SchedulerConfig
 from sharding.loops import Sampling, denoise, slab_noise, step_noise
@@ -28,8 +29,6 @@ from sharding.parallel import ParallelConfig
 
 DIFFUSERS = {"euler_a": EulerAncestralDiscreteScheduler, "lcm": LCMScheduler}
 STEPS = 4
-PROMPT = "a photo of a red cat at the top left"
-MIN_PSNR = 120.0  # as tests/test_pipelines.py: float32 rounding only
 TOLERANCE = 1e-6  # as tests/test_schedulers.py
 KEY = jax.random.key(7)
 
@@ -37,17 +36,9 @@ KEY = jax.random.key(7)
 def diffusers_sample(kind: str, config: dict, steps: int, noise: np.ndarray) -> np.ndarray:
     """diffusers' scheduler `kind`, step by step on the fake model, its step i drawing
     `step_noise(KEY, i)` (NCHW)."""
-    scheduler = DIFFUSERS[kind].from_config(config)
-    scheduler.set_timesteps(steps)
     shape = noise.transpose(0, 2, 3, 1).shape
     fresh = [np.asarray(step_noise(KEY, i, shape)).transpose(0, 3, 1, 2) for i in range(steps)]
-    sample = torch.from_numpy(noise) * scheduler.init_noise_sigma
-    with given_step_noise(scheduler, np.stack(fresh)):
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(sample, t)
-            model_output = fake_model(model_input, t.to(torch.float32), torch.sin)
-            sample = scheduler.step(model_output, t, sample).prev_sample
-    return sample.numpy()
+    return fake_sampling.diffusers_sample(DIFFUSERS[kind], config, steps, noise, np.stack(fresh))[1]
 
 
 @pytest.mark.parametrize(

@@ -8,61 +8,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from commands import jaxfusion_command
-from pipelines import LATENT_SIZE, SIZE
-from test_pipelines import MIN_PSNR, NEGATIVE, PROMPT, Backends
+from loras import save_kohya_sgm_lora, save_kohya_unet_lora
+from pipelines import (
+    MIN_PSNR,
+    NEGATIVE,
+    PROMPT,
+    SIZE,
+    added_noise,
+    image_file,
+    run_img2img,
+    starting_image,
+)
 
-from jaxfusion.diffusers_backend import given_image_noise
 from jaxfusion.images import psnr, read_image
 
 STEPS = 4
 GUIDANCE = 5.0
-
-
-@pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    return Backends(tmp_path_factory)
-
-
-def starting_image(seed: int = 0, height: int = SIZE, width: int = SIZE) -> np.ndarray:
-    """(1, height, width, 3) float32 in [0, 1]: a smooth gradient with some noise."""
-    rng = np.random.default_rng(seed)
-    rows, columns = np.meshgrid(
-        np.linspace(0, 1, height, dtype=np.float32),
-        np.linspace(0, 1, width, dtype=np.float32),
-        indexing="ij",
-    )
-    image = np.stack([rows * columns, columns, 1 - rows], axis=-1)
-    image = image + 0.1 * rng.standard_normal((height, width, 3))
-    return np.clip(image, 0, 1).astype(np.float32)[None]
-
-
-def image_file(folder: Path) -> Path:
-    """`starting_image` as a 40x48 PNG file (height x width): the command resizes it."""
-    from PIL import Image
-
-    path = folder / "start.png"
-    pixels = np.round(starting_image()[0] * 255).astype(np.uint8)
-    Image.fromarray(pixels).resize((48, 40), Image.Resampling.BICUBIC).save(path)
-    return path
-
-
-def added_noise(seed: int = 1, height: int = SIZE, width: int = SIZE) -> np.ndarray:
-    """(1, 4, h, w) float32 NCHW: the unit noise added to the latents of a height x width
-    image."""
-    rng = np.random.default_rng(seed)
-    factor = SIZE // LATENT_SIZE
-    return rng.standard_normal((1, 4, height // factor, width // factor)).astype(np.float32)
-
-
-def run_img2img(pipe, prompt, noise: np.ndarray | None, **options) -> np.ndarray:
-    """A diffusers img2img pipeline's output (images (B, H, W, 3), or latents (B, C, h, w)
-    with output_type="latent") for `options`, adding `noise` (`given_image_noise`)."""
-    options = {"output_type": "np", **options}
-    with torch.inference_mode(), given_image_noise(pipe, noise):
-        result = pipe(prompt, **options).images
-    return np.asarray(result, np.float32)
 
 
 def img2img_class(kind: str):
@@ -152,7 +114,6 @@ def test_compare_command_image_to_image_with_two_loras(backends, tmp_path):
     both sides (diffusers' load_lora_weights, set_adapters + fuse_lora), agrees to the parity
     bound, and the image is not the one without the LoRAs; --refiner is refused at once."""
     from PIL import Image
-    from test_lora import save_kohya_sgm_lora, save_kohya_unet_lora
 
     save_kohya_unet_lora(None, tmp_path / "a")
     save_kohya_sgm_lora(None, tmp_path / "b")

@@ -3,22 +3,18 @@ DistriFusion rule (checked against the sequential PyTorch reference in
 `distrifusion_reference.py`, which shares only the weights), its exchanges do not block, and
 `naive` exchanges nothing."""
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize, relative_l2
-from distrifusion_reference import reference_denoise
+from diffusers_models import relative_l2
 from flax import nnx
 from jax.extend.core import Literal
 from jax.sharding import PartitionSpec as P
+from parallel_case import GUIDANCE, LATENT, ROUNDING, SINGLE, STEPS, WARMUP, Case
 
 import jaxfusion
-from jaxfusion import convert, schedulers
 from jaxfusion.builtin import builtin_model_path
-from jaxfusion.models import Conditioning
 from jaxfusion.models.attention import Attention
 from sharding import GroupNorm, ParallelConfig
 from sharding.analysis import TracedStep, trace_step
@@ -26,96 +22,12 @@ from sharding.context import AXIS, PatchContext, PatchPrimitive, StaleBuffer, se
 from sharding.loops import Sampling, denoise
 from sharding.names import COMPRESSIONS, GROUP_NORM_RULES
 
-STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
-LATENT = 32  # 3 UNet levels: with P = 8 the smallest feature map is one row per patch
-ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may change
-SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
 COLLECTIVES = {"ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter"}
-# The JAX sampler kinds and the diffusers scheduler of each (the reference's).
-DIFFUSERS_SCHEDULERS = {
-    "euler": diffusers.EulerDiscreteScheduler,
-    "dpmpp": diffusers.DPMSolverMultistepScheduler,  # stateful: the previous model output
-}
-
-
-class Case:
-    """A tiny random SDXL-shaped UNet (SDXL_LIGHT) in both frameworks (same weights), an Euler
-    schedule, and one CFG batch of inputs; JAX runs are compiled once per parallel
-    configuration and scheduler (Euler, or DPM-Solver++ whose state also lives on the
-    slabs)."""
-
-    def __init__(self, folder):
-        torch.manual_seed(0)
-        self.torch_unet = randomize(diffusers.UNet2DConditionModel(**SDXL_LIGHT))
-        self.torch_unet.save_pretrained(folder)
-        self.unet = convert.load_unet(folder)
-        rng = np.random.default_rng(0)
-        self.latents = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
-        pooled = SDXL_LIGHT["projection_class_embeddings_input_dim"] - 6 * 8
-        self.conditioning = Conditioning(
-            rng.standard_normal((2, 7, SDXL_LIGHT["cross_attention_dim"])).astype(np.float32),
-            rng.standard_normal((2, pooled)).astype(np.float32),
-            np.tile(np.float32([128, 128, 0, 0, 128, 128]), (2, 1)),
-        )
-        self.schedules = {
-            kind: schedulers.make_schedule(
-                schedulers.SchedulerConfig.from_diffusers(SCHEDULER, kind), STEPS
-            )
-            for kind in DIFFUSERS_SCHEDULERS
-        }
-        self.schedule = self.schedules["euler"]
-        self._runs = {}
-
-    def jax(self, parallel: ParallelConfig, scheduler: str = "euler") -> np.ndarray:
-        """Final latents (B, C, h, w) of the JAX loop."""
-        key = parallel, scheduler
-        if key not in self._runs:
-            schedule = self.schedules[scheduler]
-            graphdef, weights = nnx.split(self.unet)
-            sampling = Sampling(schedule, self.conditioning, jnp.float32(GUIDANCE))
-            latents = jnp.asarray(self.latents.transpose(0, 2, 3, 1)) * schedule.init_noise_sigma
-            run = jax.jit(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x, parallel))
-            self._runs[key] = np.asarray(run(weights, sampling, latents)).transpose(0, 3, 1, 2)
-        return self._runs[key]
-
-    def reference(
-        self,
-        mode: str,
-        patches: int = 1,
-        gn: str = "corrected",
-        warmup: int = WARMUP,
-        scheduler: str = "euler",
-        split: str = "row",
-        compress: str = "none",
-        kv_refresh: int = 1,
-    ) -> np.ndarray:
-        """Final latents of the sequential PyTorch reference (diffusers' scheduler)."""
-        ehs, text_embeds, time_ids = (torch.from_numpy(x) for x in self.conditioning)
-        out = reference_denoise(
-            self.torch_unet,
-            DIFFUSERS_SCHEDULERS[scheduler](**SCHEDULER),
-            torch.from_numpy(self.latents),
-            ehs,
-            added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids),
-            guidance_scale=GUIDANCE,
-            num_inference_steps=STEPS,
-            patches=patches,
-            warmup_steps=warmup,
-            gn=gn,
-            mode=mode,
-            split=split,
-            compress=compress,
-            kv_refresh=kv_refresh,
-        )
-        return out.numpy()
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     return Case(tmp_path_factory.mktemp("unet"))
-
-
-SINGLE = ParallelConfig()
 
 
 @pytest.mark.parametrize(

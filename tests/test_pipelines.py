@@ -8,12 +8,16 @@ import jax
 import numpy as np
 import pytest
 from pipelines import (
+    JAX_CLASSES,
     LATENT_SIZE,
+    MIN_PSNR,
+    NEGATIVE,
+    PROMPT,
     SIZE,
     WORDS,
+    Backends,
     count_compiles,
     initial_latents,
-    save_random_pipeline,
 )
 
 import jaxfusion
@@ -22,46 +26,8 @@ from jaxfusion.images import psnr
 
 KINDS = ("sdxl", "sd")
 SCHEDULERS = ("euler", "ddim", "dpmpp")
-JAX_CLASSES = {"sdxl": jaxfusion.SDXLPipeline, "sd": jaxfusion.SDPipeline}
 # Every generation has this size and step count, so that compiled programs are reused.
 COMMON = dict(height=SIZE, width=SIZE, num_inference_steps=4)
-PROMPT = "a photo of a red cat at the top left"
-NEGATIVE = "blue square"
-# float32 on both sides: 126-138 dB measured on these models (float32 rounding alone; a wrong
-# constant or a missing term costs tens of dB). The README's claim.
-MIN_PSNR = 120.0
-
-
-class Backends:
-    """Each random pipeline folder written once, and loaded once per backend (diffusers once
-    per scheduler)."""
-
-    def __init__(self, tmp_path_factory):
-        self._tmp = tmp_path_factory
-        self._folders, self._jax, self._torch = {}, {}, {}
-
-    def folder(self, kind: str):
-        if kind not in self._folders:
-            self._folders[kind] = save_random_pipeline(self._tmp.mktemp(kind), kind)
-        return self._folders[kind]
-
-    def jax(self, kind: str):
-        if kind not in self._jax:
-            self._jax[kind] = JAX_CLASSES[kind].from_pretrained(self.folder(kind), dtype="float32")
-        return self._jax[kind]
-
-    def torch(self, kind: str, scheduler: str | None):
-        key = kind, scheduler
-        if key not in self._torch:
-            self._torch[key] = load_diffusers_pipeline(
-                self.folder(kind), dtype="float32", scheduler=scheduler, device="cpu"
-            )
-        return self._torch[key]
-
-
-@pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    return Backends(tmp_path_factory)
 
 
 def compare(

@@ -10,17 +10,26 @@ import pytest
 import torch
 from commands import jaxfusion_command, refused
 from diffusers_models import SDXL_LIKE, randomize, relative_l2
-from pipelines import SIZE, WORDS, build_random_pipeline
-from test_img2img import STEPS, added_noise, image_file, run_img2img, starting_image
-from test_pipelines import MIN_PSNR, NEGATIVE, PROMPT, Backends
+from pipelines import (
+    MIN_PSNR,
+    NEGATIVE,
+    PROMPT,
+    SIZE,
+    WORDS,
+    added_noise,
+    build_random_pipeline,
+    image_file,
+    run_img2img,
+    starting_image,
+)
 
 import jaxfusion
 from jaxfusion.images import psnr
 from jaxfusion.tokenizer import write_tokenizer
 from sharding.parallel import ParallelConfig
 
+STEPS, GUIDANCE = 4, 5.0
 HIGH_NOISE_FRAC = 0.8  # 4 steps: the base runs timesteps 751, 501, 251, the refiner 1
-GUIDANCE = 5.0
 
 
 def save_random_refiner(folder):
@@ -53,11 +62,6 @@ def save_random_refiner(folder):
     shutil.rmtree(folder / "tokenizer_2")  # as save_random_pipeline writes it
     write_tokenizer(folder / "tokenizer_2", WORDS, pad_token=base.tokenizer_2.pad_token)
     return folder
-
-
-@pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    return Backends(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -3,42 +3,23 @@ model, run by diffusers step by step and by jaxfusion as one compiled scan."""
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers_models import relative_l2
+from fake_sampling import SDXL, configured, diffusers_sample, jax_sample
 
 from jaxfusion import schedulers
 from jaxfusion.schedulers import SchedulerConfig
-from sharding.loops import step_noise
 
 DIFFUSERS = {
     "euler": EulerDiscreteScheduler,
     "ddim": DDIMScheduler,
     "dpmpp": DPMSolverMultistepScheduler,
 }
-# scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0 ...
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-# ... of runwayml/stable-diffusion-v1-5: a class we do not implement, no timestep_spacing.
+# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (SDXL's: fake_sampling.SDXL):
+# a class we do not implement, no timestep_spacing.
 SD15 = {
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.6.0",
@@ -61,57 +42,10 @@ TOLERANCE = 1e-6
 CLIPPED_TOLERANCE = 1e-5
 
 
-def configured(base: dict, **overrides) -> dict:
-    """base with overrides; an overridden key no longer counts as a default."""
-    used_defaults = [k for k in base.get("_use_default_values", []) if k not in overrides]
-    return {**base, **overrides, "_use_default_values": used_defaults}
-
-
-def fake_model(sample, t, sin):
-    return 0.1 * sample + sin(t / 100)
-
-
-def diffusers_sample(kind: str, config: dict, steps: int, noise: np.ndarray):
-    """(timesteps, final sample) of diffusers' scheduler `kind` made from config."""
-    scheduler = DIFFUSERS[kind].from_config(config)
-    scheduler.set_timesteps(steps)
-    sample = torch.from_numpy(noise) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(sample, t)
-        model_output = fake_model(model_input, t.to(torch.float32), torch.sin)
-        sample = scheduler.step(model_output, t, sample).prev_sample
-    return scheduler.timesteps.numpy(), sample.numpy()
-
-
-@jax.jit
-def jax_sample(
-    schedule: schedulers.Schedule, noise: jax.Array, key: jax.Array | None = None
-) -> jax.Array:
-    """The final sample of one compiled scan over all steps; samplers that draw fresh noise
-    add `step_noise(key, i)` at step i."""
-
-    def body(carry, i):
-        sample, state = carry
-        model_input = schedulers.scale_model_input(schedule, sample, i)
-        model_output = fake_model(model_input, schedule.timesteps[i], jnp.sin)
-        fresh = step_noise(key, i, sample.shape) if schedule.draws_noise else None
-        state, sample = schedulers.step(schedule, state, model_output, sample, i, fresh)
-        return (sample, state), None
-
-    sample = noise * schedule.init_noise_sigma
-    carry = (sample, schedulers.init_state(schedule, sample))
-    (sample, _), _ = jax.lax.scan(body, carry, jnp.arange(schedule.timesteps.shape[0]))
-    return sample
-
-
-def relative_l2(actual, expected) -> float:
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 def check_parity(kind: str, config: dict, steps: int = 10, tolerance: float = TOLERANCE) -> int:
     """Asserts equal timesteps and final samples within tolerance; returns the step count."""
     noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), np.float32)
-    expected_timesteps, expected = diffusers_sample(kind, config, steps, noise)
+    expected_timesteps, expected = diffusers_sample(DIFFUSERS[kind], config, steps, noise)
     schedule = schedulers.make_schedule(SchedulerConfig.from_diffusers(config, kind), steps)
     np.testing.assert_array_equal(schedule.timesteps, expected_timesteps.astype(np.float32))
     error = relative_l2(np.asarray(jax_sample(schedule, jnp.asarray(noise))), expected)
