@@ -79,9 +79,13 @@ class Conv2d(PatchPrimitive):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, in) -> (B, H', W', out), H' = (H + before + after - k) // stride + 1
         (H // stride for the default padding and even H)."""
-        x = self.pad_rows(x.astype(self.dtype))
+        return self.convolve(self.pad_rows(x))
+
+    def convolve(self, rows: jax.Array) -> jax.Array:
+        """The convolution of rows already padded above and below (`pad_rows`; the columns
+        are padded here): (B, H + before + after, W, in) -> (B, H', W', out)."""
         y = jax.lax.conv_general_dilated(
-            x,
+            rows.astype(self.dtype),
             self.kernel[...],
             window_strides=(self.stride, self.stride),
             padding=((0, 0), self.padding),

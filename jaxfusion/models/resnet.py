@@ -11,7 +11,7 @@ from jaxfusion.models import row_blocks
 from jaxfusion.models.layers import Linear
 
 
-class ResnetBlock2D(nnx.Module):
+class ResnetBlock2D(row_blocks.RowBlocking, nnx.Module):
     """norm1 -> SiLU -> conv1 -> + time_emb_proj(SiLU(temb)) -> norm2 -> SiLU -> conv2,
     plus the input (through the 1x1 `conv_shortcut` when the width changes), divided by
     `output_scale_factor`. Without `temb_channels` (the VAE's resnets) there is no
@@ -109,7 +109,7 @@ class Downsample2D(nnx.Module):
         return self.conv(x)
 
 
-class Upsample2D(nnx.Module):
+class Upsample2D(row_blocks.RowBlocking, nnx.Module):
     """Nearest-neighbour upsampling, then a 3x3 `conv`: (B, H, W, C) -> (B, 2H, 2W, C), or to
     the `size` given (diffusers' `output_size`: a UNet upsamples an odd-sized feature map to
     the size of the skip connection it meets, 2H - 1 rows for H).

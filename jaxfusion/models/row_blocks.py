@@ -25,6 +25,14 @@ THRESHOLD_BYTES = 512 * 2**20
 BLOCK_BYTES = 64 * 2**20
 
 
+class RowBlocking:
+    """A layer that runs by blocks of rows when its input exceeds `row_blocks_threshold`
+    bytes (None: never), each block holding about `row_block_bytes` (`set_row_blocks`)."""
+
+    row_blocks_threshold: int | None
+    row_block_bytes: int
+
+
 def applies(x: jax.Array, threshold_bytes: int | None) -> bool:
     """Whether a layer with input `x` runs row-blocked (never when `threshold_bytes` is None)."""
     return threshold_bytes is not None and x.size * x.dtype.itemsize > threshold_bytes
@@ -85,19 +93,6 @@ def _normalizer(norm: sharding.GroupNorm, x: jax.Array, rows: int):
     return apply
 
 
-def _convolve(conv: sharding.Conv2d, rows: jax.Array) -> jax.Array:
-    """`conv` on rows already padded above and below (columns padded here)."""
-    y = jax.lax.conv_general_dilated(
-        rows.astype(conv.dtype),
-        conv.kernel[...],
-        window_strides=(1, 1),
-        padding=((0, 0), conv.padding),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.float32,
-    )
-    return (y + conv.bias[...].astype(jnp.float32)).astype(conv.dtype)
-
-
 def _blocked(
     x: jax.Array,
     prepare,
@@ -134,7 +129,7 @@ def _blocked(
         if u > 1:
             window = jnp.repeat(jnp.repeat(window, u, axis=1), u, axis=2)
             window = window[:, u - 1 : window.shape[1] - (u - 1)]
-        y = _convolve(conv, window)
+        y = conv.convolve(window)
         if residual is not None:
             y = (residual(u * start, u * rows) + y) / output_scale_factor
         return y.astype(conv.dtype)
@@ -184,6 +179,6 @@ def set_row_blocks(model: nnx.Module, threshold_bytes: int | None, block_bytes: 
     """Makes every row-blocking layer of `model` (those built with a threshold) block inputs
     over `threshold_bytes` (None: never) in blocks of about `block_bytes`."""
     for _, module in nnx.iter_modules(model):
-        if hasattr(module, "row_block_bytes") and module.row_blocks_threshold is not None:
+        if isinstance(module, RowBlocking) and module.row_blocks_threshold is not None:
             module.row_blocks_threshold = threshold_bytes
             module.row_block_bytes = block_bytes

@@ -400,4 +400,3 @@ class UNet2DConditionModel(nnx.Module):
     def cache_conditioning(self, conditioning: Conditioning) -> None:
         """Stores the text keys and values of every cross-attention (see `cache_text_kv`)."""
         cache_text_kv(self, conditioning.encoder_hidden_states)
-

@@ -173,7 +173,7 @@ class Encoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
-class Decoder(nnx.Module):
+class Decoder(row_blocks.RowBlocking, nnx.Module):
     """`conv_in`, `mid_block`, `up_blocks.i`, `conv_norm_out`, SiLU, `conv_out`:
     (B, h, w, latent_channels) -> (B, h*f, w*f, out_channels).
 
