@@ -166,11 +166,14 @@ def test_dpmpp_naive_alternate_equals_reference(case):
 def test_corrected_group_norm_formula():
     """Two patches, two groups; the stale moments make patch 0's corrected variance of group 0
     negative, which falls back to the local variance; the others follow the formula (written
-    here in raw moments E[x], E[x^2]; the buffers hold each patch's mean and variance)."""
+    here in raw moments E[x], E[x^2]; the buffers hold each patch's mean and variance). Each
+    patch and group has its own stale mean: with one stale mean for all, the corrected mean
+    is the local mean and the spread of the patches' means about it sums to zero, so a rule
+    that centres on the wrong mean, or leaves out that spread, would give the same output."""
     norm = GroupNorm(2, 4, epsilon=1e-5, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((1, 4, 3, 4)).astype(np.float32)
     stale = np.zeros((2, 2, 1, 2), np.float32)  # (patch, raw moment, batch, group)
-    stale[:, 0] = 0.1
+    stale[:, 0] = [[[0.3, -0.2]], [[-0.4, 0.5]]]
     stale[:, 1] = [[[5.0, 1.0]], [[0.5, 1.2]]]
     buffer = np.stack([stale[:, 0], stale[:, 1] - stale[:, 0] ** 2], axis=1)  # mean, variance
     buffer = buffer.reshape(4, 1, 2)  # each patch keeps its own (mean, variance), (2, 1, 2)
