@@ -668,7 +668,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:
         raise ValueError(
             f"--cfg-parallel puts the two halves of classifier-free guidance on different "
-            f"devices, but --guidance {args.guidance:g} turns guidance off: pass "
+            f"devices, but guidance is off (--guidance {args.guidance:g} is 1 or less): pass "
             "--no-cfg-parallel (or leave --cfg-parallel out), or a guidance above 1"
         )
     return ParallelConfig(
