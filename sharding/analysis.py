@@ -12,7 +12,7 @@ from flax import nnx
 
 from sharding.context import Exchange, PatchContext
 from sharding.loops import Denoiser, Loop, Sampling, step_context, step_function
-from sharding.parallel import MESH_AXES, ParallelConfig
+from sharding.parallel import MESH_AXES, ParallelConfig, mesh_order
 
 COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
 
@@ -156,6 +156,14 @@ def _collective(eqn, axis_sizes: dict[str, int]) -> Collective:
     return Collective(eqn.primitive.name, axes, operand.shape, str(operand.dtype), received)
 
 
+@dataclasses.dataclass(frozen=True)
+class HostDevice:
+    """A stand-in for a device of a multi-host run: its process (host) and global id."""
+
+    process_index: int
+    id: int
+
+
 def host_links(traced: TracedStep, hosts: int, data: int = 1) -> dict[str, dict[str, int]]:
     """Which of a step's collectives cross the host boundary, and their bytes: per
     collective kind, the bytes per step that travel between devices of the same host
@@ -163,9 +171,9 @@ def host_links(traced: TracedStep, hosts: int, data: int = 1) -> dict[str, dict[
 
     The mesh: `traced`'s, or with `data` = D > 1 D copies of its (cfg, patch) submesh
     along the data axis (a data group runs `traced` on its own prompts and exchanges
-    nothing with another). Its N devices lie on `hosts` hosts of N / hosts devices each,
-    in mesh order (as `ParallelConfig.mesh` orders them by process: the patch axis
-    innermost, the data axis outermost). The link model
+    nothing with another). Its N devices lie on `hosts` hosts of N / hosts devices each
+    (stand-ins, `HostDevice`, their ids interleaved across hosts), placed on the mesh as a
+    run places its devices (`mesh_order`, then `ParallelConfig.device_grid`). The link model
     counts point-to-point transfers: a ppermute sends its operand along each pair of its
     permutation; an all_gather sends each member's operand to every other member; an
     all_to_all each member's 1/n of it to every other member; a psum is a ring all-reduce
@@ -174,12 +182,12 @@ def host_links(traced: TracedStep, hosts: int, data: int = 1) -> dict[str, dict[
     parallel = traced.parallel
     if parallel.data != 1:
         raise ValueError("host_links: trace one data group (data=1) and give its count as data")
-    shape = (data, *parallel.mesh(abstract=True).axis_sizes[1:])
-    devices = math.prod(shape)
+    whole = dataclasses.replace(parallel, devices=data * parallel.devices, data=data)
+    devices = whole.devices
     if hosts < 1 or devices % hosts:
         raise ValueError(f"{devices} devices do not spread evenly over {hosts} hosts")
-    per_host = devices // hosts
-    index = np.arange(devices).reshape(shape)
+    stand_ins = [HostDevice(i % hosts, i) for i in range(devices)]  # host h: ids h, h + hosts..
+    grid = whole.device_grid(mesh_order(stand_ins))
     totals: dict[str, dict[str, int]] = {}
     for eqn in _nested_equations(traced.jaxpr):
         kind = eqn.primitive.name
@@ -187,7 +195,7 @@ def host_links(traced: TracedStep, hosts: int, data: int = 1) -> dict[str, dict[
         axes = axes if isinstance(axes, tuple) else (axes,)
         operand = eqn.invars[0].aval
         size = operand.size * operand.dtype.itemsize
-        for group in _groups(index, [MESH_AXES.index(a) for a in axes]):
+        for group in _groups(grid, [MESH_AXES.index(a) for a in axes]):
             n = len(group)
             if kind == "ppermute":
                 pairs = [(group[a], group[b]) for a, b in eqn.params["perm"]]
@@ -200,14 +208,14 @@ def host_links(traced: TracedStep, hosts: int, data: int = 1) -> dict[str, dict[
                 per_pair = size // n if kind == "all_to_all" else size
             entry = totals.setdefault(kind, {"within_host": 0, "cross_host": 0})
             for a, b in pairs:
-                side = "cross_host" if a // per_host != b // per_host else "within_host"
+                side = "cross_host" if a.process_index != b.process_index else "within_host"
                 entry[side] += per_pair
     return totals
 
 
-def _groups(index: np.ndarray, axes: list[int]) -> list[list[int]]:
-    """The device groups of a collective over mesh `axes`: the flat device indices that
+def _groups(grid: np.ndarray, axes: list[int]) -> list[list]:
+    """The device groups of a collective over mesh `axes`: the devices of `grid` that
     differ only along those axes, each in mesh order."""
-    others = [a for a in range(index.ndim) if a not in axes]
-    moved = np.moveaxis(index, others + axes, range(index.ndim))
-    return moved.reshape(-1, math.prod(index.shape[a] for a in axes)).tolist()
+    others = [a for a in range(grid.ndim) if a not in axes]
+    moved = np.moveaxis(grid, others + axes, range(grid.ndim))
+    return moved.reshape(-1, math.prod(grid.shape[a] for a in axes)).tolist()

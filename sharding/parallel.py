@@ -1,6 +1,8 @@
 """`ParallelConfig`: how one image is spread over devices, and the device mesh it runs on."""
 
 import dataclasses
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -165,27 +167,37 @@ class ParallelConfig:
         return any(kind == "displaced" for kind, _ in self.schedule(steps))
 
     def mesh(self, abstract: bool = False) -> Mesh | AbstractMesh:
-        """The (data, cfg, patch) mesh over the first D x C x P of `jax.devices()` ordered
-        by (process, id), the patch axis innermost (one device: this process's first, so
-        that every process of a multi-process run computes it); with `abstract`, its shape
-        only, to trace programs without the devices."""
-        shape = (self.data, self.cfg, self.patches)
+        """The (data, cfg, patch) mesh over the first D x C x P of `jax.devices()` in
+        `mesh_order` (by process, then id), laid out by `device_grid` (the patch axis
+        innermost); one device: this process's first, so that every process of a
+        multi-process run computes it. With `abstract`, its shape only, to trace programs
+        without the devices."""
         needed = self.data * self.cfg * self.patches
         if abstract:
-            return AbstractMesh(shape, MESH_AXES)
+            return AbstractMesh((self.data, self.cfg, self.patches), MESH_AXES)
         if self.device_pool is not None:
             available = list(self.device_pool)
         elif needed == 1:  # exchanges nothing: with several processes, each runs it alone
             available = jax.local_devices()
         else:
-            available = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+            available = mesh_order(jax.devices())
         if len(available) < needed:
             raise ValueError(
                 f"{needed} devices asked, {len(available)} available ({available[0].platform}); "
                 "on CPU, simulate more with jax.config.update('jax_num_cpu_devices', N) before "
                 "JAX starts (the jaxfusion command does this for --devices N)"
             )
-        return Mesh(np.array(available[:needed]).reshape(shape), MESH_AXES)
+        return Mesh(self.device_grid(available), MESH_AXES)
+
+    def device_grid(self, available: Sequence[Any]) -> np.ndarray:
+        """The (D, C, P) array of the mesh's devices: the first D x C x P of `available`, in
+        their order, the patch axis innermost and the data axis outermost, so that the P
+        patches of a guidance half are neighbours in `available` (on one host, when it is
+        in `mesh_order` and the host holds P devices or more)."""
+        shape = (self.data, self.cfg, self.patches)
+        grid = np.empty(math.prod(shape), dtype=object)
+        grid[:] = list(available[: grid.size])
+        return grid.reshape(shape)
 
     def compiler_options(self) -> dict[str, Any]:
         """The XLA options of a program on this mesh (`sharding.compiler_options`): those
@@ -217,6 +229,14 @@ class ParallelConfig:
                     + ("one device" if units == 1 else f"{counts} patches")
                     + (f" (x {self.cfg} devices with CFG parallel)" if self.cfg > 1 else "")
                 )
+
+
+def mesh_order(devices: Iterable[Any]) -> list[Any]:
+    """`devices` in the order `ParallelConfig.mesh` takes `jax.devices()` in: by process
+    (`process_index`), then `id`. A process's devices are neighbours, so the patch axis,
+    innermost (`ParallelConfig.device_grid`), keeps neighbouring patches on one host where
+    it can."""
+    return sorted(devices, key=lambda d: (d.process_index, d.id))
 
 
 def default_warmup_steps(steps: int) -> int:

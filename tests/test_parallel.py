@@ -17,10 +17,11 @@ import jaxfusion
 from jaxfusion.builtin import builtin_model_path
 from jaxfusion.models.attention import Attention
 from sharding import GroupNorm, ParallelConfig
-from sharding.analysis import TracedStep, trace_step
+from sharding.analysis import HostDevice, TracedStep, trace_step
 from sharding.context import AXIS, PatchContext, PatchPrimitive, StaleBuffer, set_patch_context
 from sharding.loops import Sampling, denoise
 from sharding.names import COMPRESSIONS, GROUP_NORM_RULES
+from sharding.parallel import mesh_order
 
 COLLECTIVES = {"ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter"}
 
@@ -345,6 +346,32 @@ def test_refusals():
     ParallelConfig(8, mode="naive", naive_split="col").check_size(96, 128, 16)
     with pytest.raises(ValueError, match="16 devices asked, 8 available"):
         ParallelConfig(16).mesh()
+
+
+def test_mesh_keeps_neighbouring_patches_on_one_process(monkeypatch):
+    """The mesh takes the devices by process, then id, and fills its (data, cfg, patch)
+    grid with the patch axis innermost: a guidance half's patches are one process's
+    neighbouring devices. Two processes of 4 devices (stand-ins), their ids interleaved as
+    they may be on a multi-host TPU; then this process's 8 CPU devices, listed backwards."""
+    stand_ins = [HostDevice(i % 2, i) for i in range(8)]  # process p: ids p, p + 2, ...
+    order = mesh_order(stand_ins[::-1])
+    assert [(d.process_index, d.id) for d in order] == [
+        (0, 0), (0, 2), (0, 4), (0, 6), (1, 1), (1, 3), (1, 5), (1, 7)
+    ]  # fmt: skip
+    ids = np.vectorize(lambda device: device.id)
+    np.testing.assert_array_equal(
+        ids(ParallelConfig(8, cfg=2).device_grid(order)), [[[0, 2, 4, 6], [1, 3, 5, 7]]]
+    )
+    np.testing.assert_array_equal(
+        ids(ParallelConfig(8, cfg=2, data=2).device_grid(order)),
+        [[[0, 2], [4, 6]], [[1, 3], [5, 7]]],
+    )
+    devices = jax.devices()
+    monkeypatch.setattr(jax, "devices", lambda *args: devices[::-1])
+    mesh = ParallelConfig(8, cfg=2, data=2).mesh()
+    assert mesh.axis_names == ("data", "cfg", AXIS)
+    by_id = sorted(d.id for d in devices)
+    np.testing.assert_array_equal(ids(mesh.devices), np.reshape(by_id, (2, 2, 2)))
 
 
 def text_projections(jaxpr, tokens: int, width: int) -> int:
