@@ -83,7 +83,7 @@ def test_generate_builtin_png_then_npy_from_the_disk_cache(cache, tmp_path):
 def test_refusals_before_compiling(tmp_path, capsys):
     out = str(tmp_path / "image.png")
     bad_height = refused(capsys, "generate", "--prompt", PROMPT, "--height", "62", "--out", out)
-    assert "height=62" in bad_height and "use 60 or 64" in bad_height
+    assert "height=62" in bad_height and "use 56 or 64" in bad_height
     assert "compiling" not in bad_height
     bad_suffix = refused(capsys, "generate", "--prompt", PROMPT, "--out", str(tmp_path / "x.jpg"))
     assert ".png" in bad_suffix

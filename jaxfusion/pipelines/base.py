@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -338,16 +339,19 @@ class TextToImagePipeline:
         size = self.unet.config.sample_size * self.downscale_factor
         return size, size
 
-    def check_size(self, height: int, width: int) -> None:
-        """Refuses an image size the VAE cannot take (as diffusers: a positive multiple of its
-        downscale factor), with the nearest valid ones."""
-        multiple = self.downscale_factor
+    def check_size(self, height: int, width: int, *, image: bool = False) -> None:
+        """Refuses an image size diffusers' pipelines refuse, with the nearest valid ones:
+        one to draw must be a positive multiple of 8 (their rule) and of the VAE's downscale
+        factor; a starting `image` of the VAE's factor (their image processor resizes to
+        it)."""
+        factor = self.downscale_factor
+        multiple = factor if image else math.lcm(8, factor)
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % multiple:
                 lower = max(multiple, size // multiple * multiple)
                 raise ValueError(
                     f"{name}={size} is not a positive multiple of {multiple} (the VAE "
-                    f"downscales by {multiple}); use {lower} or {lower + multiple}"
+                    f"downscales by {factor}); use {lower} or {lower + multiple}"
                 )
 
     def __call__(
@@ -763,7 +767,7 @@ class TextToImagePipeline:
                     "--height/--width)"
                 )
         try:
-            self.check_size(*size)
+            self.check_size(*size, image=True)
         except ValueError as error:
             raise ValueError(
                 f"the starting image is {size[0]}x{size[1]} pixels: {error}; resize it"
