@@ -10,6 +10,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,38 @@ TEXT_TOKENS = 77
 
 
 @dataclasses.dataclass(frozen=True)
-class StepAnalysis:
+class Configuration:
+    """What a record measured: the model (a name or folder), the image size, the devices N
+    and the split of one group of them (patches P, CFG halves C), the mode and the dtype."""
+
+    model: str
+    height: int
+    width: int
+    devices: int
+    patch: int
+    cfg: int
+    mode: str
+    dtype: str
+
+    @staticmethod
+    def fields(
+        model: str, height: int, width: int, parallel: ParallelConfig, dtype, data: int = 1
+    ) -> dict[str, Any]:
+        """The fields of one data group's `parallel` (N = data x C x P devices)."""
+        return dict(
+            model=model,
+            height=height,
+            width=width,
+            devices=data * parallel.devices,
+            patch=parallel.patches,
+            cfg=parallel.cfg,
+            mode=parallel.mode,
+            dtype=jnp.dtype(dtype).name,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAnalysis(Configuration):
     """One configuration's denoising step, per device (the JSON record of `bench analyze`).
 
     comm_bytes_per_device_step: received per step, from the traced program (its dtype).
@@ -82,14 +114,6 @@ class StepAnalysis:
     projected_step_model: `projected_step_seconds`, a model, not a measurement.
     """
 
-    model: str
-    height: int
-    width: int
-    devices: int
-    patch: int
-    cfg: int
-    mode: str
-    dtype: str
     flops_per_device_step: float
     flops_single_step: float
     bytes_accessed_per_device_step: float
@@ -283,15 +307,8 @@ def analyze(
     if pipeline is not None:
         generation = generation_memory(pipeline, height, width, parallel, attention)
     record = dict(
-        model=model,
-        height=height,
-        width=width,
-        devices=data * parallel.devices,
+        **Configuration.fields(model, height, width, parallel, dtype, data),
         data=data,
-        patch=parallel.patches,
-        cfg=parallel.cfg,
-        mode=parallel.mode,
-        dtype=jnp.dtype(dtype).name,
         flops_single_step=float(single["flops"]),
         attention=attention,
         hosts=hosts,
@@ -604,7 +621,7 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
 
 
 @dataclasses.dataclass(frozen=True)
-class TargetRecord:
+class TargetRecord(Configuration):
     """One configuration's denoising loop compiled for a target (the JSON record of `bench
     analyze --target`): memory per chip (`targets.peak_memory_bytes`) and the chip's HBM;
     the body of the loop read (`loop`: its step kind) as `overlap.loop_overlap` models it:
@@ -614,15 +631,7 @@ class TargetRecord:
     not fit the chip has `loop` "does not fit", the memory the compiler said it needs (None
     where it did not say) and None for the rest."""
 
-    model: str
     target: str
-    height: int
-    width: int
-    devices: int
-    patch: int
-    cfg: int
-    mode: str
-    dtype: str
     loop: str
     memory_bytes_per_chip: int | None
     hbm_bytes: int
@@ -646,15 +655,8 @@ def run_on_target(
     for height, width, parallel in rows:
         name = f"{options.model} {height}x{width}, {parallel.devices} {target.chip}"
         identity = dict(
-            model=options.model,
+            **Configuration.fields(options.model, height, width, parallel, options.dtype),
             target=target.name,
-            height=height,
-            width=width,
-            devices=parallel.devices,
-            patch=parallel.patches,
-            cfg=parallel.cfg,
-            mode=parallel.mode,
-            dtype=jnp.dtype(options.dtype).name,
         )
         try:
             with display(f"{name}, {parallel.mode}: compiling with the {target.platform} compiler"):
