@@ -1,7 +1,9 @@
 """`jaxfusion train` on a few steps: it writes a pipeline folder that both jaxfusion and
 diffusers load, with its loss curve and record, the same seed gives the same weights, and
-training continues from a trained folder (`--from`) at another size, keeping its VAE."""
+training continues from a trained folder (`--from`) at another size, keeping its VAE; the
+losses the phases record follow their formulas (numpy, float64)."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxfusion import cli
+from jaxfusion.tokenizer import tokenize
 from jaxfusion.train import shapes, trainer
 from jaxfusion.train.config import TrainConfig
 from jaxfusion.train.noise import pyramid_noise
@@ -150,3 +153,69 @@ def test_pyramid_noise_keeps_coarse_blobs_at_256_as_strong_as_white_noise_at_64(
     assert block_mean_std(white, 4) == pytest.approx(1 / 4, rel=0.1)
     assert block_mean_std(noise, 16) >= 1 / 4
     assert block_mean_std(pyramid_noise(key, (64, 64, 64, 4), 0.0), 16) < 1 / 12
+
+
+def scaled_linear_alpha_bar() -> np.ndarray:
+    """float64 alpha_bar_t of the trainer's noise schedule (scaled_linear, betas 0.00085 to
+    0.012 over 1000 steps): the products of 1 - beta."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    return np.cumprod(1 - betas)
+
+
+CONFIG = TrainConfig(image_size=32, vae_batch_size=2, kl_weight=0.5, unconditional_probability=0.5)
+
+
+def test_vae_loss_follows_the_formula():
+    """The loss the VAE phase records for its first step (the initial weights) against numpy
+    float64 from the VAE's outputs: the MSE of the reconstruction of a latent sample +
+    kl_weight x the mean over images of sum 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) (a
+    kl_weight that makes the KL term count). The sample is the trainer's draw from the
+    step's key."""
+    vae = trainer.initial_pipeline(CONFIG).models.vae
+    images, _ = shapes.batch(CONFIG.seed, 0, 2, 32, None)
+    posterior = vae.encode(images)
+    sample = posterior.sample(jax.random.fold_in(jax.random.key(CONFIG.seed), 0))
+    reconstruction = np.asarray(vae.decode(sample), np.float64)
+    mu, log_var = (np.asarray(a, np.float64) for a in (posterior.mean, posterior.logvar))
+    kl = 0.5 * (mu**2 + np.exp(log_var) - 1 - log_var).sum(axis=(1, 2, 3)).mean()
+    expected = np.mean((reconstruction - images) ** 2) + CONFIG.kl_weight * kl
+    losses = []
+    trainer.train_vae(vae, dataclasses.replace(CONFIG, vae_steps=1), losses, trainer.no_progress)
+    assert kl > 1 and losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_diffusion_loss_follows_the_formula():
+    """The loss a diffusion phase records for its first step (the initial weights) against
+    numpy float64 from the models' outputs: the mean over images of min(SNR_t, gamma) /
+    SNR_t x the MSE of the UNet's epsilon prediction on sqrt(alpha_bar_t) x0 +
+    sqrt(1 - alpha_bar_t) eps, x0 the VAE's latent means times its scaling factor, the text
+    conditioning zeroed for dropped captions, time ids the image's size. The draws (dropped
+    captions, t, pyramid noise eps) are the trainer's, jax.random from the step's key."""
+    pipe = trainer.initial_pipeline(CONFIG)
+    vae = pipe.models.vae
+    vae.config = dataclasses.replace(vae.config, scaling_factor=0.5)
+    phase = trainer.Phase("unet", "", 1, 1e-3, ((32, 4),), data_seed=7,
+                          random_size_ids=False, noise_discount=0.7)  # fmt: skip
+    images, captions = shapes.batch(phase.data_seed, 0, 4, 32, None)
+    token_ids = tuple(tokenize(tokenizer, captions) for tokenizer in pipe.tokenizers)
+    time_ids = np.tile(np.float32([32, 32, 0, 0, 32, 32]), (4, 1))
+    latents = 0.5 * np.asarray(vae.encode(images).mean, np.float64)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(phase.data_seed), 0), 3)
+    keep = np.asarray(jax.random.uniform(keys[0], (4,))) >= CONFIG.unconditional_probability
+    t = np.asarray(jax.random.randint(keys[1], (4,), 0, 1000))
+    noise = np.asarray(pyramid_noise(keys[2], latents.shape, phase.noise_discount), np.float64)
+    assert keep.any() and not keep.all()  # both kinds of caption in the batch
+    alpha_bar = scaled_linear_alpha_bar()
+    a = alpha_bar[t][:, None, None, None]
+    noisy = np.sqrt(a) * latents + np.sqrt(1 - a) * noise
+    conditioning = pipe.encode_prompt(pipe.models, token_ids, time_ids, None)
+    states = np.asarray(conditioning.encoder_hidden_states) * keep[:, None, None]
+    pooled = np.asarray(conditioning.text_embeds) * keep[:, None]
+    prediction = pipe.models.unet(noisy.astype(np.float32), t, states, pooled, time_ids)
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = np.minimum(snr, CONFIG.min_snr_gamma)[t] / snr[t]
+    errors = ((np.asarray(prediction, np.float64) - noise) ** 2).mean(axis=(1, 2, 3))
+    losses = []
+    trainer.train_diffusion(pipe, phase, CONFIG, losses, trainer.no_progress, lambda *_: None)
+    assert losses[0] == pytest.approx(np.mean(weight * errors), rel=1e-5)
