@@ -314,11 +314,9 @@ assert tuple(CODECS) == COMPRESSIONS, "sharding.names.COMPRESSIONS names the cod
 # The codec a kind of message goes through under each `ParallelConfig.compress`:
 # self-attention K/V, the bulk of the exchange, the named one;
 AS_NAMED: dict[Compression, Compression] = {name: name for name in COMPRESSIONS}
-# conv halos at 4 bits or more: they are a few rows per patch (4-14% of SDXL's exchange),
-# but each feeds a conv output at the seam directly, and below 4 bits the seams show (8
-# devices, the built-in model shipped before its multi-scale training, at 256x256:
-# residual-1bit lost 2.8 dB against uncompressed displaced with 1-bit halos, 0.13 dB with
-# 4-bit ones);
+# conv halos at 4 bits or more: they are a few rows per patch, a small share of the
+# exchange, but each feeds a conv output at the seam directly, and below 4 bits the seams
+# show (docs/compression.md);
 HALO: dict[Compression, Compression] = {
     **AS_NAMED,
     "residual-int2": "residual-int4",

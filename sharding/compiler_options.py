@@ -17,9 +17,10 @@ allow:
   collective-permute combiners off (a combined collective is done before its first reader).
 
 Each collective in flight holds its result buffer from its start to its reader, which costs
-memory (`bench analyze --target` reports it per chip). A bound of 32 was tried: the decoder's
-exchanges, started with the step, then held every slot until their layers, and the down
-blocks' (`sends_when_produced`) waited for them, to the end of the step.
+memory (`bench analyze --target` reports it per chip). The bound is above any step's count
+of collectives: under a smaller one the decoder's exchanges, started with the step, hold
+every slot until their layers, and the down blocks' (`sends_when_produced`) wait for them,
+to the end of the step.
 """
 
 from typing import Any

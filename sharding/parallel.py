@@ -244,9 +244,9 @@ def default_warmup_steps(steps: int) -> int:
 
     DistriFusion's 4 for long runs (16 steps and more: 50-step runs keep the paper's
     setting); about a quarter of the steps for short ones, so that a few-step run still
-    has displaced steps (4 steps: 2 synchronous, 2 displaced), but never W = 0: a step
-    that reuses step 0's activations, the noisiest and furthest from the next, loses
-    9.1-9.5 dB of PSNR against single compared with W = 1 at 4 and 8 steps
-    (docs/performance.md, few-step runs).
+    has displaced steps (4 steps: 2 synchronous, 2 displaced), but never W = 0: displaced
+    steps that start from step 0's activations, the noisiest and furthest from the next,
+    lose PSNR against single that W = 1 keeps (docs/performance.md, "Few-step runs",
+    measures each warm-up).
     """
     return min(DEFAULT_WARMUP_STEPS, max(1, steps // 4))

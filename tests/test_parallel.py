@@ -316,11 +316,10 @@ def test_naive_step_has_no_exchange(case, split):
 def test_pipeline_images_sync_and_cfg_split_equal_single():
     """Sync mode is the same arithmetic in another order, so it differs from the single
     device by float32 rounding, which a trained model can amplify: that is measured here as
-    what a 1e-7 relative nudge of the initial noise does to the single-device image (2.5e-6
-    on the shipped model, 2.6e-6 on the one before; sync: 4.3e-6, 4.1e-6). Sync stays within
-    10 times that nudge (measured 1.7 times on the shipped model, 1.6 on the one before), and
-    both under half an 8-bit level (2e-3), far below what the displaced rules change
-    (README: 21.3-37.7 dB PSNR on 4 and 8 devices, an RMS difference of 1.3e-2 to 8.6e-2)."""
+    what a 1e-7 relative nudge of the initial noise does to the single-device image. Sync
+    stays within 10 times that nudge, and both under half an 8-bit level (2e-3), far below
+    what the displaced rules change (the figures, printed with -s: docs/builtin-model.md,
+    "How displaced mode does on it")."""
     pipe = jaxfusion.load_pipeline(builtin_model_path())
     latents = pipe.initial_latents(1, 128, 128, 0)
     options = dict(num_inference_steps=3, height=128, width=128)

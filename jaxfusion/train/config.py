@@ -32,10 +32,9 @@ class TrainConfig:
     unet_learning_rate: float = 1e-3
     # The multi-scale rounds: step i trains on scales[i % len(scales)] = (image size, batch
     # size), half the steps at 256, on pyramid noise of `scale_noise_discount`
-    # (jaxfusion/train/noise.py). With white noise, 6,000 such steps drew one shape at 256 but
-    # took its colour and place from the initial noise (22% right). Each round restarts the
-    # learning-rate schedule; the detector's 256x256 reading after rounds 1, 2, 3, 4: 61%,
-    # 72%, 94%, 89% (and 100% 2,000 steps into round 4; README, "The built-in model").
+    # (jaxfusion/train/noise.py: on white noise a model at 256 reads the layout from the
+    # initial noise, not the prompt). Each round restarts the learning-rate schedule. What
+    # the rounds give: docs/builtin-model.md.
     scale_steps: int = 3000
     scale_rounds: int = 4
     scales: tuple[tuple[int, int], ...] = ((256, 4), (128, 8), (256, 4), (64, 32))

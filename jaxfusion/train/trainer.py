@@ -139,9 +139,10 @@ def sinusoids(positions: int, dim: int, base: float = 100.0) -> jax.Array:
     """(positions, dim) float32: [sin(p f_i), cos(p f_i)] with f_i = base^(-2i/dim), scaled
     to a root mean square of 1 like the token embeddings (Embed's N(0, 1)). A small base
     suits captions of under 30 words (Transformer's 10,000 is for long texts). Computed in
-    float64, as when the shipped model's encoders were made: `models.embeddings.
-    timestep_features` gives the same table in float32, up to 4e-6 away, which would change
-    every weight trained from it."""
+    float64 and rounded once to float32: the table the built-in model's training
+    (`scripts/train_builtin_model.sh`) starts from; `models.embeddings.timestep_features`
+    gives it in float32, a few roundings away, which would change every weight trained
+    from it."""
     frequencies = base ** (-2 * np.arange(dim // 2) / dim)
     angles = np.arange(positions)[:, None] * frequencies[None]
     table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1) * np.sqrt(2)
