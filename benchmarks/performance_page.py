@@ -56,7 +56,8 @@ TARGET_RUNS = {
     for target, cfg, sizes, devices in (
         ("h100-8", 1, "1024 2048 3840", "--devices 1 8"),
         ("h100-8", 2, "1024 2048 3840", "--devices 8 --cfg-parallel"),
-        ("v5e-8", 1, "1024 3840", "--devices 8"),
+        ("v5e-8", 1, "1024 2048 3840", "--devices 8"),
+        ("v5e-8", 2, "1024 2048 3840", "--devices 8 --cfg-parallel"),
     )
 }
 # DistriFusion's figures (../shared/DESIGN.md section 5), all SDXL with 50-step DDIM on A100s.
@@ -265,11 +266,11 @@ def analysis_section(inputs: Inputs) -> list[str]:
             f"{num(ours, ',.1f', 1e-6)} | {num(ref, ',.1f', 1e-6)} | "
             f"{num(ours / ref if ref else None, '.3f')} | {num(ours / giga, '.3f')} | "
             f"{num(ref / giga, '.3f')} | {num(paper, '.2f')} | "
-            f"{num(r['memory_bytes_per_device'] or None, '.2f', 1e-9)} | "
-            f"{num(r['stale_bytes_per_device'], '.2f', 1e-9)} | "
             f"{num(r.get('memory_bytes_generation_per_device'), '.2f', 1e-9)} | "
             f"{num(r.get('weights_bytes_per_device'), '.2f', 1e-9)} | "
-            f"{num(r.get('temp_bytes_generation_per_device'), '.2f', 1e-9)}"
+            f"{num(r.get('temp_bytes_generation_per_device'), '.2f', 1e-9)} | "
+            f"{num(r['stale_bytes_per_device'], '.2f', 1e-9)} | "
+            f"{num(r['memory_bytes_per_device'] or None, '.2f', 1e-9)}"
         )
     first = records[0] if records else {}
     blocks += produced_by(runs, machine, "analysis")
@@ -281,19 +282,20 @@ def analysis_section(inputs: Inputs) -> list[str]:
         "(all-gathers); also in G elements (bytes over the dtype's size), the unit of the "
         "paper's Table 2, whose patch-parallel figures on 8 A100s stand beside (**the "
         "paper's numbers, not ours**). TFLOPs: the step with `xla` attention (cost analysis "
-        "counts a loop's body once). Step memory: the compiled step's arguments, outputs and "
-        "temporaries per device, with the attention kernel `auto` picks (chunked for long "
-        "sequences on this CPU); stale: the buffers a displaced step keeps from the step "
-        "before, as of that run (the compressed exchange's section below traces today's). "
-        "Generation: the whole program (text encoders, warm-up and displaced loops, "
-        "VAE decode split by rows) per device, = weights (every network, replicated) + "
-        "temporaries (the stale buffers among them) + the request and the image slab. "
+        "counts a loop's body once). Run: the memory of the whole generation per device, "
+        "what a device needs (text encoders, warm-up and displaced loops, VAE decode split "
+        "by rows), = weights (every network, replicated) + run temporaries (the stale "
+        "buffers among them: the buffers a displaced step keeps from the step before, as of "
+        "that run; the compressed exchange's section below traces today's) + the request "
+        "and the image slab. Step alone: one step compiled as a program of its own "
+        "(arguments, outputs and temporaries, with the attention kernel `auto` picks: "
+        "chunked for long sequences on this CPU); not part of run, and it can exceed it. "
         f"{first.get('attention', 'xla')} attention; — where not measured."
     )
     header = (
         "size | devices | mode | TFLOPs/device | ÷ single | received MB | reference MB | "
-        "ours ÷ ref | ours G elem | ref G elem | paper G elem (8 GPUs) | step memory GB | "
-        "stale GB | generation GB | weights GB | generation temp GB"
+        "ours ÷ ref | ours G elem | ref G elem | paper G elem (8 GPUs) | run GB | "
+        "weights GB | run temp GB | stale GB | step alone GB"
     )
     blocks.append(table(header, rows))
     if (results / "analysis.png").is_file():
@@ -508,9 +510,9 @@ def targets_section(inputs: Inputs) -> list[str]:
         "are the model of `jaxfusion/bench/overlap.py` (the chip's peak throughput, one "
         "direction of its interconnect), not measurements; speed-up: over the same target's "
         "one-device step. FLOPs are the matmuls and convolutions the schedule reader finds "
-        "(`jaxfusion/bench/schedule.py`): on GPU the cuDNN attention kernels count 0; on TPU "
-        "the reading is 4x (1024) to 20x (3840) the GPU's, more than attention explains: "
-        "not understood yet, so the TPU times are not to be trusted."
+        "(`jaxfusion/bench/schedule.py`): on GPU the cuDNN attention kernels count 0 (their "
+        "custom calls are not read); on TPU attention's batched matmuls are read too (XLA:TPU "
+        "writes them as convolutions with dilated batch windows)."
     ]
     header = (
         "size | devices | step | memory GiB | of HBM GiB | TFLOP/step | exchange MB | hidden | "

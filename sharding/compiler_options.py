@@ -2,16 +2,16 @@
 
 A displaced step's collectives send messages that exist before the layers that read them
 (`sharding.context`), so the compiler may start each one long before its done. By default
-neither the TPU nor the GPU compiler does: both keep one all-gather in flight at a time and
-start it after the previous one's done, so each waits behind the one before, and XLA:GPU
-also combines the step's all-gathers into a few, each done before its first reader
-(docs/performance.md, "The exchange on the real compilers"). These options let all of them
-travel at once (`IN_FLIGHT`, more than a step has), each started as early as its operands
-allow:
+neither compiler does in a program of independent layers: both keep one all-gather in
+flight at a time and start it after the previous one's done, so each waits behind the one
+before (tests/test_schedule.py), and XLA:GPU also combines the step's all-gathers into a
+few, each done before its first reader (docs/performance.md, "The exchange on the real
+compilers"). These options let all of them travel at once (`IN_FLIGHT`, more than a step
+has), each started as early as its operands allow:
 
 - TPU: `xla_max_concurrent_async_all_gathers`, and libtpu's async-collective merger off
-  (it makes the all-gathers whose dones crowd together, as the down blocks' sends at the
-  end of the step, synchronous);
+  (the configuration docs/performance.md's TPU figures were compiled with; on the UNet
+  loops tried, libtpu's schedule hides as much with the merger on);
 - GPU: `xla_gpu_experimental_parallel_collective_overlap_limit` and
   `xla_gpu_experimental_collective_start_as_early_as_possible`, with the all-gather and
   collective-permute combiners off (a combined collective is done before its first reader).
