@@ -248,8 +248,8 @@ def test_a_signal_to_one_process_ends_every_process(tmp_path, which, signum, sta
         if i == which:
             assert last.startswith(f"stopped by {name} while {stage}"), last
             assert last.endswith("; every process of the run ends"), last
-        else:
-            assert last.startswith(f"stopped while {stage}"), last
+        else:  # at its own stage: on a busy machine it may not have reached `stage` yet
+            assert last.startswith("stopped while "), last
             assert f"process {which} was stopped by {name}, so every process" in last
         assert "Traceback" not in output and "Check failure" not in output
     assert not list(tmp_path.glob("out-*"))
