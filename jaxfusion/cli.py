@@ -792,7 +792,7 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
                 f"{option} (to compare the refiner alone, pass it as --model with --image)"
             )
     kwargs = dict(generation_kwargs(args), **image_kwargs(args))
-    pipe, _ = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
+    pipe, cache_hits = load(args, display, check=lambda abstract: abstract.prepare(**kwargs))
     image = kwargs.get("image")
     height, width = pipe.size(args.height, args.width) if image is None else image.shape[:2]
     if kwargs["latents"] is None:
@@ -822,8 +822,8 @@ def run_compare(args: argparse.Namespace, display: StageDisplay) -> int:
             len(kwargs["prompt"]), height, width, args.seed, args.steps + 1
         ),
     )
-    with display("jaxfusion: warm-up run (compiles)"):
-        ours = pipe(**kwargs, stage=display)
+    with display("jaxfusion: warm-up run"):
+        ours = generate(pipe, kwargs, cache_hits, display)
     jax_times = timed_runs(lambda: pipe(**kwargs), args.runs, "jaxfusion", display)
     with display("diffusers: warm-up run"):
         theirs = diffusers_backend.run_diffusers(torch_pipe, **torch_kwargs)

@@ -206,6 +206,7 @@ def test_compare_with_diffusers(cache, tmp_path):
     assert match, result.stderr
     assert float(match.group(1)) >= 60
     assert re.search(r"jaxfusion [\d.]+ s, diffusers [\d.]+ s", result.stderr)
+    assert "single device" in result.stderr  # the run's mode, said as generate says it
     image = np.asarray(Image.open(out))
     assert image.shape == (SIZE, 3 * SIZE + 2 * 4, 3)
     # The middle panel is diffusers' image: check it against the PSNR the command printed.
