@@ -57,7 +57,6 @@ TARGET_RUNS = {
         ("h100-8", 1, "1024 2048 3840", "--devices 1 8"),
         ("h100-8", 2, "1024 2048 3840", "--devices 8 --cfg-parallel"),
         ("v5e-8", 1, "1024 2048 3840", "--devices 8"),
-        ("v5e-8", 2, "1024 2048 3840", "--devices 8 --cfg-parallel"),
     )
 }
 # DistriFusion's figures (../shared/DESIGN.md section 5), all SDXL with 50-step DDIM on A100s.
