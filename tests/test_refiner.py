@@ -185,8 +185,8 @@ def test_command_refuses_before_loading(backends, refiner_folder, tmp_path, caps
             "--out", str(tmp_path / "x.png")]  # fmt: skip
     refusals = {
         "no such image file": ["--image", str(tmp_path / "missing.png")],
-        r"strength=1.5 must be in \[0, 1\]": ["--image", str(image_file(tmp_path)),
-                                              "--strength", "1.5"],
+        r"1\.5 is not in \(0, 1\]": ["--image", str(image_file(tmp_path)),
+                                     "--strength", "1.5"],
         "strength is for image-to-image": ["--strength", "0.5"],
         "must be strictly between 0 and 1": ["--refiner", str(refiner_folder),
                                              "--high-noise-frac", "1"],
