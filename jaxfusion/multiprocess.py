@@ -16,12 +16,15 @@ import errno
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 from jaxfusion import interrupts
 
 NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 ARGUMENTS_KEY = "jaxfusion/arguments/{}"  # process I's options and versions (JSON)
+COMPARED_KEY = "jaxfusion/compared/{}"  # process I has read every process's options
+REFUSED_KEY = "jaxfusion/refused/{}"  # process I refuses the run and ends
 # JAX gives up on joining after about twice the timeout: end, explained, well before that.
 OVERDUE = 1.5
 
@@ -146,25 +149,45 @@ def check_same_arguments(
     and the versions) than this one's: every process publishes its own through the
     coordination service (`client`) and reads the others' (waiting `timeout_s` at most).
     Raises ValueError naming the first option that differs and the processes, or
-    ConnectionError for a process that does not publish them in time (it failed)."""
+    ConnectionError for a process that does not publish them in time (it failed).
+
+    Where they differ every process finds it, and none ends before all have compared (a
+    process that ends takes the others down through the coordination service, with a C++
+    stack, before they could say why); process 0, whose service that is, ends last."""
     client.key_value_set(ARGUMENTS_KEY.format(index), json.dumps(arguments))
-    for other in range(count):
-        if other == index:
-            continue
-        try:
-            published = client.blocking_key_value_get(ARGUMENTS_KEY.format(other), timeout_s * 1000)
-        except Exception as error:  # JAX's DEADLINE_EXCEEDED
-            raise ConnectionError(
-                f"process {other} joined the run but did not send its options within "
-                f"{timeout_s} s (--distributed-timeout): see its output ({error})"
-            ) from None
-        theirs = json.loads(published)
+    others = [other for other in range(count) if other != index]
+    difference = None
+    for other in others:
+        theirs = json.loads(_published(client, ARGUMENTS_KEY.format(other), other, timeout_s))
         for name in sorted(set(arguments) | set(theirs)):
             mine, its = arguments.get(name, "none"), theirs.get(name, "none")
-            if mine != its:
-                raise ValueError(
+            if mine != its and difference is None:
+                difference = (
                     f"the processes of the run differ: {name} {mine} on process {index}, {its} "
                     f"on process {other}: start every process with the same command and "
                     "options (all but --process-id and file paths) and the same versions of "
                     "jaxfusion, jax and jaxlib"
                 )
+    if difference is None:
+        return
+    client.key_value_set(COMPARED_KEY.format(index), "1")
+    for other in others:
+        _published(client, COMPARED_KEY.format(other), other, timeout_s)
+    if index == 0:
+        for other in others:
+            _published(client, REFUSED_KEY.format(other), other, timeout_s)
+        time.sleep(interrupts.SERVICE_GRACE_S)  # their exits complete before the service goes
+    else:
+        client.key_value_set(REFUSED_KEY.format(index), "1")
+    raise ValueError(difference)
+
+
+def _published(client, key: str, other: int, timeout_s: int) -> str:
+    """The value process `other` sets at `key`, waiting `timeout_s` at most."""
+    try:
+        return client.blocking_key_value_get(key, timeout_s * 1000)
+    except Exception as error:  # JAX's DEADLINE_EXCEEDED
+        raise ConnectionError(
+            f"process {other} joined the run but did not send its options within "
+            f"{timeout_s} s (--distributed-timeout): see its output ({error})"
+        ) from None

@@ -317,13 +317,23 @@ class Store:
 
 
 def test_other_versions_or_a_silent_process_are_refused():
-    from jaxfusion.multiprocess import ARGUMENTS_KEY, check_same_arguments
+    """Process 0 refuses once process 1 has compared too and ends (it serves the
+    coordination service: it ends last); a process that never publishes is named."""
+    from jaxfusion.multiprocess import (
+        ARGUMENTS_KEY,
+        COMPARED_KEY,
+        REFUSED_KEY,
+        check_same_arguments,
+    )
 
     mine = {"the command": "generate", "jax": "0.10.2"}
     theirs = json.dumps(dict(mine, jax="0.10.1"))
     differ = r"differ: jax 0\.10\.2 on process 0, 0\.10\.1 on process 1"
+    peer = {ARGUMENTS_KEY.format(1): theirs, COMPARED_KEY.format(1): "1"}
+    with pytest.raises(ConnectionError, match="process 1"):  # it never said it ends
+        check_same_arguments(Store(dict(peer)), 0, 2, mine, 5)
     with pytest.raises(ValueError, match=differ):
-        check_same_arguments(Store({ARGUMENTS_KEY.format(1): theirs}), 0, 2, mine, 5)
+        check_same_arguments(Store(dict(peer, **{REFUSED_KEY.format(1): "1"})), 0, 2, mine, 5)
     with pytest.raises(ConnectionError, match="process 1 joined the run but did not send its"):
         check_same_arguments(Store({}), 0, 2, mine, 5)
 
