@@ -161,6 +161,7 @@ class _Peers:
 
     def __init__(self, client: Any, index: int, count: int):
         self.client, self.index, self.count = client, index, count
+        self.stopping = threading.Event()  # this process was stopped: its own stop is no news
         self.closed = threading.Event()
         self.idle = threading.Lock()  # held while a request of `watch` is under way
 
@@ -171,7 +172,7 @@ class _Peers:
                 if self.closed.is_set():
                     return
                 told = self.told()
-            if told is not None:
+            if told is not None and not self.stopping.is_set():
                 self.end(told)
 
     def told(self) -> str | None:
@@ -190,6 +191,7 @@ class _Peers:
 
     def tell(self, status: int, why: str) -> None:
         """Asks every process to end with `status`, saying `why`."""
+        self.stopping.set()
         # If the service is gone, the others end through its heartbeats.
         with contextlib.suppress(Exception):
             self.client.key_value_set(STOP_KEY, f"{status} {why}", allow_overwrite=True)
