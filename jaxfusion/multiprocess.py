@@ -158,7 +158,8 @@ def check_same_arguments(
     others = [other for other in range(count) if other != index]
     difference = None
     for other in others:
-        theirs = json.loads(_published(client, ARGUMENTS_KEY.format(other), other, timeout_s))
+        published = _published(client, ARGUMENTS_KEY, other, timeout_s, "send its options")
+        theirs = json.loads(published)
         for name in sorted(set(arguments) | set(theirs)):
             mine, its = arguments.get(name, "none"), theirs.get(name, "none")
             if mine != its and difference is None:
@@ -172,22 +173,23 @@ def check_same_arguments(
         return
     client.key_value_set(COMPARED_KEY.format(index), "1")
     for other in others:
-        _published(client, COMPARED_KEY.format(other), other, timeout_s)
+        _published(client, COMPARED_KEY, other, timeout_s, "compare the options")
     if index == 0:
         for other in others:
-            _published(client, REFUSED_KEY.format(other), other, timeout_s)
+            _published(client, REFUSED_KEY, other, timeout_s, "end")
         time.sleep(interrupts.SERVICE_GRACE_S)  # their exits complete before the service goes
     else:
         client.key_value_set(REFUSED_KEY.format(index), "1")
     raise ValueError(difference)
 
 
-def _published(client, key: str, other: int, timeout_s: int) -> str:
-    """The value process `other` sets at `key`, waiting `timeout_s` at most."""
+def _published(client, key: str, other: int, timeout_s: int, what: str) -> str:
+    """The value process `other` sets at `key` (formatted with its index) once it has done
+    `what`, waiting `timeout_s` at most."""
     try:
-        return client.blocking_key_value_get(key, timeout_s * 1000)
+        return client.blocking_key_value_get(key.format(other), timeout_s * 1000)
     except Exception as error:  # JAX's DEADLINE_EXCEEDED
         raise ConnectionError(
-            f"process {other} joined the run but did not send its options within "
+            f"process {other} joined the run but did not {what} within "
             f"{timeout_s} s (--distributed-timeout): see its output ({error})"
         ) from None
