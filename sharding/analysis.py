@@ -11,7 +11,15 @@ import numpy as np
 from flax import nnx
 
 from sharding.context import Exchange, PatchContext
-from sharding.loops import Denoiser, Loop, Sampling, step_context, step_function
+from sharding.loops import (
+    Denoiser,
+    Layout,
+    Loop,
+    Sampling,
+    split_axis,
+    step_context,
+    step_function,
+)
 from sharding.parallel import MESH_AXES, ParallelConfig, mesh_order
 
 COLLECTIVES = ("ppermute", "all_gather", "psum", "all_to_all", "reduce_scatter", "psum_scatter")
@@ -70,6 +78,7 @@ def trace_step(
     buffers = nnx.State({})
     if exchange == "displaced":
         buffers = stale_buffers(denoiser, sampling, latents, parallel)
+    layout, latents = laid_out(denoiser, latents, parallel)
     context = PatchContext(
         parallel.patches,
         exchange,
@@ -77,9 +86,11 @@ def trace_step(
         compress=parallel.compress,
         receive_kv=exchange_kv,
         hold_kv=parallel.kv_refresh > 1,
+        split=None if exchange == "none" else layout.split,
+        width=latents.shape[2],
     )
     state = jax.eval_shape(sampling.schedule.init_state, latents)
-    traced = jax.make_jaxpr(step_function(denoiser, parallel, context, mesh))
+    traced = jax.make_jaxpr(step_function(denoiser, parallel, context, mesh, layout))
     closed = traced(weights, buffers, sampling, latents, state, jnp.int32(1))
     (shard_map,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "shard_map"]
     return TracedStep(shard_map.params["jaxpr"], buffers, parallel)
@@ -94,11 +105,22 @@ def stale_buffers(
     """The stale buffers of a displaced step as `jax.ShapeDtypeStruct`s, each the
     per-device buffers of the whole mesh concatenated along axis 0 (see `step_function`)."""
     _, weights = nnx.split(denoiser)
-    warmup = step_context("warm-up", parallel)
-    step = step_function(denoiser, parallel, warmup, parallel.mesh(abstract=True))
+    layout, latents = laid_out(denoiser, latents, parallel)
+    warmup = step_context("warm-up", parallel, layout.split, latents.shape[2])
+    step = step_function(denoiser, parallel, warmup, parallel.mesh(abstract=True), layout)
     state = jax.eval_shape(sampling.schedule.init_state, latents)
     args = (weights, nnx.State({}), sampling, latents, state, jnp.int32(0))
     return jax.eval_shape(step, *args)[2]
+
+
+def laid_out(
+    denoiser: Denoiser, latents: jax.ShapeDtypeStruct | jax.Array, parallel: ParallelConfig
+) -> tuple[Layout, jax.ShapeDtypeStruct]:
+    """The layout of the whole latent `latents` (B, h, w, C) on the patch devices, and the
+    shape of the latent laid out for them (`step_function`'s input)."""
+    layout = Layout.of(denoiser, latents.shape, parallel)
+    shape = layout.split.laid_out(latents.shape, split_axis(parallel))
+    return layout, jax.ShapeDtypeStruct(shape, latents.dtype)
 
 
 def local_step(denoiser: Denoiser, parallel: ParallelConfig, patch: int = 1):

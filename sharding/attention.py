@@ -21,6 +21,10 @@ class KVExchange(PatchPrimitive):
     Joint attention (text tokens beside the image's, as in SD3 and Flux): the first
     `shared_tokens` are every patch's own (the text's: never exchanged), the rest the
     patch's image tokens.
+
+    Patches of unequal real rows (`PatchContext.uneven_tokens`): a patch's padding tokens
+    are sent as zeros, and the gathered keys and values are each patch's real tokens only,
+    in order: exactly the whole image's, with no padded key to mask.
     """
 
     def __call__(
@@ -28,7 +32,7 @@ class KVExchange(PatchPrimitive):
     ) -> tuple[jax.Array, jax.Array]:
         """key, value: (B, shared_tokens + tokens, heads, head_dim) of this patch ->
         (B, shared_tokens + P * tokens, heads, head_dim): the shared tokens, then the whole
-        image's."""
+        image's (fewer than P * tokens where the patches' real rows are unequal)."""
         if shared_tokens:
             image_key, image_value = self(key[:, shared_tokens:], value[:, shared_tokens:])
             return (
@@ -41,6 +45,11 @@ class KVExchange(PatchPrimitive):
         context = self.patch
         if context is None:
             return key, value
+        uneven = context.uneven_tokens(tokens)
+        if uneven is not None:  # padding tokens: sent as zeros, never read
+            split, width = uneven
+            real = jnp.arange(tokens) < split.real_rows(context.index()) * width
+            own = jnp.where(real[:, None], own, 0)
 
         def gather(messages):
             return jax.tree.map(lambda x: context.gather(x, axis=2), messages)
@@ -59,5 +68,10 @@ class KVExchange(PatchPrimitive):
         kv = received.value
         if received.stale:
             kv = jax.lax.dynamic_update_index_in_dim(kv, own, index, axis=2)
+        if uneven is not None:
+            kv = jnp.concatenate(
+                [kv[:, :, patch, : count * width] for patch, count in enumerate(split.counts)],
+                axis=2,
+            )
         kv = kv.reshape(2, b, -1, heads, head_dim)
         return kv[0], kv[1]

@@ -9,7 +9,9 @@ models never see it. How each kind of exchange behaves is written once, in
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any, Literal
 
 import jax
@@ -18,6 +20,7 @@ from flax import nnx
 
 from sharding.codecs import AS_NAMED, CODECS, Transport
 from sharding.names import Compression, GroupNormRule
+from sharding.split import Split
 
 Exchange = Literal["sync", "displaced", "none", "local"]
 AXIS = "patch"
@@ -44,7 +47,7 @@ class PatchContext:
     """How the primitives behave in this denoising step on this device.
 
     patches: P, the devices along the mesh axis `AXIS`; this device's patch is
-        `jax.lax.axis_index(AXIS)`, rows [i*h/P, (i+1)*h/P) of every feature map.
+        `jax.lax.axis_index(AXIS)`, its rows of every feature map as `split` says.
     exchange: "sync" (context from the other patches' current activations: exact),
         "displaced" (context from their previous-step activations: the messages each patch
         kept in the step before are exchanged in this step, while it computes up to the
@@ -63,6 +66,12 @@ class PatchContext:
         that sent); else it reads the K/V it holds from the last exchange.
     hold_kv: the K/V stale buffers also hold the K/V last received, for the steps that do
         not exchange (kv_refresh > 1).
+    split: the latent's rows of each patch (`sharding.split`) where they are unequal: each
+        device's arrays hold `split.slab` rows at the latent's level, its real rows first;
+        None: every patch's rows are real, rows [i*h/P, (i+1)*h/P) of a feature map of
+        height h.
+    width: the latent's width, with `split` (to find a token sequence's rows:
+        `uneven_tokens`).
     """
 
     patches: int
@@ -74,12 +83,47 @@ class PatchContext:
     send_kv: bool = True
     receive_kv: bool = True
     hold_kv: bool = False
+    split: Split | None = None
+    width: int = 0
 
     def index(self) -> jax.Array:
         """This device's patch, i."""
         if self.exchange == "local":
             return jnp.int32(self.local_index)
         return jax.lax.axis_index(AXIS)
+
+    def uneven(self, rows: int) -> Split | None:
+        """The split of a feature map whose device arrays hold `rows` rows, where some patch
+        has padding rows after its real ones; None where every row is real."""
+        if self.split is None or self.split.even:
+            return None
+        return self.split.at(rows)
+
+    def uneven_tokens(self, tokens: int) -> tuple[Split, int] | None:
+        """For a row-major sequence of `tokens` image tokens of this device, where some
+        patch has padding rows: (the split of its rows, tokens per row); else None. The
+        tokens are those of a feature map at a power of 2 of the latent's resolution (a
+        UNet or VAE level, a transformer's patches): the one whose slab x width is `tokens`.
+        """
+        if self.split is None or self.split.even:
+            return None
+        for level in range(-8, 9):
+            scale = Fraction(2) ** level
+            rows, width = self.split.slab * scale, math.ceil(self.width * scale)
+            if rows.denominator == 1 and rows * width == tokens:
+                return self.split.at(int(rows)), width
+        raise ValueError(
+            f"{tokens} tokens are not a feature map of the {self.split.size}x{self.width} "
+            "latent at a power of 2 of its resolution"
+        )
+
+    def first_row(self, rows: int) -> jax.Array:
+        """This patch's first real row in the whole feature map whose device arrays hold
+        `rows` rows."""
+        split = self.uneven(rows)
+        if split is None:
+            return self.index() * rows
+        return split.first_row(self.index())
 
     @property
     def exchanges(self) -> bool:

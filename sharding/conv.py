@@ -9,18 +9,6 @@ from sharding.context import PatchContext, PatchPrimitive
 from sharding.parameters import parameter, uniform
 
 
-def halo_messages(x: jax.Array, above: int, below: int) -> dict[str, jax.Array]:
-    """What this patch sends of `x` (B, H, W, C), as (B, rows * W, C) messages: "down" its
-    last `above` rows (the halo above of the patch below), "up" its first `below` rows."""
-    b, h, w, c = x.shape
-    messages = {}
-    if above:
-        messages["down"] = x[:, h - above :].reshape(b, above * w, c)
-    if below:
-        messages["up"] = x[:, :below].reshape(b, below * w, c)
-    return messages
-
-
 def neighbour_rows(messages: dict, context: PatchContext) -> dict:
     """The halo messages this patch receives (or their payloads): "above" the "down"
     message of the patch above, "below" the "up" message of the patch below; zeros at the
@@ -50,8 +38,9 @@ class Conv2d(PatchPrimitive):
     `conv_in` sees the 4-channel latent).
 
     Parameters: `kernel` (kh, kw, in, out), `bias` (out,). Stale buffer (displaced steps):
-    `halo`, the rows this patch sent in the previous step (`halo_messages`): {"down": (B,
-    before * W, in), "up": (B, after * W, in)} in the codec's form (`sharding.codecs`).
+    `halo`, the rows this patch sent in the previous step (see `receive_halo`): {"down": (B,
+    before * W, in) its last real rows, "up": (B, after * W, in) its first} in the codec's
+    form (`sharding.codecs`).
     """
 
     def __init__(
@@ -96,27 +85,60 @@ class Conv2d(PatchPrimitive):
 
     def pad_rows(self, x: jax.Array) -> jax.Array:
         """Pads `x` (B, H, W, C) with `before` rows on top and `after` underneath: zeros on
-        one device and in naive patches, else the rows the neighbours send
-        (`PatchContext.receive`; compressed in displaced steps as `sharding.codecs.HALO`
-        says, but for a `current_halo`)."""
+        one device and in naive patches, else the rows the neighbours send (`receive_halo`). Where
+        padding rows follow this patch's real ones (`real_rows`), the rows from below go
+        right after the real rows."""
         above, below = self.padding
-        received = None
-        if self.patch is not None and above + below:
-            context = self.patch
-            received = context.receive(
-                self,
-                "halo",
-                halo_messages(x, above, below),
-                lambda messages: neighbour_rows(messages, context),
-                current=self.current_halo,
-                codec_of=HALO,
-            )
-        if received is None:
+        if not above + below:
+            return x
+        real_rows = self.real_rows(x.shape[1])
+        if real_rows is None:
+            last = x[:, x.shape[1] - above :]
+        else:
+            last = jax.lax.dynamic_slice_in_dim(x, real_rows - above, above, axis=1)
+        halo = self.receive_halo(x[:, :below], last)
+        if halo is None:
             return jnp.pad(x, ((0, 0), (above, below), (0, 0), (0, 0)))
-        b, _, w, c = x.shape
-        halo = received.value
-        parts = [halo["above"].reshape(b, above, w, c)] if above else []
-        parts.append(x)
+        parts = [halo["above"]] if above else []
+        if not below:
+            return jnp.concatenate([*parts, x], axis=1)
+        if real_rows is None:
+            return jnp.concatenate([*parts, x, halo["below"]], axis=1)
+        rows = jnp.concatenate([*parts, x, jnp.zeros_like(halo["below"])], axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(rows, halo["below"], above + real_rows, axis=1)
+
+    def real_rows(self, rows: int) -> jax.Array | None:
+        """How many of this patch's `rows` rows are real where padding rows follow them
+        (`PatchContext.uneven`); None where all are."""
+        split = None if self.patch is None else self.patch.uneven(rows)
+        return None if split is None else split.real_rows(self.patch.index())
+
+    def receive_halo(self, first: jax.Array, last: jax.Array) -> dict[str, jax.Array] | None:
+        """The rows this patch receives for the rows it sends, `first` (B, after, W, C) its
+        first rows and `last` (B, before, W, C) its last real ones: {"above": (B, before, W,
+        C) the patch above's last, "below": (B, after, W, C) the patch below's first}, those
+        with rows, zeros at the image's edges (`PatchContext.receive`; compressed in
+        displaced steps as `sharding.codecs.HALO` says, but for a `current_halo`). None
+        where nothing is received: on one device and in naive patches (zero padding)."""
+        above, below = self.padding
+        if self.patch is None or not above + below:
+            return None
+        b, _, w, c = first.shape
+        messages = {}
+        if above:
+            messages["down"] = last.reshape(b, above * w, c)
         if below:
-            parts.append(halo["below"].reshape(b, below, w, c))
-        return jnp.concatenate(parts, axis=1)
+            messages["up"] = first.reshape(b, below * w, c)
+        context = self.patch
+        received = context.receive(
+            self,
+            "halo",
+            messages,
+            lambda messages: neighbour_rows(messages, context),
+            current=self.current_halo,
+            codec_of=HALO,
+        )
+        if received is None:
+            return None
+        rows = {"above": above, "below": below}
+        return {side: m.reshape(b, rows[side], w, c) for side, m in received.value.items()}

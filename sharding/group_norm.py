@@ -7,41 +7,47 @@ from flax import nnx
 from sharding.codecs import EXACT
 from sharding.context import GroupNormRule, PatchPrimitive, Received
 from sharding.parameters import ones, parameter, zeros
+from sharding.split import Split
 
 
 def image_moments(
-    local: jax.Array, received: Received | None, rule: GroupNormRule, index: jax.Array
+    local: jax.Array,
+    received: Received | None,
+    rule: GroupNormRule,
+    index: jax.Array,
+    shares: tuple[float, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(mean, variance), each (B, G), of the whole image from this patch's view.
 
     local: (2, B, G) this patch's mean and variance (about its own mean) in this step.
     received: every patch's local moments (P, 2, B, G), of this step (synchronous: the
         image's exact moments) or of the previous step (stale); None: this patch alone.
-    rule, for stale moments (patch i, local l, stale s_j):
-      corrected: mean_j(s_j) + (l - s_i) for both raw moments E[x] and E[x^2]; where the
-        variance this gives is negative, the local variance instead (the mean stays
-        corrected).
-      stale: (l + sum_{j != i} s_j) / P.
+    rule, for stale moments (patch i, local l, stale s_j, n_j the real elements of patch j
+    and N of the image; n_j / N = 1 / P where the patches are equal):
+      corrected: sum_j (n_j / N) s_j + (l - s_i) for both raw moments E[x] and E[x^2];
+        where the variance this gives is negative, the local variance instead (the mean
+        stays corrected).
+      stale: (n_i l + sum_{j != i} n_j s_j) / N.
       separate: the local moments only.
       ("sync" never reads stale moments: that GroupNorm exchanges this step's.)
+    shares: (n_j / N) per patch; None: 1 / P each.
 
     Each rule is a weighted sum of patches' raw moments whose weights w sum to 1, computed
     about the combined mean M so that nothing large cancels:
     E[x] = sum w m = M, Var = sum w (v + (m - M)^2) (exact for the sync rule: the variance
-    of the union of equal-sized patches, as one device computes it).
+    of the union of the patches, as one device computes it).
     """
     if received is None or (received.stale and rule == "separate"):
         return local[0], local[1]
     moments = received.value
     patches = moments.shape[0]
+    share = jnp.full((patches,), 1 / patches) if shares is None else jnp.asarray(shares)
     if not received.stale:
-        weights = jnp.full((patches,), 1 / patches)
-    elif rule == "corrected":
+        weights = share
+    elif rule in ("corrected", "stale"):
         moments = jnp.concatenate([moments, local[None], moments[index][None]])
-        weights = jnp.concatenate([jnp.full((patches,), 1 / patches), jnp.array([1.0, -1.0])])
-    elif rule == "stale":
-        moments = jnp.concatenate([moments, local[None], moments[index][None]])
-        weights = jnp.concatenate([jnp.ones(patches), jnp.array([1.0, -1.0])]) / patches
+        own = jnp.float32(1.0) if rule == "corrected" else share[index]
+        weights = jnp.concatenate([share, jnp.stack([own, -own])])
     else:
         raise ValueError(f"GroupNorm rule {rule!r} has no combination of stale moments")
     weights = weights[:, None, None]
@@ -82,22 +88,34 @@ class GroupNorm(PatchPrimitive):
         self.bias = parameter(rngs, zeros, (num_channels,), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> (B, H, W, C)."""
+        """(B, H, W, C) -> (B, H, W, C). Where padding rows follow this patch's real ones
+        (`PatchContext.uneven`), the statistics are the real rows' only."""
         b, h, w, c = x.shape
         grouped = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = grouped.mean(axis=(1, 2, 4))
-        deviation = grouped - mean[:, None, None, :, None]
-        local = jnp.stack([mean, jnp.square(deviation).mean(axis=(1, 2, 4))])
-        mean, var = self.moments_of_image(local)
+        split = None if self.patch is None else self.patch.uneven(h)
+        if split is None:
+            mean = grouped.mean(axis=(1, 2, 4))
+            deviation = grouped - mean[:, None, None, :, None]
+            local = jnp.stack([mean, jnp.square(deviation).mean(axis=(1, 2, 4))])
+        else:
+            real = jnp.arange(h)[None, :, None, None, None] < split.real_rows(self.patch.index())
+            count = real.sum() * w * grouped.shape[-1]
+            mean = jnp.where(real, grouped, 0.0).sum(axis=(1, 2, 4)) / count
+            deviation = jnp.where(real, grouped - mean[:, None, None, :, None], 0.0)
+            local = jnp.stack([mean, jnp.square(deviation).sum(axis=(1, 2, 4)) / count])
+        mean, var = self.moments_of_image(local, split)
         inv_std = jax.lax.rsqrt(var + self.epsilon)
         normed = (grouped - mean[:, None, None, :, None]) * inv_std[:, None, None, :, None]
         normed = normed.reshape(b, h, w, c)
         out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return out.astype(self.dtype)
 
-    def moments_of_image(self, local: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def moments_of_image(
+        self, local: jax.Array, split: Split | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """This patch's (mean, variance) (2, B, G) -> the (mean, variance) it normalizes
-        with. Under the "sync" rule every step exchanges this step's moments."""
+        with (`split`: the patches' rows where they are unequal). Under the "sync" rule
+        every step exchanges this step's moments."""
         context = self.patch
         if context is None:
             return local[0], local[1]
@@ -109,4 +127,5 @@ class GroupNorm(PatchPrimitive):
             current=context.group_norm == "sync",
             codec_of=EXACT,
         )
-        return image_moments(local, received, context.group_norm, context.index())
+        shares = None if split is None else split.shares
+        return image_moments(local, received, context.group_norm, context.index(), shares)

@@ -7,6 +7,10 @@ steps on one device. The patch-parallel modes run the loop inside `jax.shard_map
 loop and after it (the VAE decodes it split, `sharding.rows`); the scheduler and the guidance
 combination work on the slab.
 
+A height that does not split into P equal slabs at unit boundaries (`Denoiser.row_unit`)
+splits into slabs of unequal real rows in equal device arrays (`sharding.split`): the loop
+takes and returns the whole latent, and lays it out for the devices around the program.
+
 The scans of a run are `ParallelConfig.schedule`'s: displaced mode (DistriFusion) runs steps
 0..W synchronously (the warm-up, one scan), then steps W+1..T-1 displaced (a second scan);
 the carry of both holds the latent slab, the scheduler state and the primitives' stale
@@ -15,6 +19,7 @@ denoiser inside the program; the denoiser itself is unchanged.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -25,13 +30,20 @@ from jax.sharding import PartitionSpec as P
 
 from sharding.context import AXIS, PatchContext, StaleBuffer, set_patch_context
 from sharding.parallel import CFG_AXIS, DATA_AXIS, ParallelConfig, StepKind
+from sharding.split import Split
 
 SINGLE = ParallelConfig()
 
 
 class Denoiser(Protocol):
     """What the loops run: an `nnx.Module` whose spatial layers are this package's
-    primitives (`Conv2d`, `GroupNorm`, `KVExchange`), so that it runs on a row slab."""
+    primitives (`Conv2d`, `GroupNorm`, `KVExchange`), so that it runs on a row slab.
+
+    row_unit: what a slab's boundary rows must be a multiple of, in latent rows: its
+    coarsest downsampling (2 ** (levels - 1) for a UNet, the patch size of a transformer).
+    """
+
+    row_unit: int
 
     def predict(self, latents: jax.Array, timestep: jax.Array, conditioning: Any) -> jax.Array:
         """The model's output (B, h, w, C) for `latents` (B, h, w, C) NHWC, the whole latent
@@ -109,11 +121,17 @@ def step_noise(key: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Arra
 
 
 def slab_noise(
-    sampling: Sampling, latents: jax.Array, i: jax.Array, parallel: ParallelConfig
+    sampling: Sampling,
+    latents: jax.Array,
+    i: jax.Array,
+    parallel: ParallelConfig,
+    split: Split | None = None,
 ) -> jax.Array | None:
     """Step i's `step_noise` as this device holds the latent: `latents` is its slab (of
     `latent_spec`) inside the patch-parallel program, so every device takes its rows (or
-    columns) of the same whole-latent noise; None for samplers that draw none."""
+    columns: `split`, the latent's split along them; None: P equal slabs) of the same
+    whole-latent noise, laid out as the latent (`Split.pad`); None for samplers that draw
+    none."""
     if not sampling.schedule.draws_noise:
         return None
     if sampling.noise_key is None:
@@ -123,11 +141,13 @@ def slab_noise(
         )
     if parallel.mode == "single":
         return step_noise(sampling.noise_key, i, latents.shape)
-    axis = tuple(latent_spec(parallel)).index(AXIS)
+    axis = split_axis(parallel)
+    if split is None:
+        split = Split.of(latents.shape[axis] * parallel.patches, parallel.patches, 1)
     whole = list(latents.shape)
     whole[0] *= parallel.data
-    whole[axis] *= parallel.patches
-    noise = step_noise(sampling.noise_key, i, tuple(whole))
+    whole[axis] = split.size
+    noise = split.pad(step_noise(sampling.noise_key, i, tuple(whole)), axis)
     for mesh_axis, array_axis in ((DATA_AXIS, 0), (AXIS, axis)):
         size = latents.shape[array_axis]
         start = jax.lax.axis_index(mesh_axis) * size
@@ -136,7 +156,7 @@ def slab_noise(
 
 
 def sampler_step(
-    denoiser: Denoiser,
+    predict: Callable[[jax.Array, jax.Array, Any], jax.Array],
     sampling: Sampling,
     latents: jax.Array,
     state: Any,
@@ -145,16 +165,17 @@ def sampler_step(
     *,
     cfg_split: bool = False,
 ) -> tuple[jax.Array, Any]:
-    """Step i of the sampler on `latents` (B, h, w, C), the whole latent or a slab:
-    (latents, scheduler state) after it. `noise`: step i's fresh noise as `latents` holds
-    it (`slab_noise`), for samplers that draw some. With `cfg_split` this device computes
-    one guidance half and gets the other's prediction from the mesh axis "cfg"."""
+    """Step i of the sampler on `latents` (B, h, w, C), the whole latent or a slab, with the
+    denoiser's `predict` (`Denoiser.predict`): (latents, scheduler state) after it. `noise`:
+    step i's fresh noise as `latents` holds it (`slab_noise`), for samplers that draw some.
+    With `cfg_split` this device computes one guidance half and gets the other's prediction
+    from the mesh axis "cfg"."""
     schedule = sampling.schedule
     model_input = schedule.scale_model_input(latents, i)
     guided = sampling.guidance_scale is not None
     if guided and not cfg_split:
         model_input = jnp.concatenate([model_input, model_input])
-    noise_pred = denoiser.predict(model_input, schedule.timesteps[i], sampling.conditioning)
+    noise_pred = predict(model_input, schedule.timesteps[i], sampling.conditioning)
     if guided:
         if cfg_split:
             noise_pred = jax.lax.all_gather(noise_pred, CFG_AXIS, tiled=True)
@@ -172,14 +193,16 @@ def denoise(
     """Runs every step of the schedule from `latents` (B, h, w, C) NHWC, already scaled by
     init_noise_sigma, and returns the final latents (same shape and dtype), on one device
     or patch parallel as `parallel` says; patch parallel, they stay split over the mesh as
-    the loop leaves them (`latent_spec`), never gathered on one device."""
+    the loop leaves them (`latent_spec`), never gathered on one device, where the slabs are
+    equal; unequal ones (`sharding.split`) are laid out for the devices and back here."""
     graphdef, weights = nnx.split(denoiser)
     if parallel.mode == "single":
         return run_schedule(Loop.start(graphdef, weights, sampling, parallel), latents)
-    slab = latent_spec(parallel)
+    slab, axis = latent_spec(parallel), split_axis(parallel)
+    layout = Layout.of(denoiser, latents.shape, parallel)
 
     def per_device(weights, sampling, latents):
-        return run_schedule(Loop.start(graphdef, weights, sampling, parallel), latents)
+        return run_schedule(Loop.start(graphdef, weights, sampling, parallel, layout), latents)
 
     run = jax.shard_map(
         per_device,
@@ -188,7 +211,8 @@ def denoise(
         out_specs=slab,
         check_vma=False,
     )
-    return run(weights, group_batches(sampling, parallel), latents)
+    latents = layout.split.pad(latents, axis)
+    return layout.split.unpad(run(weights, group_batches(sampling, parallel), latents), axis)
 
 
 def latent_spec(parallel: ParallelConfig) -> P:
@@ -197,6 +221,31 @@ def latent_spec(parallel: ParallelConfig) -> P:
     if parallel.mode == "naive" and parallel.naive_split == "col":
         return P(DATA_AXIS, None, AXIS)
     return P(DATA_AXIS, AXIS)
+
+
+def split_axis(parallel: ParallelConfig) -> int:
+    """The latent's axis that the patch devices split (`latent_spec`): 1 (rows) or 2."""
+    return tuple(latent_spec(parallel)).index(AXIS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the patch devices hold a (B, h, w, C) latent: `split`, the slabs of the side
+    they split (`split_axis`: rows, or columns for naive column slabs), and for naive
+    alternate slabs `columns`, the width's slabs of their odd steps (else None)."""
+
+    split: Split
+    columns: Split | None = None
+
+    @classmethod
+    def of(cls, denoiser: Denoiser, shape: tuple[int, ...], parallel: ParallelConfig) -> "Layout":
+        """The slabs of a latent of `shape` at the denoiser's `row_unit`."""
+        unit = denoiser.row_unit
+        split = Split.of(shape[split_axis(parallel)], parallel.patches, unit)
+        columns = None
+        if parallel.mode == "naive" and parallel.naive_split == "alternate":
+            columns = Split.of(shape[2], parallel.patches, unit)
+        return cls(split, columns)
 
 
 def sampling_spec(parallel: ParallelConfig) -> Sampling:
@@ -232,13 +281,15 @@ NO_BUFFERS = nnx.State({})
 @dataclasses.dataclass(frozen=True)
 class Loop:
     """What every step of one run shares: the denoiser (graph and weights, with what depends
-    on the conditioning only computed once), the sampling inputs and the parallel
-    configuration."""
+    on the conditioning only computed once), the sampling inputs, the parallel
+    configuration and the latent's `Layout` on the devices (None: one device, or P equal
+    row slabs)."""
 
     graphdef: nnx.GraphDef
     weights: nnx.State
     sampling: Sampling
     parallel: ParallelConfig
+    layout: Layout | None = None
 
     @classmethod
     def start(
@@ -247,12 +298,13 @@ class Loop:
         weights: nnx.State,
         sampling: Sampling,
         parallel: ParallelConfig,
+        layout: Layout | None = None,
     ) -> "Loop":
         """The run of the denoiser `graphdef`/`weights`: a copy of it that has cached its
         conditioning (`Denoiser.cache_conditioning`)."""
         denoiser = nnx.merge(graphdef, weights)
         denoiser.cache_conditioning(sampling.conditioning)
-        return cls(*nnx.split(denoiser), sampling, parallel)
+        return cls(*nnx.split(denoiser), sampling, parallel, layout)
 
     def step(
         self,
@@ -268,16 +320,27 @@ class Loop:
         set_patch_context(model, context)
         parallel = self.parallel
 
-        def step(latents, state, noise):
-            return sampler_step(
-                model, self.sampling, latents, state, i, noise, cfg_split=parallel.cfg == 2
-            )
+        def step_with(predict):
+            def step(latents, state, noise):
+                return sampler_step(
+                    predict, self.sampling, latents, state, i, noise, cfg_split=parallel.cfg == 2
+                )
 
-        noise = slab_noise(self.sampling, latents, i, parallel)
-        if parallel.mode == "naive" and parallel.naive_split == "alternate":
-            latents, state = jax.lax.cond(i % 2, column_step(step), step, latents, state, noise)
+            return step
+
+        layout = self.layout
+        split = None if layout is None else layout.split
+        noise = slab_noise(self.sampling, latents, i, parallel, split)
+        if parallel.mode != "naive":
+            latents, state = step_with(model.predict)(latents, state, noise)
+        elif parallel.naive_split == "alternate":
+            rows = step_with(predict_real(model.predict, split, 1))
+            columns = step_with(predict_real(model.predict, layout.columns, 2))
+            columns = column_step(columns, split, layout.columns)
+            latents, state = jax.lax.cond(i % 2, columns, rows, latents, state, noise)
         else:
-            latents, state = step(latents, state, noise)
+            predict = predict_real(model.predict, split, split_axis(parallel))
+            latents, state = step_with(predict)(latents, state, noise)
         return latents, state, nnx.state(model, StaleBuffer)
 
     def scan(
@@ -331,9 +394,12 @@ class Loop:
         return jax.lax.scan(body, (latents, state, buffers), indices)[0]
 
 
-def step_context(kind: StepKind, parallel: ParallelConfig) -> PatchContext | None:
-    """How the primitives behave in a step of `kind` (see `ParallelConfig.schedule`); None
-    on one device."""
+def step_context(
+    kind: StepKind, parallel: ParallelConfig, split: Split | None = None, width: int = 0
+) -> PatchContext | None:
+    """How the primitives behave in a step of `kind` (see `ParallelConfig.schedule`) on a
+    latent of `width` columns whose rows split as `split` says; None on one device. Naive
+    steps run each slab's real rows alone (`predict_real`): their primitives see no split."""
     if kind == "single":
         return None
     exchange = {"sync": "sync", "warm-up": "sync", "naive": "none", "displaced": "displaced"}
@@ -344,6 +410,8 @@ def step_context(kind: StepKind, parallel: ParallelConfig) -> PatchContext | Non
         keep_stale=kind == "warm-up",
         compress=parallel.compress,
         hold_kv=parallel.kv_refresh > 1,
+        split=None if kind == "naive" else split,
+        width=width,
     )
 
 
@@ -356,7 +424,9 @@ def run_schedule(loop: Loop, latents: jax.Array) -> jax.Array:
     buffers = NO_BUFFERS
     carry = (latents, state, buffers)
     for kind, steps in schedule:
-        carry = loop.scan(step_context(kind, parallel), *carry, steps)
+        split = None if loop.layout is None else loop.layout.split
+        context = step_context(kind, parallel, split, latents.shape[2])
+        carry = loop.scan(context, *carry, steps)
     return carry[0]
 
 
@@ -365,6 +435,7 @@ def step_function(
     parallel: ParallelConfig,
     context: PatchContext,
     mesh: Mesh | AbstractMesh | None = None,
+    layout: Layout | None = None,
 ):
     """One step of the patch-parallel program as a function of global arrays, for analysis
     and tests (the loops run the same step inside their scans):
@@ -374,41 +445,78 @@ def step_function(
     weights: `nnx.split(denoiser)[1]`. buffers: the `StaleBuffer` state of its primitives,
     each leaf the per-device buffers concatenated along axis 0 in mesh order (an empty
     `nnx.State({})` before the first step; `jax.eval_shape` of a step with
-    `context.keep_stale` gives their shapes). latents: (B, h, w, C), the whole latent.
+    `context.keep_stale` gives their shapes). latents: (B, h, w, C), the whole latent, laid
+    out for the devices where `layout` (`Layout.of`) is uneven (`Split.pad`, P x slab
+    rows; `context.split` is its split, but in naive steps).
     mesh: default `parallel.mesh()`; `parallel.mesh(abstract=True)` to trace without the
     devices.
     """
     graphdef, _ = nnx.split(denoiser)
     slab, per_device = latent_spec(parallel), P((DATA_AXIS, CFG_AXIS, AXIS))
 
-    def run(weights, buffers, sampling, latents, state, i):
-        loop = Loop.start(graphdef, weights, sampling, parallel)
-        return loop.step(context, latents, state, buffers, i)
-
-    step = jax.shard_map(
-        run,
-        mesh=parallel.mesh() if mesh is None else mesh,
-        in_specs=(P(), per_device, sampling_spec(parallel), slab, slab, P()),
-        out_specs=(slab, slab, per_device),
-        check_vma=False,
-    )
-
     def grouped(weights, buffers, sampling, latents, state, i):
+        # Without a layout, the latent's own: P equal slabs.
+        laid_out = layout or Layout.of(denoiser, latents.shape, parallel)
+
+        def run(weights, buffers, sampling, latents, state, i):
+            loop = Loop.start(graphdef, weights, sampling, parallel, laid_out)
+            return loop.step(context, latents, state, buffers, i)
+
+        step = jax.shard_map(
+            run,
+            mesh=parallel.mesh() if mesh is None else mesh,
+            in_specs=(P(), per_device, sampling_spec(parallel), slab, slab, P()),
+            out_specs=(slab, slab, per_device),
+            check_vma=False,
+        )
         return step(weights, buffers, group_batches(sampling, parallel), latents, state, i)
 
     return grouped
 
 
-def column_step(step):
+def predict_real(
+    predict: Callable[[jax.Array, jax.Array, Any], jax.Array], split: Split | None, axis: int
+) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
+    """`predict` for a naive slab whose real rows (columns, along `axis`) are its first
+    `split.real_rows(patch)`: the denoiser runs on the real part alone, as on one device
+    (zero padding at its edges), and the prediction is padded back with zeros. One branch
+    per distinct slab size; every device takes its own. Equal slabs: `predict` itself."""
+    if split is None or split.even:
+        return predict
+    sizes = sorted(set(split.counts))
+    which = jnp.asarray([sizes.index(count) for count in split.counts])
+
+    def on_real_part(size: int):
+        def run(x, timestep, conditioning):
+            out = predict(jax.lax.slice_in_dim(x, 0, size, axis=axis), timestep, conditioning)
+            padding = [(0, split.slab - size if a == axis else 0) for a in range(out.ndim)]
+            return jnp.pad(out, padding)
+
+        return run
+
+    def run(x, timestep, conditioning):
+        branches = [on_real_part(size) for size in sizes]
+        return jax.lax.switch(which[jax.lax.axis_index(AXIS)], branches, x, timestep, conditioning)
+
+    return run
+
+
+def column_step(step, row_split: Split, column_split: Split):
     """`step` run on column slabs: the row slabs (latent, scheduler state and the step's
     noise) are traded for column slabs by an all-to-all, and (latent and state) back
-    afterwards."""
+    afterwards. Unequal slabs (`row_split`, `column_split`): each side laid out for the
+    devices before the all-to-all and its padding dropped after it, so that a column slab
+    holds the whole image's rows and a row slab its whole width."""
 
     def to_columns(x):
-        return jax.lax.all_to_all(x, AXIS, split_axis=2, concat_axis=1, tiled=True)
+        x = jax.lax.all_to_all(
+            column_split.pad(x, 2), AXIS, split_axis=2, concat_axis=1, tiled=True
+        )
+        return row_split.unpad(x, 1)
 
     def to_rows(x):
-        return jax.lax.all_to_all(x, AXIS, split_axis=1, concat_axis=2, tiled=True)
+        x = jax.lax.all_to_all(row_split.pad(x, 1), AXIS, split_axis=1, concat_axis=2, tiled=True)
+        return column_split.unpad(x, 2)
 
     def run(latents, state, noise):
         latents, state = step(*jax.tree.map(to_columns, (latents, state, noise)))

@@ -21,6 +21,7 @@ from sharding.names import (
     Mode,
     NaiveSplit,
 )
+from sharding.split import most_patches
 
 CFG_AXIS = "cfg"
 DATA_AXIS = "data"
@@ -206,28 +207,32 @@ class ParallelConfig:
             return {}
         return overlap_options(self.mesh().devices.flat[0].platform)
 
-    def check_size(self, height: int, width: int, multiple: int) -> None:
-        """Refuses an image whose feature maps do not split into P equal slabs at every UNet
-        level, naming the patch counts that split it. `multiple`: what one patch needs the
-        split side to be a multiple of (the VAE's downscale factor times 2 ** (UNet levels -
-        1)); with P patches, P times that."""
+    def check_size(
+        self, height: int, width: int, factor: int, unit: int, multiple: int | None = None
+    ) -> None:
+        """Refuses an image whose split side has too few latent rows for P patches: each
+        needs a real row at the denoiser's coarsest level, and the slabs' boundaries sit at
+        multiples of `unit` latent rows (`sharding.split`; `factor` pixels per latent row).
+        The message names the device counts that work and the least size (a multiple of
+        `multiple` pixels, default `factor`) that these patches take."""
         if self.mode == "single" or self.patches == 1:
             return
         sides = {"row": ("height",), "col": ("width",), "alternate": ("height", "width")}
         split = sides[self.naive_split] if self.mode == "naive" else ("height",)
-        step = multiple * self.patches
         for name, size in (("height", height), ("width", width)):
-            if name in split and size % step:
-                lower = max(step, size // step * step)
-                units = size // multiple if size % multiple == 0 else 1
-                splits = [p for p in range(1, units + 1) if units % p == 0]
-                counts = ", ".join(map(str, splits[:-1])) + f" or {splits[-1]}"
+            most = most_patches(size // factor, unit)
+            if name in split and self.patches > most:
+                groups = self.devices // self.patches
+                step = factor if multiple is None else multiple
+                least = -(-((self.patches - 1) * unit + 1) * factor // step) * step
+                lines = "rows" if name == "height" else "columns"
                 raise ValueError(
-                    f"{name}={size} does not split into {self.patches} patches at every UNet "
-                    f"level: it must be a multiple of {step} ({multiple} per patch x "
-                    f"{self.patches} patches); use {lower} or {lower + step}, or "
-                    + ("one device" if units == 1 else f"{counts} patches")
-                    + (f" (x {self.cfg} devices with CFG parallel)" if self.cfg > 1 else "")
+                    f"{name}={size} does not split into {self.patches} patches: each patch "
+                    f"needs at least one of the {-(-size // (unit * factor))} {lines} of "
+                    f"{unit * factor} pixels that the model's coarsest level has; use at most "
+                    f"{most} patches ({groups} to {most * groups} devices"
+                    + (" with CFG parallel" if self.cfg > 1 else "")
+                    + f"), or a {name} of at least {least}"
                 )
 
 

@@ -27,11 +27,15 @@ class Placement:
             return single_device(parallel)
         return NamedSharding(parallel.mesh(), P())
 
-    def rows(self, parallel: ParallelConfig) -> Sharding:
-        """Arrays (B, H, ...) split by rows over the patch axis and by batch over the data
-        axis (on one device: whole)."""
+    def rows(self, parallel: ParallelConfig, height: int) -> Sharding:
+        """Arrays (B, `height`, ...) split by rows over the patch axis and by batch over the
+        data axis; replicated where the height does not divide into P equal slabs (a jit
+        boundary splits only evenly; the program's slabs of unequal real rows,
+        `sharding.split`, live inside it); on one device: whole."""
         if parallel.mode == "single":
             return single_device(parallel)
+        if height % parallel.patches:
+            return self.replicated(parallel)
         return NamedSharding(parallel.mesh(), ROWS)
 
     def on(self, parallel: ParallelConfig):

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from sharding.context import AXIS, PatchContext, set_patch_context
 from sharding.parallel import DATA_AXIS, ParallelConfig
+from sharding.split import Split
 
 ROWS = P(DATA_AXIS, AXIS)
 
@@ -24,18 +25,22 @@ def map_rows(
     fn: Callable[[nnx.Module, jax.Array], jax.Array],
     x: jax.Array,
     parallel: ParallelConfig,
+    unit: int = 1,
 ) -> jax.Array:
     """fn(model, x) on the (data, cfg, patch) mesh of `parallel`, exactly.
 
-    x: (B, H, ...) split by batch over the data axis and by rows over the patch axis
-    (replicated over cfg): B must divide by D, H by P, and so must every feature map's
-    height `fn` makes. Returns fn's (B, H', ...)
-    result split by rows likewise. On one device, plainly fn(model, x).
+    x: (B, H, W, C) split by batch over the data axis and by rows over the patch axis
+    (replicated over cfg): B must divide by D; the rows split into P slabs at multiples of
+    `unit` (what `fn` downsamples by: a VAE encoder's factor over images), of unequal real
+    rows where H does not divide (`sharding.split`: laid out for the devices here, and the
+    result back). Returns fn's (B, H', ...) result (H' a power of 2 times H) split by rows
+    likewise. On one device, plainly fn(model, x).
     """
     if parallel.mode == "single":
         return fn(model, x)
     graphdef, state = nnx.split(model)
-    context = PatchContext(parallel.patches, "sync")
+    split = Split.of(x.shape[1], parallel.patches, unit)
+    context = PatchContext(parallel.patches, "sync", split=split, width=x.shape[2])
 
     def per_device(state, slab):
         local = nnx.merge(graphdef, state)
@@ -49,4 +54,5 @@ def map_rows(
         out_specs=ROWS,
         check_vma=False,
     )
-    return run(state, x)
+    out = run(state, split.pad(x, 1))
+    return split.at(out.shape[1] // parallel.patches).unpad(out, 1)

@@ -6,7 +6,11 @@ explicit stale buffers. Clarity over speed; the models in tests are tiny.
 The rule (P patches along height, steps t = 0..T-1 in sampling order, W = warmup_steps):
 
 * Every feature map of height h, at every UNet level, is split into P equal row slabs; patch i
-  owns rows [i*h/P, (i+1)*h/P).
+  owns rows [i*h/P, (i+1)*h/P). Or, given the latent rows of each patch (`slab_rows`, an
+  uneven split whose boundaries are multiples of 2 ** (levels - 1)), patch i owns the rows
+  [ceil(b_i / 2**k), ceil(b_{i+1} / 2**k)) of level k, b_i its first latent row: the
+  boundaries halved with each stride-2 convolution (the image's end rounds up, as the
+  convolution's output size does).
 * Steps 0..W are synchronous: the UNet runs on the full latent, exactly as diffusers does, while
   every layer below records what each patch would send (its slice of the full activation: the
   "fresh" values). The last synchronous step thus fills the stale buffers of step W+1.
@@ -29,17 +33,17 @@ What is stale in a displaced step, per layer kind (module inside the UNet):
   rows of the current step's (scaled) latent. Nothing stale.
 * `nn.GroupNorm`: patch moments m1 = E[x], m2 = E[x^2] per (sample, group), in float32, shape
   (2, B, G): the fresh value. Synchronous steps use the full image's moments. Displaced steps,
-  by rule `gn`:
-    - "corrected": m = mean_j(stale_j) + (fresh_i - stale_i) for both moments;
+  by rule `gn` (w_j = n_j / N, patch j's share of the layer's elements, 1 / P for equal slabs):
+    - "corrected": m = sum_j w_j stale_j + (fresh_i - stale_i) for both moments;
       var = m2 - m1^2, and where that is negative (per sample and group) the fresh local
       variance fresh_m2 - fresh_m1^2 (clamped at 0 against rounding) replaces it; the mean
       stays the corrected one.
-    - "stale": m = (fresh_i + sum_{j != i} stale_j) / P; var = max(m2 - m1^2, 0).
+    - "stale": m = w_i fresh_i + sum_{j != i} w_j stale_j; var = max(m2 - m1^2, 0).
     - "separate": the fresh local moments only; var = max(m2 - m1^2, 0).
-    - "sync": the exact global moments of the current step (mean over patches of the fresh
-      moments). This needs every patch's fresh moments of the same layer in the same step, so
-      with "sync" the P patches run in lockstep: one thread per patch, meeting at a barrier at
-      every GroupNorm. Nothing stale.
+    - "sync": the exact global moments of the current step (sum_j w_j fresh_j). This needs
+      every patch's fresh moments of the same layer in the same step, so with "sync" the P
+      patches run in lockstep: one thread per patch, meeting at a barrier at every
+      GroupNorm. Nothing stale.
   In every case y = (x - m1) / sqrt(var + eps) * weight + bias, with the module's eps.
   Synchronous steps use var = max(m2 - m1^2, 0) of the full image.
 * Self-attention (`Attention` modules with `is_cross_attention == False`, i.e. `attn1` of every
@@ -63,7 +67,8 @@ Other modes of `reference_denoise`:
   context at all (zero padding at the slab's edges in every conv including conv_in, local
   GroupNorm moments, self-attention over its own tokens). No warm-up. `split` says which
   slabs: "row" (P slabs along height), "col" (P slabs along width) or "alternate" (row slabs
-  on even steps t, column slabs on odd ones).
+  on even steps t, column slabs on odd ones); `slab_rows` and `slab_columns` their sizes
+  where they are unequal.
 * "single": the ordinary diffusers denoising loop on the full latent.
 
 The scheduler is any diffusers scheduler (Euler, DDIM, DPM-Solver++ ...): it always steps the
@@ -89,10 +94,18 @@ class _State:
     """What the hooked layers share: the phase of the current UNet call, the patch being run
     and the buffers, keyed by module name, each a list of P per-patch values."""
 
-    def __init__(self, patches: int, gn: str, compress: str = "none"):
+    def __init__(
+        self,
+        patches: int,
+        gn: str,
+        compress: str = "none",
+        slab_rows: tuple[int, ...] | None = None,
+    ):
         self.patches = patches
         self.gn = gn
         self.compress = compress
+        self.slab_rows = slab_rows  # the latent rows of each patch; None: P equal slabs
+        self.latent_size: tuple[int, int] | None = None  # (h, w) of the UNet call's input
         self.channels: dict[tuple, Channel] = {}  # (layer, patch, message): its stream
         self.compressible: set[str] = set()  # the layers whose records go through the codec
         self.kv_layers: set[str] = set()  # the self-attentions
@@ -112,6 +125,31 @@ class _State:
     @index.setter
     def index(self, value: int) -> None:
         self._local.index = value
+
+    def sizes(self, height: int) -> list[int]:
+        """Each patch's rows of a feature map of `height` rows (see the module docstring)."""
+        if self.slab_rows is None:
+            if height % self.patches:
+                raise ValueError(f"height {height} does not divide by {self.patches}")
+            return [height // self.patches] * self.patches
+        level = self._level(lambda h, w: h == height)
+        ends = [-(-sum(self.slab_rows[: i + 1]) // 2**level) for i in range(self.patches)]
+        return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+    def token_sizes(self, tokens: int) -> list[int]:
+        """Each patch's tokens of a row-major feature map of `tokens` tokens."""
+        if self.slab_rows is None:
+            return self.sizes(tokens)
+        level = self._level(lambda h, w: h * w == tokens)
+        height, width = (-(-side // 2**level) for side in self.latent_size)
+        return [rows * width for rows in self.sizes(height)]
+
+    def _level(self, matches) -> int:
+        """The UNet level k whose feature map (ceil(h / 2**k), ceil(w / 2**k)) matches."""
+        for level in range(8):
+            if matches(*(-(-side // 2**level) for side in self.latent_size)):
+                return level
+        raise ValueError(f"no level of a {self.latent_size} latent matches")
 
     def record(self, name: str, i: int, value) -> None:
         with self._lock:
@@ -182,17 +220,15 @@ def _conv_forward(conv: nn.Conv2d, name: str, state: _State, x: torch.Tensor) ->
     p = conv.padding[0]
     if state.phase == "full":
         if name != "conv_in" and p:
-            if x.shape[2] % state.patches:
-                raise ValueError(f"{name}: height {x.shape[2]} does not divide by {state.patches}")
             state.compressible.add(name)
-            for i, part in enumerate(x.chunk(state.patches, dim=2)):
+            for i, part in enumerate(x.split(state.sizes(x.shape[2]), dim=2)):
                 state.record(name, i, _halo_messages(part, p))
         return nn.Conv2d.forward(conv, x)
     i, last = state.index, state.patches - 1
     if not p:
         return _halo_conv(conv, x, None, None)
     if name == "conv_in":  # halo rows from the current latent
-        slabs = state.conv_in_input.chunk(state.patches, dim=2)
+        slabs = state.conv_in_input.split(state.sizes(state.conv_in_input.shape[2]), dim=2)
         if not torch.equal(slabs[i], x):
             raise RuntimeError("conv_in's input is not patch i's slab of the current latent")
         above = slabs[i - 1][:, :, -p:] if i > 0 else None
@@ -216,6 +252,17 @@ def _moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([xg.mean(-1), (xg * xg).mean(-1)])
 
 
+def _recorded_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """What a patch records of a GroupNorm's input: its `_moments` and its element count."""
+    return _moments(x, groups), x[0].numel()
+
+
+def _combined(recorded: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """sum_j w_j m_j, w_j = n_j / N, of recorded (moments m_j, count n_j)."""
+    total = sum(count for _, count in recorded)
+    return sum(count / total * moments for moments, count in recorded)
+
+
 def _variance(moments: torch.Tensor) -> torch.Tensor:
     return (moments[1] - moments[0] ** 2).clamp(min=0)
 
@@ -231,30 +278,27 @@ def _normalize(norm: nn.GroupNorm, x: torch.Tensor, mean, var) -> torch.Tensor:
 
 
 def _group_norm_forward(norm: nn.GroupNorm, name: str, state: _State, x) -> torch.Tensor:
-    groups, count = norm.num_groups, state.patches
+    groups = norm.num_groups
     if state.phase == "full":
-        if x.shape[2] % count:
-            raise ValueError(f"{name}: height {x.shape[2]} does not divide by {count}")
-        for i, part in enumerate(x.chunk(count, dim=2)):
-            state.record(name, i, _moments(part, groups))
+        for i, part in enumerate(x.split(state.sizes(x.shape[2]), dim=2)):
+            state.record(name, i, _recorded_moments(part, groups))
         moments = _moments(x, groups)
         return _normalize(norm, x, moments[0], _variance(moments))
     i = state.index
-    fresh = _moments(x, groups)
-    state.record(name, i, fresh)
+    fresh, count = _recorded_moments(x, groups)
+    state.record(name, i, (fresh, count))
     if state.gn == "sync":
         state.barrier.wait()  # every patch has recorded its moments of this layer
-        moments = torch.stack(state.fresh[name]).mean(0)
+        moments = _combined(state.fresh[name])
         return _normalize(norm, x, moments[0], _variance(moments))
     if state.gn == "separate":
         return _normalize(norm, x, fresh[0], _variance(fresh))
     stale = state.stale[name]
     if state.gn == "stale":
-        others = [stale[j] for j in range(count) if j != i]
-        moments = (fresh + sum(others)) / count
+        moments = _combined([(fresh, count) if j == i else m for j, m in enumerate(stale)])
         return _normalize(norm, x, moments[0], _variance(moments))
     if state.gn == "corrected":
-        moments = torch.stack(stale).mean(0) + (fresh - stale[i])
+        moments = _combined(stale) + (fresh - stale[i][0])
         var = moments[1] - moments[0] ** 2
         var = torch.where(var < 0, _variance(fresh), var)
         return _normalize(norm, x, moments[0], var)
@@ -300,11 +344,9 @@ class _SelfAttentionProcessor:
         state.compressible.add(name)
         state.kv_layers.add(name)
         if state.phase == "full":
-            # Tokens are rows flattened row-major: P equal token chunks are the P row slabs.
+            # Tokens are rows flattened row-major: runs of whole rows are the row slabs.
             kv = torch.stack([key, value])
-            if kv.shape[2] % state.patches:
-                raise ValueError(f"{name}: {kv.shape[2]} tokens do not divide by {state.patches}")
-            for j, part in enumerate(kv.chunk(state.patches, dim=2)):
+            for j, part in enumerate(kv.split(state.token_sizes(kv.shape[2]), dim=2)):
                 state.record(name, j, {"kv": part})
         else:
             i = state.index
@@ -370,11 +412,18 @@ class DisplacedUNet:
     """The UNet of one DistriFusion run: `sync` and `displaced` predict the noise of one step
     and record that step's fresh values, which the next `displaced` call reads as stale."""
 
-    def __init__(self, unet, patches: int, gn: str = "corrected", compress: str = "none"):
+    def __init__(
+        self,
+        unet,
+        patches: int,
+        gn: str = "corrected",
+        compress: str = "none",
+        slab_rows: tuple[int, ...] | None = None,
+    ):
         if gn not in GN_RULES:
             raise ValueError(f"gn={gn!r}: use one of {GN_RULES}")
         self.unet = unet
-        self.state = _State(patches, gn, compress)
+        self.state = _State(patches, gn, compress, slab_rows)
 
     def _call(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
         return self.unet(
@@ -385,6 +434,7 @@ class DisplacedUNet:
         """The exact full-image prediction; records every patch's fresh values."""
         state = self.state
         state.phase = "full"
+        state.latent_size = tuple(sample.shape[2:])
         with torch.no_grad(), _hooked(self.unet, state):
             out = self._call(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         state.end_step()
@@ -394,8 +444,6 @@ class DisplacedUNet:
         """The prediction of a displaced step: one UNet call per patch slab, the other
         patches' contributions from the buffers of the previous step."""
         state, count = self.state, self.state.patches
-        if sample.shape[2] % count:
-            raise ValueError(f"latent height {sample.shape[2]} does not divide by {count}")
         if not state.stale:
             raise RuntimeError("a displaced step needs a previous step's buffers")
         state.phase = "patch"
@@ -403,7 +451,8 @@ class DisplacedUNet:
         if self.unet.config.center_input_sample:
             conv_in_input = 2 * sample - 1.0
         state.conv_in_input = conv_in_input
-        slabs = sample.chunk(count, dim=2)
+        state.latent_size = tuple(sample.shape[2:])
+        slabs = sample.split(state.sizes(sample.shape[2]), dim=2)
         outs = [None] * count
 
         def run(i):
@@ -466,6 +515,8 @@ def reference_denoise(
     split: str = "row",
     compress: str = "none",
     kv_refresh: int = 1,
+    slab_rows: tuple[int, ...] | None = None,
+    slab_columns: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """The final latents (B, C, h, w), float32, of a denoising loop whose UNet predictions
     follow `mode` ("displaced", "naive" or "single"; see the module docstring).
@@ -479,18 +530,29 @@ def reference_denoise(
     `compress`: the codec of "displaced" (see the module docstring). `kv_refresh` K: the
     self-attentions' stale K/V are replaced only after displaced steps W+K, W+2K, ... (W =
     `warmup_steps`); the other displaced steps read the same ones as the step before.
+    `slab_rows`, `slab_columns`: the latent rows (columns) of each patch where the slabs are
+    unequal; None: P equal slabs.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}")
     if split not in NAIVE_SPLITS:
         raise ValueError(f"split={split!r}: use one of {NAIVE_SPLITS}")
-    if mode == "naive" and split != "row" and latents.shape[3] % patches:
-        raise ValueError(f"latent width {latents.shape[3]} does not divide by {patches}")
     if warmup_steps < 0:
         raise ValueError("warmup_steps must be >= 0 (step 0 is always synchronous)")
-    if (mode != "naive" or split != "col") and latents.shape[2] % patches:
-        raise ValueError(f"latent height {latents.shape[2]} does not divide by {patches}")
-    displaced = DisplacedUNet(unet, patches, gn, compress) if mode == "displaced" else None
+
+    def slab_sizes(given: tuple[int, ...] | None, size: int) -> list[int]:
+        if given is None and size % patches:
+            raise ValueError(f"latent side {size} does not divide by {patches}")
+        sizes = [size // patches] * patches if given is None else list(given)
+        if sum(sizes) != size or len(sizes) != patches:
+            raise ValueError(f"slabs {sizes} are not {patches} parts of {size}")
+        return sizes
+
+    slabs = {2: slab_rows, 3: slab_columns}
+    displaced = None
+    if mode == "displaced":
+        slab_sizes(slab_rows, latents.shape[2])
+        displaced = DisplacedUNet(unet, patches, gn, compress, slab_rows)
 
     def predict(step: int, sample, timestep):
         if mode == "single":
@@ -501,12 +563,13 @@ def reference_denoise(
         if mode == "naive":
             columns = split == "col" or (split == "alternate" and step % 2 == 1)
             dim = 3 if columns else 2  # NCHW: width or height
+            sizes = slab_sizes(slabs[dim], sample.shape[dim])
             with torch.no_grad():
                 outs = [
                     unet(
                         slab, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
                     ).sample
-                    for slab in sample.chunk(patches, dim=dim)
+                    for slab in sample.split(sizes, dim=dim)
                 ]
             return torch.cat(outs, dim=dim)
         if step <= warmup_steps:

@@ -62,6 +62,7 @@ def test_every_number_sits_under_its_column():
         "mode": "displaced",
         "step GFLOPs": "41,500.0",
         "÷ single": "0.138",
+        "padding": "0.0%",
         "step recv MB": "10,380.0",
         "ref. recv MB": "10,760.0",
         "run MB": "23,300",

@@ -133,11 +133,14 @@ def check_equals_single_process(
 
 @pytest.mark.slow
 def test_two_processes_sync_equal_one_process(pipe, tmp_path):
-    check_equals_single_process(pipe, tmp_path, "sync")
+    """At 80 pixels, a 20-row latent: unequal slabs (8, 4, 4, 4 rows in arrays of 8), so the
+    image comes back replicated, gathered from the other process's devices too."""
+    check_equals_single_process(pipe, tmp_path, "sync", height=80)
 
 
-# P = 8 (2 processes x 4 devices) needs a height of 8 patches x 16 (the built-in model's
-# multiple per patch). Displaced and naive on 2 processes x 2 devices: the eval test below.
+# P = 8 (2 processes x 4 devices) needs 8 rows of the built-in model's coarsest level (16
+# pixels each, the last one partly). Displaced and naive on 2 processes x 2 devices: the eval
+# test below.
 @pytest.mark.slow
 def test_two_processes_displaced_on_eight_devices_equal_one_process(pipe, tmp_path):
     check_equals_single_process(pipe, tmp_path, "displaced", devices=8, height=128)

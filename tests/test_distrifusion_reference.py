@@ -238,7 +238,7 @@ def test_hooked_layers_in_a_full_step():
             actual = model(x)
         normalized = model[0](x).chunk(3, dim=2)
     assert _relative(actual, expected) < 1e-6
-    assert [m.shape for m in state.fresh["0"]] == [(2, 2, 4)] * 3
+    assert [(m.shape, n) for m, n in state.fresh["0"]] == [((2, 2, 4), 8 * 4 * 6)] * 3
     conv = {module: name for name, module in model.named_modules()}[model[1].conv]
     for recorded, slab in zip(state.fresh[conv], normalized, strict=True):
         assert set(recorded) == {"up", "down"}

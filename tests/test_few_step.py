@@ -133,6 +133,8 @@ class Elementwise(nnx.Module):
     """A denoiser without spatial layers: every parallel mode gives the single-device
     result, if and only if each device adds its part of the same step noise."""
 
+    row_unit = 1
+
     def __init__(self):
         self.scale = nnx.Param(jnp.float32(0.1))
 
@@ -144,12 +146,15 @@ class Elementwise(nnx.Module):
 
 
 @pytest.mark.parametrize("kind", ["euler_a", "lcm"])
-def test_every_layout_adds_the_same_step_noise(kind):
+@pytest.mark.parametrize("size", [(8, 8), (10, 7)], ids=["equal", "unequal"])
+def test_every_layout_adds_the_same_step_noise(kind, size):
     """Row slabs (sync, displaced), column slabs (naive "col") and both in turn (naive
-    "alternate", the noise traded to columns with the latent) on 4 devices."""
+    "alternate", the noise traded to columns with the latent) on 4 devices; equal slabs,
+    and unequal ones (10 rows: 3, 3, 2, 2; 7 columns: 2, 2, 2, 1)."""
     schedule = schedulers.make_schedule(SchedulerConfig.from_diffusers(SDXL, kind), STEPS)
     graphdef, weights = nnx.split(Elementwise())
-    latents = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)), jnp.float32)
+    noise = np.random.default_rng(0).standard_normal((2, *size, 4))
+    latents = jnp.asarray(noise, jnp.float32)
 
     def run(parallel: ParallelConfig, key=KEY) -> np.ndarray:
         sampling = Sampling(schedule, None, None, key)

@@ -62,7 +62,7 @@ def reads(monkeypatch) -> list[str]:
         (["--devices", "0"], "devices=0: use 1 or more"),
         (["--devices", "3", "--cfg-parallel"], "3 devices do not factor into 2 (CFG)"),
         (["--devices", "2", "--guidance", "1", "--cfg-parallel"], "guidance is off"),
-        (["--devices", "2", "--height", "40"], "height=40 does not split into 2 patches"),
+        (["--devices", "2", "--height", "8"], "height=8 does not split into 2 patches"),
     ],
 )
 def test_request_refused_before_reading_weights_or_compiling(

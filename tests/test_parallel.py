@@ -339,10 +339,8 @@ def test_refusals():
     with pytest.raises(ValueError, match=r"3 devices do not factor into 2 \(CFG\)"):
         ParallelConfig(3, cfg=2)
     with pytest.raises(ValueError, match="height=96 does not split into 8 patches"):
-        ParallelConfig(8).check_size(96, 128, 16)
-    with pytest.raises(ValueError, match="use 128 or 256"):
-        ParallelConfig(8).check_size(200, 128, 16)
-    ParallelConfig(8, mode="naive", naive_split="col").check_size(96, 128, 16)
+        ParallelConfig(8).check_size(96, 128, 8, 2)
+    ParallelConfig(8, mode="naive", naive_split="col").check_size(96, 128, 8, 2)
     with pytest.raises(ValueError, match="16 devices asked, 8 available"):
         ParallelConfig(16).mesh()
 

@@ -9,6 +9,7 @@ import pytest
 from commands import jaxfusion_command
 
 from jaxfusion.images import read_image
+from jaxfusion.pipelines.stable_diffusion_xl import TRAINING_SIZES
 from sharding import ParallelConfig
 
 
@@ -27,21 +28,33 @@ def test_command_draws_4k_uhd_proportions(tmp_path):
     assert np.ptp(image) > 0.1  # drawn, not a blank canvas
 
 
+@pytest.mark.parametrize(("height", "width"), [*TRAINING_SIZES, (2160, 3840)])
+def test_sdxl_buckets_and_4k_uhd_split_over_every_device_count(height, width):
+    """Patch parallelism takes SDXL's sizes (8 pixels per latent row, boundaries at 4
+    latent rows) on 1 to 8 devices, with and without the guidance halves split."""
+    for devices in range(1, 9):
+        ParallelConfig(devices).check_size(height, width, 8, 4)
+        ParallelConfig(2 * devices, 2).check_size(height, width, 8, 4)
+
+
 @pytest.mark.parametrize(
-    ("parallel", "height", "splits"),
+    ("parallel", "height", "most", "devices", "least"),
     [
-        # SDXL: 32 pixels per patch. 1216 = 38 x 32, 1152 = 36 x 32; 1080 is no multiple.
-        (ParallelConfig(8), 1152, [1, 2, 3, 4, 6, 9, 12, 18, 36]),
-        (ParallelConfig(8, 2), 1216, [1, 2, 19, 38]),
-        (ParallelConfig(4), 1080, []),
+        # SDXL: 32 pixels per row of the coarsest level; 200 pixels have 7 such rows (the
+        # last one partly), so at most 7 patches, and 8 need 7 x 32 + 8 = 232 pixels.
+        (ParallelConfig(8), 200, 7, "1 to 7 devices", 232),
+        (ParallelConfig(16, 2), 200, 7, "2 to 14 devices with CFG parallel", 232),
+        (ParallelConfig(4), 64, 2, "1 to 2 devices", 104),
     ],
 )
-def test_refusal_names_the_patch_counts_that_split_the_size(parallel, height, splits):
-    """Patch parallelism needs equal slabs at every UNet level: a size that does not split
-    is refused with the sizes near it and every patch count that splits it (the divisors of
-    height / 32), each of which is then taken."""
-    counts = ", ".join(map(str, splits[:-1])) + f" or {splits[-1]} patches" if splits else ""
-    with pytest.raises(ValueError, match="or " + (re.escape(counts) if splits else "one device")):
-        parallel.check_size(height, 1024, 32)
-    for patches in splits[1:]:
-        ParallelConfig(patches).check_size(height, 1024, 32)
+def test_refusal_names_the_device_counts_that_work(parallel, height, most, devices, least):
+    """Each patch needs a row of the coarsest level: a size with fewer such rows than
+    patches is refused with the most patches it takes and the least size these patches
+    take, each of which is then taken (and one row less refused)."""
+    message = f"use at most {most} patches ({devices}), or a height of at least {least}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parallel.check_size(height, 1024, 8, 4)
+    ParallelConfig(most).check_size(height, 1024, 8, 4)
+    parallel.check_size(least, 1024, 8, 4)
+    with pytest.raises(ValueError, match="does not split"):
+        parallel.check_size(least - 8, 1024, 8, 4)

@@ -254,6 +254,15 @@ def test_sync_equals_single(case, devices):
     assert relative_l2(sync, case.jax(SINGLE)) < ROUNDING
 
 
+def test_sync_on_unequal_slabs_equals_single(case):
+    """10 latent rows over 3 patches: slab boundaries at whole 2x2 patches, rows 4, 4 and
+    2 in arrays of 4 (`sharding.split`); positions from each slab's first real row."""
+    uneven = Case(joint=case.text is not None)
+    uneven.latents = uneven.latents[:, :10]
+    sync = uneven.jax(ParallelConfig(3, mode="sync"))
+    assert relative_l2(sync, uneven.jax(SINGLE)) < ROUNDING
+
+
 @pytest.mark.parametrize(("devices", "cfg"), [(2, 1), (4, 1), (4, 2)])
 def test_displaced_equals_reference_and_differs_from_single(case, devices, cfg):
     """Steps 0..WARMUP synchronous, then each patch attends to the other patches' keys and

@@ -47,15 +47,15 @@ class CachedLabel(nnx.Variable):
 
 class SlabPosition(PatchPrimitive):
     """2-D sin-cos position embeddings of a slab's tokens in the whole token grid: the first
-    half of the width encodes the token row, the second the column. The slab's first row is
-    `index * rows` for patch `index` of the patch context (0 on one device)."""
+    half of the width encodes the token row, the second the column. The slab's first row is the
+    patch context's `first_row` (0 on one device)."""
 
     def __init__(self, width: int):
         self.width = width
 
     def __call__(self, rows: int, cols: int) -> jax.Array:
         """(rows * cols, D), row-major, for a slab of `rows` x `cols` tokens."""
-        first = 0 if self.patch is None else self.patch.index() * rows
+        first = 0 if self.patch is None else self.patch.first_row(rows)
         row = sinusoidal(first + jnp.arange(rows), self.width // 2)
         col = sinusoidal(jnp.arange(cols), self.width // 2)
         grid = jnp.concatenate(
@@ -134,6 +134,11 @@ class TinyTransformer(nnx.Module):
         if hasattr(self, "cached_label"):
             return self.cached_label[...]
         return self.label_proj(conditioning["label"])
+
+    @property
+    def row_unit(self) -> int:
+        """Slab boundaries at whole patches (`sharding.loops.Denoiser`)."""
+        return self.patch
 
     def cache_conditioning(self, conditioning: dict) -> None:
         """Stores the label embedding (B, D) of `conditioning`; later `predict` calls use it

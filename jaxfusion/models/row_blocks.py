@@ -7,8 +7,10 @@ and the upsampled tensor. Here GroupNorm's statistics come from one reduction ov
 (local) image, through `GroupNorm.moments_of_image` (so the patch-parallel decode's image
 statistics are used as they are); then blocks of rows, each with one halo row on either
 side, are normalized, activated and convolved in a `fori_loop` that writes the output in
-place. The halo rows at the local image's edges come from `Conv2d.pad_rows` (zeros on one
-device, the neighbours' rows in `sharding.rows.map_rows`).
+place. The halo rows at the local image's edges come from `Conv2d.receive_halo` (zeros on
+one device, the neighbours' rows in `sharding.rows.map_rows`); where padding rows follow a
+patch's real rows (`sharding.split`), the statistics are the real rows' and the halo from
+below goes after the last real row.
 """
 
 from collections.abc import Callable
@@ -52,14 +54,17 @@ def _rows(x: jax.Array, start: jax.Array, rows: int) -> jax.Array:
     return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1))
 
 
-def _row_sums(x: jax.Array, rows: int, term) -> jax.Array:
-    """sum over x's rows, columns and the last axis of term(block) (float32), block by block,
-    so that no float32 copy of x is made."""
+def _row_sums(x: jax.Array, rows: int, term, real_rows: jax.Array | None) -> jax.Array:
+    """sum over x's rows (its first `real_rows`; None: all), columns and the last axis of
+    term(block) (float32), block by block, so that no float32 copy of x is made."""
     blocks = x.shape[1] // rows
 
     def body(i, total):
-        block = _rows(x, i * rows, rows)
-        return total + term(block).sum(axis=(1, 2, 4))
+        block = term(_rows(x, i * rows, rows))
+        if real_rows is not None:
+            real = i * rows + jnp.arange(rows) < real_rows
+            block = jnp.where(real[None, :, None, None, None], block, 0.0)
+        return total + block.sum(axis=(1, 2, 4))
 
     zeros = jnp.zeros(term(x[:, :1]).shape[:1] + term(x[:, :1]).shape[3:4], jnp.float32)
     return jax.lax.fori_loop(0, blocks, body, zeros)
@@ -71,16 +76,19 @@ def _normalizer(norm: sharding.GroupNorm, x: jax.Array, rows: int):
     deviation from it, as `GroupNorm` computes them, summed by blocks of `rows` rows."""
     b, h, w, c = x.shape
     groups = norm.num_groups
-    count = h * w * (c // groups)
+    split = None if norm.patch is None else norm.patch.uneven(h)
+    real_rows = None if split is None else split.real_rows(norm.patch.index())
+    count = (h if real_rows is None else real_rows) * w * (c // groups)
 
     def grouped(rows: jax.Array) -> jax.Array:
         return rows.astype(jnp.float32).reshape(b, rows.shape[1], w, groups, c // groups)
 
-    mean = _row_sums(x, rows, grouped) / count
-    variance = (
-        _row_sums(x, rows, lambda r: jnp.square(grouped(r) - mean[:, None, None, :, None])) / count
-    )
-    mean, var = norm.moments_of_image(jnp.stack([mean, variance]))
+    def deviation(rows: jax.Array) -> jax.Array:
+        return jnp.square(grouped(rows) - mean[:, None, None, :, None])
+
+    mean = _row_sums(x, rows, grouped, real_rows) / count
+    variance = _row_sums(x, rows, deviation, real_rows) / count
+    mean, var = norm.moments_of_image(jnp.stack([mean, variance]), split)
     inv_std = jax.lax.rsqrt(var + norm.epsilon)
     scale = norm.scale[...].astype(jnp.float32)
     bias = norm.bias[...].astype(jnp.float32)
@@ -114,18 +122,25 @@ def _blocked(
     u = upsample
     rows = _block_rows(x, block_bytes // (u * u))
     blocks = h // rows
-    edges = jnp.concatenate([prepare(x[:, :1]), prepare(x[:, h - 1 :])], axis=1)
-    padded_edges = conv.pad_rows(edges)  # above, first, last, below
-    halo_above, halo_below = padded_edges[:, :1], padded_edges[:, 3:]
+    # The rows after the real ones (all: h) take the halo from below; where padding rows
+    # follow them (`Conv2d.real_rows`) that can be inside a block.
+    real_rows = conv.real_rows(h)
+    end = h if real_rows is None else real_rows
+    first, last = prepare(x[:, :1]), prepare(jax.lax.dynamic_slice_in_dim(x, end - 1, 1, axis=1))
+    halo = conv.receive_halo(first, last) or {
+        "above": jnp.zeros_like(first),
+        "below": jnp.zeros_like(last),
+    }
 
     def block(i):
         start = i * rows
         middle = prepare(_rows(x, start, rows))
         above = prepare(_rows(x, jnp.maximum(start - 1, 0), 1))
         below = prepare(_rows(x, jnp.minimum(start + rows, h - 1), 1))
-        above = jnp.where(i == 0, halo_above, above)
-        below = jnp.where(i == blocks - 1, halo_below, below)
+        above = jnp.where(i == 0, halo["above"], above)
         window = jnp.concatenate([above, middle, below], axis=1)
+        after_real = start - 1 + jnp.arange(rows + 2) == end
+        window = jnp.where(after_real[None, :, None, None], halo["below"], window)
         if u > 1:
             window = jnp.repeat(jnp.repeat(window, u, axis=1), u, axis=2)
             window = window[:, u - 1 : window.shape[1] - (u - 1)]

@@ -391,6 +391,12 @@ class UNet2DConditionModel(nnx.Module):
             x = block(x, skips, temb, encoder_hidden_states)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
+    @property
+    def row_unit(self) -> int:
+        """What a patch's boundary rows are a multiple of (`sharding.loops.Denoiser`): one
+        row of the coarsest level, 2 ** (levels - 1) latent rows."""
+        return 2 ** (self.config.num_levels - 1)
+
     def predict(
         self, latents: jax.Array, timestep: jax.Array, conditioning: Conditioning
     ) -> jax.Array:

@@ -588,10 +588,20 @@ class TextToImagePipeline:
             self._generate,
             static_argnums=(0, 1),
             in_shardings=(replicated, replicated),
-            out_shardings=placement.rows(parallel),
+            out_shardings=placement.rows(parallel, self._output_rows(request, options)),
             compiler_options=parallel.compiler_options(),
         )
         return generate.lower(self._graphdef, options, placement.state, request)
+
+    def _output_rows(self, request: Request, options: Options) -> int:
+        """The height of what the program returns: the latents' or the images'."""
+        if request.image is not None:
+            rows = request.image.shape[1] // self.downscale_factor
+        else:
+            rows = next(x for x in (request.latents, request.image_latents) if x is not None).shape[
+                1
+            ]
+        return rows if options.output == "latents" else rows * self.downscale_factor
 
     def _generate(
         self, graphdef: nnx.GraphDef, options: Options, state: nnx.State, request: Request
@@ -635,7 +645,10 @@ class TextToImagePipeline:
         schedule = request.schedule
         clean = request.image_latents
         if request.image is not None:
-            clean = vae.scale_latents(map_rows(vae, _latent_mean, request.image, parallel))
+            encode = map_rows(
+                vae, _latent_mean, request.image, parallel, vae.config.downscale_factor
+            )
+            clean = vae.scale_latents(encode)
         if clean is None:
             return request.latents * schedule.init_noise_sigma
         if request.latents is None:
@@ -663,18 +676,14 @@ class TextToImagePipeline:
         self, parallel: ParallelConfig, height: int, width: int, guidance: bool
     ) -> None:
         """Refuses a parallel configuration this request cannot run with (before compiling)."""
-        parallel.check_size(height, width, self.size_multiple())
+        factor = self.downscale_factor
+        parallel.check_size(height, width, factor, self.unet.row_unit, math.lcm(8, factor))
         if parallel.cfg == 2 and not guidance:
             raise ValueError(
                 "cfg=2 splits the two halves of classifier-free guidance over devices, but "
                 "guidance is off (guidance_scale <= 1): use cfg=1"
             )
         parallel.mesh()
-
-    def size_multiple(self) -> int:
-        """What a patch's side must be a multiple of for the feature maps to split into equal
-        slabs at every UNet level (VAE and UNet downscaling)."""
-        return self.downscale_factor * 2 ** (self.unet.config.num_levels - 1)
 
     def size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) with the defaults filled in, checked by `check_size`."""

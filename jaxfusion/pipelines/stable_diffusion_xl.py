@@ -13,6 +13,18 @@ from jaxfusion.pipelines.base import Models, TextToImagePipeline
 
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 AESTHETIC_TIME_IDS = 5  # original size (h, w), crop top-left (y, x), aesthetic score
+# SDXL's multi-aspect training sizes near one megapixel, (height, width).
+TRAINING_SIZES = (
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
+)
 
 
 class SDXLPipeline(TextToImagePipeline):
