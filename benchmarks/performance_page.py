@@ -7,9 +7,11 @@ results in docs/results/; `--run` first runs the measurements that write them.
 
 Parts: analysis (bench analyze: the SDXL step's per-device cost, from shapes alone), time
 (bench time: the built-in model, and diffusers), eval (PSNR/SSIM on 4 and 8 devices),
-few_step (bench time of a 4-step run), machine (machine.json, also written whenever another
-part runs). The few-step warm-up sweep's docs/results/few_step_warmup.json is written by
-`python benchmarks/few_step_warmup.py` (FEW_STEP_WARMUP). The GPU check's
+few_step (bench time of a 4-step run), sizes (bench analyze at SDXL's training sizes and
+4K UHD, eval at a height that does not split into equal slabs), machine (machine.json, also
+written whenever another part runs). The few-step warm-up sweep's
+docs/results/few_step_warmup.json is written by `python benchmarks/few_step_warmup.py`
+(FEW_STEP_WARMUP). The GPU check's
 benchmarks/results/gpu_check.json is shown when present (`bash benchmarks/gpu_check.sh
 benchmarks/results` on a machine with an NVIDIA GPU writes it).
 """
@@ -31,10 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from jaxfusion.files import write_text_atomically
+from jaxfusion.pipelines.stable_diffusion_xl import TRAINING_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("analysis", "time", "eval", "few_step", "machine")
+PARTS = ("analysis", "time", "eval", "few_step", "sizes", "machine")
 EVAL_DEVICES = (4, 8)
+# SDXL's training sizes and 4K UHD: heights that split into unequal slabs.
+SDXL_SIZES = (*TRAINING_SIZES, (2160, 3840))
+UNEVEN_EVAL = (248, 256)  # the built-in model: 62 latent rows, unequal slabs on 4 and 8
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHECK = "bash benchmarks/gpu_check.sh benchmarks/results"
 FEW_STEP_WARMUP = "python benchmarks/few_step_warmup.py --json docs/results/few_step_warmup.json"
@@ -111,6 +117,22 @@ def commands(results: Path) -> dict[str, list[tuple[str, list[Path]]]]:
                 f"--steps 4 --scheduler euler_a --guidance 0 --runs 5 --json {q(few)}",
                 [few],
             )
+        ],
+        "sizes": [
+            (
+                f"bench analyze --model sdxl --height {h} --width {w} --devices 1 2 4 8 "
+                f"--dtype bfloat16 --json {q(results / 'sizes' / f'sdxl-{h}x{w}.json')}",
+                [results / "sizes" / f"sdxl-{h}x{w}.json"],
+            )
+            for h, w in SDXL_SIZES
+        ]
+        + [
+            (
+                f"eval --height {UNEVEN_EVAL[0]} --width {UNEVEN_EVAL[1]} --devices {n} "
+                f"--steps 25 --out {q(results / f'eval-uneven-{n}')}",
+                [results / f"eval-uneven-{n}"],
+            )
+            for n in EVAL_DEVICES
         ],
     }
 
@@ -568,25 +590,103 @@ def eval_section(inputs: Inputs) -> list[str]:
         if problem:
             blocks += missing(problem, [command_text(run[0])], "eval")
             continue
-        config = data["config"]
         blocks += produced_by([run], machine, "eval")
-        blocks.append(
-            f"Model {config['model']}, {config['height']}x{config['width']}, {config['steps']} "
-            f"steps, {config['dtype']}, {len(config['prompts'])} prompt(s) x seeds "
-            f"{', '.join(map(str, config['seeds']))}; mean over the images (PSNR —: identical)."
-        )
-        rows = [
-            f"{name} | {num(m['psnr_db'], '.2f')} | {num(m['ssim'], '.4f')} | "
-            f"{num(PAPER_PSNR.get((n, name)), '.1f')}"
-            for name, m in data["mean"].items()
-        ]
-        blocks.append(table("mode | PSNR dB | SSIM | paper PSNR dB (SDXL 1024, 50 steps)", rows))
+        paper = {name: PAPER_PSNR.get((n, name)) for name in data["mean"]}
+        blocks += eval_table(data, "paper PSNR dB (SDXL 1024, 50 steps)", paper, ".1f")
         if (folder / "grid.png").is_file():
             columns = ", ".join(data.get("grid", {}).get("columns", []))
             grid = link(folder / "grid.png", page)
             blocks.append(f"[Grid]({grid}), one row per prompt and seed; columns: {columns}")
             blocks.append(f"![{n}-device grid]({grid})")
     return blocks
+
+
+def slabs(counts: list[int]) -> str:
+    """Each patch's rows, runs of equal ones as "rows x patches": "20, 16 x 6, 19"."""
+    runs: list[list[int]] = []
+    for count in counts:
+        if runs and runs[-1][0] == count:
+            runs[-1][1] += 1
+        else:
+            runs.append([count, 1])
+    return ", ".join(f"{count} x {n}" if n > 1 else str(count) for count, n in runs)
+
+
+def sizes_section(inputs: Inputs) -> list[str]:
+    """SDXL's training sizes and 4K UHD on 1-8 devices: slabs, padding and its cost; the
+    built-in model's quality at a height of unequal slabs."""
+    results, machine = inputs.results, inputs.machine
+    runs = commands(results)["sizes"]
+    analyses, evals = runs[: len(SDXL_SIZES)], runs[len(SDXL_SIZES) :]
+    blocks = [
+        "Heights that do not split into P equal slabs at every UNet level run on slabs of "
+        "unequal real rows in equal device arrays (see [the design](design.md#heights-that-"
+        "do-not-split-evenly)): every device computes its array's rows, the padding too. "
+        "Rows: each patch's real latent rows (SDXL: boundaries at 4 latent rows, 32 "
+        "pixels); array: the rows each device computes; padding: their share that is "
+        "padding. x P ÷ single: the FLOPs of all devices over the one-device step's (the "
+        "padding's and the halos' cost; 1.000 is none). Received, stale and run as in the "
+        "per-device cost above. SDXL, bfloat16, C=1, compiled from shapes for simulated "
+        "devices.",
+    ]
+    rows, present = [], []
+    for run in analyses:
+        records, problem = load_json(run[1][0])
+        if problem:
+            continue
+        present.append(run)
+        for r in records:
+            counts = r.get("latent_rows_per_patch") or []
+            array = r.get("latent_rows_per_device")
+            padding = 1 - sum(counts) / (len(counts) * array) if counts and array else None
+            rows.append(
+                f"{r['height']}x{r['width']} | {r['devices']} | {slabs(counts)} | "
+                f"{num(array, 'd')} | {num(padding, '.1%')} | "
+                f"{num(r['flops_per_device_step'], '.2f', 1e-12)} | "
+                f"{num(r['flops_per_device_step'] * r['devices'] / r['flops_single_step'], '.3f')}"
+                f" | {num(r['comm_bytes_per_device_step'], ',.1f', 1e-6)} | "
+                f"{num(r['stale_bytes_per_device'], '.2f', 1e-9)} | "
+                f"{num(r.get('memory_bytes_generation_per_device'), '.2f', 1e-9)}"
+            )
+    if not present:
+        blocks += missing("no size analysis yet", [command_text(a) for a, _ in analyses], "sizes")
+    else:
+        blocks += produced_by(present, machine, "sizes")
+        header = (
+            "size | devices | rows | array | padding | TFLOPs/device | x P ÷ single | "
+            "received MB | stale GB | run GB"
+        )
+        blocks.append(table(header, rows))
+    height, width = UNEVEN_EVAL
+    blocks.append(f"### Quality at {height}x{width} (`eval`)")
+    for n, run in zip(EVAL_DEVICES, evals, strict=True):
+        data, problem = load_json(run[1][0] / "metrics.json")
+        if problem:
+            blocks += missing(problem, [command_text(run[0])], "sizes")
+            continue
+        even, _ = load_json(results / f"eval-{n}" / "metrics.json")
+        blocks += produced_by([run], machine, "sizes")
+        blocks.append(f"{n} devices; beside, the same at 256x256 (equal slabs, above).")
+        even_psnr = {name: m["psnr_db"] for name, m in (even or {}).get("mean", {}).items()}
+        blocks += eval_table(data, "PSNR dB at 256x256", even_psnr, ".2f")
+    return blocks
+
+
+def eval_table(data: dict, column: str, beside: dict[str, float | None], spec: str) -> list[str]:
+    """An eval's configuration and its mean PSNR/SSIM per mode, with `beside` (per mode) in
+    a last `column`."""
+    config = data["config"]
+    rows = [
+        f"{name} | {num(m['psnr_db'], '.2f')} | {num(m['ssim'], '.4f')} | "
+        f"{num(beside.get(name), spec)}"
+        for name, m in data["mean"].items()
+    ]
+    return [
+        f"Model {config['model']}, {config['height']}x{config['width']}, {config['steps']} "
+        f"steps, {config['dtype']}, {len(config['prompts'])} prompt(s) x seeds "
+        f"{', '.join(map(str, config['seeds']))}; mean over the images (PSNR —: identical).",
+        table(f"mode | PSNR dB | SSIM | {column}", rows),
+    ]
 
 
 def gpu_section(inputs: Inputs) -> list[str]:
@@ -656,6 +756,7 @@ def render(results: Path, page: Path, gpu_check: Path) -> str:
         ("Timing (`bench time`)", time_section),
         ("Quality against the single-device image (`eval`)", eval_section),
         ("Few-step runs (`bench time`, warm-up sweep)", few_step_section),
+        ("Sizes that do not split evenly (`bench analyze`, `eval`)", sizes_section),
         ("Compressed exchange (`--compress`)", codec_section),
         ("The exchange on the real compilers (`bench analyze --target`)", targets_section),
         ("GPU check (`benchmarks/gpu_check.py`)", gpu_section),

@@ -37,7 +37,7 @@ from jaxfusion.models.configs import TEXT_ENCODER_CONFIGS, UNET_CONFIGS, VAE_CON
 from jaxfusion.models.scaled_dot_product import AttentionBackend, set_attention
 from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImagePipeline
 from jaxfusion.pipelines.base import Models, Options, Request
-from sharding.analysis import host_links, trace_step
+from sharding.analysis import host_links, laid_out, trace_step
 from sharding.loops import (
     NO_BUFFERS,
     SINGLE,
@@ -112,6 +112,13 @@ class StepAnalysis(Configuration):
         traced traffic is then the mean over K displaced steps (one exchanges K/V, K - 1 do
         not); the HLO's, memory and FLOPs are the step's that exchanges them.
     projected_step_model: `projected_step_seconds`, a model, not a measurement.
+    latent_rows_per_patch: each patch's real latent rows (columns for naive column slabs);
+    latent_rows_per_device: the rows each device's arrays hold (`sharding.split`: more than
+        the real rows where the height does not split into equal slabs, the rest padding
+        that every device computes too). Of what the devices compute, `padding` = 1 - h /
+        (P x rows per device) is padding: the FLOPs beyond the one-device step's share
+        (`flops_per_device_step` x P over `flops_single_step`, which also holds the halos'
+        cost), and the K/V and stale buffers' bytes grow by about 1 / (1 - padding).
     """
 
     flops_per_device_step: float
@@ -133,6 +140,16 @@ class StepAnalysis(Configuration):
     kv_refresh: int = 1
     projected_step_model: dict | None = None
     data: int = 1
+    latent_rows_per_patch: list[int] | None = None
+    latent_rows_per_device: int | None = None
+
+    @property
+    def padding(self) -> float:
+        """The share of the rows the devices compute that are padding."""
+        if self.latent_rows_per_device is None:
+            return 0.0
+        rows = len(self.latent_rows_per_patch) * self.latent_rows_per_device
+        return 1 - sum(self.latent_rows_per_patch) / rows
 
 
 def abstract_inputs(
@@ -312,6 +329,8 @@ def analyze(
         flops_single_step=float(single["flops"]),
         attention=attention,
         hosts=hosts,
+        latent_rows_per_patch=[latent_height],
+        latent_rows_per_device=latent_height,
         **generation,
     )
     if parallel.mode == "single":
@@ -332,9 +351,14 @@ def analyze(
             collectives={},
         )
     exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
-    state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
     traced = trace_step(unet, sampling, latents, parallel, exchange)
-    context = step_context(parallel.mode, parallel)
+    layout, laid_out_latents = laid_out(unet, latents, parallel)
+    record.update(
+        latent_rows_per_patch=list(layout.split.counts),
+        latent_rows_per_device=layout.split.slab,
+    )
+    context = step_context(parallel.mode, parallel, layout.split, latents.shape[2])
+    state = jax.eval_shape(schedulers.init_state, sampling.schedule, laid_out_latents)
     received = sum(c.received_bytes for c in traced.collectives())
     if parallel.kv_refresh > 1 and exchange == "displaced":
         kept = trace_step(unet, sampling, latents, parallel, exchange, exchange_kv=False)
@@ -348,8 +372,8 @@ def analyze(
 
     def compile_step(backend: AttentionBackend):
         set_attention(unet, backend)
-        step = jax.jit(step_function(unet, parallel, context))
-        args = (nnx.state(unet), traced.buffers, sampling, latents, state, jnp.int32(10))
+        step = jax.jit(step_function(unet, parallel, context, layout=layout))
+        args = (nnx.state(unet), traced.buffers, sampling, laid_out_latents, state, jnp.int32(10))
         return step.lower(*args).compile()
 
     compiled = compile_step("xla")
@@ -397,7 +421,8 @@ def target_loop(
     set_attention(unet, attention)
     graphdef, weights = nnx.split(unet)
     placement = Placement(weights)
-    replicated, rows = placement.replicated(parallel), placement.rows(parallel)
+    replicated = placement.replicated(parallel)
+    rows = placement.rows(parallel, latents.shape[1])
 
     def run(weights, sampling, latents):
         return denoise(nnx.merge(graphdef, weights), sampling, latents, parallel)
@@ -553,7 +578,7 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                     compress=compress,
                     kv_refresh=options.kv_refresh if mode == "displaced" else 1,
                 )
-                parallel.check_size(height, width, downscale * 2 ** (config.num_levels - 1))
+                parallel.check_size(height, width, downscale, 2 ** (config.num_levels - 1))
                 if devices > 1 and devices % options.hosts:
                     raise ValueError(
                         f"--devices {devices} do not spread evenly over --hosts {options.hosts}"
@@ -765,6 +790,8 @@ def _scaled(value: float | None, scale: float, spec: str) -> str:
 TABLE_LEGEND = {
     "step GFLOPs": "one denoising step's FLOPs per device (xla attention)",
     "÷ single": "that over the one-device step's",
+    "padding": "the share of the latent rows each device computes that are padding (a "
+    "height that does not split into equal slabs)",
     "step recv MB": "bytes one device receives per step (traced program, in its dtype)",
     "ref. recv MB": "the same under the reference PyTorch scheme",
     "run MB": "memory of the whole generation per device (text encoders, every step, VAE "
@@ -790,6 +817,7 @@ def print_table(records: list[StepAnalysis], display) -> None:
             r.mode if r.compress == "none" else f"{r.mode} {r.compress}",
             f"{r.flops_per_device_step / 1e9:,.1f}",
             f"{r.flops_per_device_step / r.flops_single_step:.3f}",
+            f"{r.padding:.1%}",
             f"{r.comm_bytes_per_device_step / 1e6:,.1f}",
             f"{r.comm_bytes_reference_per_device_step / 1e6:,.1f}",
             _scaled(r.memory_bytes_generation_per_device, 1e-6, ",.0f"),
