@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxfusion.convert.files import read_json
+from convert.files import read_json
 from jaxfusion.schedulers.config import CLASS_NAMES
 
 # (the refiner's class, StableDiffusionXLImg2ImgPipeline, runs image-to-image only)

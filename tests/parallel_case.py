@@ -12,8 +12,8 @@ from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize
 from distrifusion_reference import reference_denoise
 from flax import nnx
 
-from jaxfusion import convert, schedulers
-from jaxfusion.models import Conditioning
+from jaxfusion import schedulers
+from jaxfusion.models import Conditioning, load_unet
 from sharding import ParallelConfig
 from sharding.loops import Sampling, denoise
 
@@ -38,7 +38,7 @@ class Case:
         torch.manual_seed(0)
         self.torch_unet = randomize(diffusers.UNet2DConditionModel(**SDXL_LIGHT))
         self.torch_unet.save_pretrained(folder)
-        self.unet = convert.load_unet(folder)
+        self.unet = load_unet(folder)
         rng = np.random.default_rng(0)
         self.latents = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
         pooled = SDXL_LIGHT["projection_class_embeddings_input_dim"] - 6 * 8

@@ -18,9 +18,9 @@ from pipelines import count_compiles, save_random_pipeline
 from rich.console import Console
 
 import jaxfusion
+from convert.files import TensorReader
 from jaxfusion import cli
 from jaxfusion.builtin import builtin_model_path
-from jaxfusion.convert.files import TensorReader
 from jaxfusion.display import StageDisplay
 from sharding.parallel import ParallelConfig
 
