@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize
 from distrifusion_reference import reference_denoise
+from fake_sampling import diffusers_scheduler
 from flax import nnx
 
 from jaxfusion import schedulers
@@ -21,11 +22,9 @@ STEPS, WARMUP, GUIDANCE = 4, 1, 5.0
 LATENT = 32  # 3 UNet levels: with P = 8 the smallest feature map is one row per patch
 ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may change
 SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
-# The JAX sampler kinds and the diffusers scheduler of each (the reference's).
-DIFFUSERS_SCHEDULERS = {
-    "euler": diffusers.EulerDiscreteScheduler,
-    "dpmpp": diffusers.DPMSolverMultistepScheduler,  # stateful: the previous model output
-}
+# The sampler kinds run (the reference runs the diffusers scheduler of each): dpmpp is
+# stateful (the previous model output).
+KINDS = ("euler", "dpmpp")
 
 
 class Case:
@@ -51,7 +50,7 @@ class Case:
             kind: schedulers.make_schedule(
                 schedulers.SchedulerConfig.from_diffusers(SCHEDULER, kind), STEPS
             )
-            for kind in DIFFUSERS_SCHEDULERS
+            for kind in KINDS
         }
         self.schedule = self.schedules["euler"]
         self._runs = {}
@@ -83,7 +82,7 @@ class Case:
         ehs, text_embeds, time_ids = (torch.from_numpy(x) for x in self.conditioning)
         out = reference_denoise(
             self.torch_unet,
-            DIFFUSERS_SCHEDULERS[scheduler](**SCHEDULER),
+            diffusers_scheduler(scheduler)(**SCHEDULER),
             torch.from_numpy(self.latents),
             ehs,
             added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids),
