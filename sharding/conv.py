@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxtools.parameters import parameter, uniform
 from sharding.codecs import HALO
 from sharding.context import PatchContext, PatchPrimitive
-from sharding.parameters import parameter, uniform
 
 
 def halo_messages(x: jax.Array, above: int, below: int) -> dict[str, jax.Array]:

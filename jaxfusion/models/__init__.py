@@ -4,7 +4,7 @@ folders (`pretrained`). The names below are imported (with JAX) on first use, so
 
 from typing import TYPE_CHECKING
 
-from sharding.lazy import lazy_attributes
+from nnxtools.lazy import lazy_attributes
 
 __getattr__, __dir__ = lazy_attributes(
     __name__,

@@ -40,7 +40,7 @@ from jaxfusion.schedulers.config import (
     SchedulerConfig,
     SchedulerKind,
 )
-from sharding.lazy import lazy_attributes
+from nnxtools.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     import jax
