@@ -1,9 +1,9 @@
-"""Peak host RAM of `convert.load_unet` on a synthetic SDXL-base-sized checkpoint.
+"""Peak host RAM of `jaxfusion.models.load_unet` on a synthetic SDXL-base-sized checkpoint.
 
 Writes a diffusers UNet folder with the real SDXL base configuration and random weights
 (2.57 G parameters; float16 by default, 5.1 GB on disk, streamed to disk one tensor at a
-time), then loads it with `convert.load_unet` in a fresh process and reports that process's
-peak resident memory against the checkpoint's size.
+time), then loads it with `jaxfusion.models.load_unet` in a fresh process and reports that
+process's peak resident memory against the checkpoint's size.
 
     python benchmarks/convert_memory.py [--dtype float16|float32] [--dir DIR] [--keep]
 """
@@ -22,9 +22,9 @@ import numpy as np
 
 LOAD = """
 import sys, time
-from jaxfusion import convert
+from jaxfusion.models import load_unet
 start = time.perf_counter()
-unet = convert.load_unet(sys.argv[1], dtype=sys.argv[2])
+unet = load_unet(sys.argv[1], dtype=sys.argv[2])
 print(time.perf_counter() - start)
 """
 
@@ -34,8 +34,8 @@ def write_synthetic_checkpoint(folder: Path, dtype: str) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
+    from convert.state_dict import diffusers_key, to_diffusers_shape
     from jaxfusion import UNet2DConditionModel, UNetConfig
-    from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape
     from jaxfusion.models.configs import UNET_CONFIGS
 
     config = UNET_CONFIGS["sdxl"]

@@ -3,9 +3,9 @@ alike), read from the source with `ast`; an edge in both directions is a cycle.
 
     python benchmarks/import_graph.py [ROOT]
 
-ROOT: a checkout (default: this one). Packages: `sharding`, a top-level `convert` where a
-checkout has one, and each subpackage or top module of `jaxfusion` (`jaxfusion.models`,
-`jaxfusion.cli`, ...; `jaxfusion` itself for its `__init__`).
+ROOT: a checkout (default: this one). Packages: `sharding`, a top-level `convert` and
+`nnxtools` where a checkout has them, and each subpackage or top module of `jaxfusion`
+(`jaxfusion.models`, `jaxfusion.cli`, ...; `jaxfusion` itself for its `__init__`).
 """
 
 import ast
@@ -17,7 +17,7 @@ from pathlib import Path
 def package_of(module: str) -> str | None:
     """The package a dotted module name belongs to, or None outside the project."""
     parts = module.split(".")
-    if parts[0] in ("sharding", "convert"):
+    if parts[0] in ("sharding", "convert", "nnxtools"):
         return parts[0]
     if parts[0] == "jaxfusion":
         return ".".join(parts[:2])
@@ -50,7 +50,7 @@ def imported_modules(file: Path, module: str, modules: set[str]) -> set[str]:
 def graph(root: Path) -> dict[str, set[str]]:
     files = [
         file
-        for top in ("sharding", "convert", "jaxfusion")
+        for top in ("nnxtools", "sharding", "convert", "jaxfusion")
         if (root / top).is_dir()
         for file in sorted((root / top).rglob("*.py"))
     ]

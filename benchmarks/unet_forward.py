@@ -5,7 +5,7 @@ diffusers (PyTorch), same random weights, same inputs, measured side by side in 
 
 The model is a mid-size SDXL-architecture UNet (three levels, text_time conditioning,
 transformer depth 1/2/2) with random weights, written by diffusers and loaded by
-`convert.load_unet`. Also prints the two outputs' relative L2 difference.
+`jaxfusion.models.load_unet`. Also prints the two outputs' relative L2 difference.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
-from jaxfusion import convert
+from jaxfusion.models import load_unet
 
 MID_SIZE = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -68,7 +68,7 @@ def main() -> None:
         torch.manual_seed(0)
         torch_unet = TorchUNet(**MID_SIZE).eval()
         torch_unet.save_pretrained(folder)
-        unet = convert.load_unet(folder)
+        unet = load_unet(folder)
     parameters = sum(p.numel() for p in torch_unet.parameters())
 
     graphdef, state = nnx.split(unet)

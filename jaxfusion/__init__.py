@@ -7,7 +7,7 @@ The public names and the submodules are imported on first use, so that `import j
 from typing import TYPE_CHECKING
 
 import sharding  # noqa: F401  (sets XLA_FLAGS before JAX starts its backends; no JAX import)
-from sharding.lazy import lazy_attributes
+from nnxtools.lazy import lazy_attributes
 
 __getattr__, __dir__ = lazy_attributes(
     __name__,

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxfusion.convert.files import read_json
-from jaxfusion.schedulers.config import CLASS_NAMES
+from convert.files import read_json
+from jaxfusion.schedulers.config import SCHEDULERS
 
 # (the refiner's class, StableDiffusionXLImg2ImgPipeline, runs image-to-image only)
 PIPELINE_CLASSES = (
@@ -29,7 +29,6 @@ IMG2IMG_CLASSES = {
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
 }
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-SCHEDULER_CLASSES = {kind: name for name, kind in CLASS_NAMES.items()}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -62,7 +61,7 @@ def load_diffusers_pipeline(
       path: a diffusers pipeline folder of one of `PIPELINE_CLASSES`.
       dtype: "float32" | "float16" | "bfloat16", the weights' torch dtype.
       scheduler: a jaxfusion scheduler kind ("euler", "ddim", "dpmpp", "euler_a", "lcm")
-        replaces the folder's scheduler by that diffusers class (`SCHEDULER_CLASSES`), built
+        replaces the folder's scheduler by that diffusers class (`SCHEDULERS`), built
         from the folder's scheduler config (`from_config`); None keeps it.
       device: torch device; default "cuda" when available, else "cpu".
       image_to_image: the folder's components in its `IMG2IMG_CLASSES` pipeline instead.
@@ -88,9 +87,9 @@ def load_diffusers_pipeline(
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported (use one of {list(DTYPES)})")
-    if scheduler is not None and scheduler not in SCHEDULER_CLASSES:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(
-            f"scheduler={scheduler!r} is not supported (use one of {list(SCHEDULER_CLASSES)})"
+            f"scheduler={scheduler!r} is not supported (use one of {list(SCHEDULERS)})"
         )
     kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
     if class_name == "StableDiffusionPipeline":
@@ -104,7 +103,7 @@ def load_diffusers_pipeline(
         warnings.filterwarnings("ignore", message=".*use `dtype`", category=FutureWarning)
         pipe = getattr(diffusers, class_name).from_pretrained(folder, **kwargs)
     if scheduler is not None:
-        scheduler_class = getattr(diffusers, SCHEDULER_CLASSES[scheduler])
+        scheduler_class = getattr(diffusers, SCHEDULERS[scheduler].class_name)
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, (lora, _) in zip(names, loras, strict=True):

@@ -198,20 +198,33 @@ class _Peers:
 
     def ended(self) -> None:
         """Says this process ends; process 0 first waits for the others to say so (for
-        ENDED_WAIT_S at most), as its exit takes the coordination service down."""
-        try:
-            self.client.key_value_set(ENDED_KEY.format(self.index), "", allow_overwrite=True)
-            if self.index == 0:
-                deadline = time.monotonic() + ENDED_WAIT_S
-                for other in range(1, self.count):
-                    left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                    self.client.blocking_key_value_get(ENDED_KEY.format(other), max(left_ms, 1))
-                time.sleep(SERVICE_GRACE_S)
-        except Exception:  # a process already gone, or out of time: end anyway
-            pass
+        ENDED_WAIT_S at most): `end_last`."""
+        with contextlib.suppress(Exception):  # a process already gone, or out of time: end
+            end_last(self.client, ENDED_KEY, self.index, self.count, ENDED_WAIT_S)
 
     def close(self) -> None:
         """Stops watching, once no request is under way (at a normal exit)."""
         self.closed.set()
         with self.idle:
             pass
+
+
+def end_last(client: Any, key: str, index: int, count: int, timeout_s: float) -> None:
+    """Process `index` of `count` says at `key` (formatted with its index) that it ends.
+    Process 0, whose exit takes the coordination service (`client`'s) down and with it any
+    process still using it, first waits for every other process to say so, `timeout_s` in
+    all, then SERVICE_GRACE_S for their exits to complete: it ends last. Raises TimeoutError
+    naming the first process that does not say so in time (from the service's error)."""
+    client.key_value_set(key.format(index), "1")
+    if index != 0:
+        return
+    deadline = time.monotonic() + timeout_s
+    for other in range(1, count):
+        left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        try:
+            client.blocking_key_value_get(key.format(other), max(left_ms, 1))
+        except Exception as error:  # JAX's DEADLINE_EXCEEDED, or the service gone
+            raise TimeoutError(
+                f"process {other} joined the run but did not end within {timeout_s:g} s"
+            ) from error
+    time.sleep(SERVICE_GRACE_S)

@@ -16,7 +16,6 @@ import errno
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 from jaxfusion import interrupts
@@ -174,12 +173,12 @@ def check_same_arguments(
     client.key_value_set(COMPARED_KEY.format(index), "1")
     for other in others:
         _published(client, COMPARED_KEY, other, timeout_s, "compare the options")
-    if index == 0:
-        for other in others:
-            _published(client, REFUSED_KEY, other, timeout_s, "end")
-        time.sleep(interrupts.SERVICE_GRACE_S)  # their exits complete before the service goes
-    else:
-        client.key_value_set(REFUSED_KEY.format(index), "1")
+    try:
+        interrupts.end_last(client, REFUSED_KEY, index, count, timeout_s)
+    except TimeoutError as error:
+        raise ConnectionError(
+            f"{error} (--distributed-timeout): see its output ({error.__cause__})"
+        ) from None
     raise ValueError(difference)
 
 

@@ -10,7 +10,7 @@ DESIGN.md section 3.
 import os
 from typing import TYPE_CHECKING
 
-from sharding.lazy import lazy_attributes
+from nnxtools.lazy import lazy_attributes
 
 # On GPU, XLA overlaps collectives with compute only under its latency-hiding scheduler, off
 # by default. Turned on here, before JAX starts its backends (importing jaxfusion imports

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxtools.parameters import parameter, uniform
 from sharding.codecs import HALO
 from sharding.context import PatchContext, PatchPrimitive
-from sharding.parameters import parameter, uniform
 
 
 def neighbour_rows(messages: dict, context: PatchContext) -> dict:

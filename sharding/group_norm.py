@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxtools.parameters import ones, parameter, zeros
 from sharding.codecs import EXACT
 from sharding.context import GroupNormRule, PatchPrimitive, Received
-from sharding.parameters import ones, parameter, zeros
 from sharding.split import Split
 
 

@@ -4,6 +4,7 @@ scheduler config of SDXL's folder (tests/test_schedulers.py, tests/test_few_step
 
 import contextlib
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from jaxfusion import schedulers
 from jaxfusion.diffusers_backend import given_step_noise
+from jaxfusion.schedulers import SCHEDULERS, Kind
 from sharding.loops import step_noise
 
 # scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0
@@ -44,12 +46,17 @@ def fake_model(sample, t, sin):
     return 0.1 * sample + sin(t / 100)
 
 
+def diffusers_scheduler(kind: Kind) -> type:
+    """The diffusers scheduler class the sampler `kind` stands for."""
+    return getattr(diffusers, SCHEDULERS[kind].class_name)
+
+
 def diffusers_sample(
-    scheduler_class, config: dict, steps: int, noise: np.ndarray, fresh: np.ndarray | None = None
+    kind: Kind, config: dict, steps: int, noise: np.ndarray, fresh: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, final sample) of diffusers' `scheduler_class` made from config, from the
-    NCHW `noise`; a scheduler that draws noise in its steps draws fresh[i] in step i."""
-    scheduler = scheduler_class.from_config(config)
+    """(timesteps, final sample) of the diffusers scheduler of `kind` made from config, from
+    the NCHW `noise`; a scheduler that draws noise in its steps draws fresh[i] in step i."""
+    scheduler = diffusers_scheduler(kind).from_config(config)
     scheduler.set_timesteps(steps)
     sample = torch.from_numpy(noise) * scheduler.init_noise_sigma
     drawn = contextlib.nullcontext() if fresh is None else given_step_noise(scheduler, fresh)

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize
 from distrifusion_reference import reference_denoise
+from fake_sampling import diffusers_scheduler
 from flax import nnx
 
-from jaxfusion import convert, schedulers
-from jaxfusion.models import Conditioning
+from jaxfusion import schedulers
+from jaxfusion.models import Conditioning, load_unet
 from sharding import ParallelConfig
 from sharding.loops import Sampling, denoise
 
@@ -25,11 +26,9 @@ ROUNDING = 1e-5  # float32, relative L2: what reordering the same sums may chang
 # by about one quantization step of its row, far below what the codec itself changes.
 CODEC_ROUNDING = 1e-4
 SCHEDULER = dict(SD_NOISE_SCHEDULE, timestep_spacing="leading")
-# The JAX sampler kinds and the diffusers scheduler of each (the reference's).
-DIFFUSERS_SCHEDULERS = {
-    "euler": diffusers.EulerDiscreteScheduler,
-    "dpmpp": diffusers.DPMSolverMultistepScheduler,  # stateful: the previous model output
-}
+# The sampler kinds run (the reference runs the diffusers scheduler of each): dpmpp is
+# stateful (the previous model output).
+KINDS = ("euler", "dpmpp")
 
 
 class Case:
@@ -42,7 +41,7 @@ class Case:
         torch.manual_seed(0)
         self.torch_unet = randomize(diffusers.UNet2DConditionModel(**SDXL_LIGHT))
         self.torch_unet.save_pretrained(folder)
-        self.unet = convert.load_unet(folder)
+        self.unet = load_unet(folder)
         rng = np.random.default_rng(0)
         self.latents = rng.standard_normal((1, 4, *latent_size)).astype(np.float32)
         pooled = SDXL_LIGHT["projection_class_embeddings_input_dim"] - 6 * 8
@@ -55,7 +54,7 @@ class Case:
             kind: schedulers.make_schedule(
                 schedulers.SchedulerConfig.from_diffusers(SCHEDULER, kind), STEPS
             )
-            for kind in DIFFUSERS_SCHEDULERS
+            for kind in KINDS
         }
         self.schedule = self.schedules["euler"]
         self._runs = {}
@@ -90,7 +89,7 @@ class Case:
         ehs, text_embeds, time_ids = (torch.from_numpy(x) for x in self.conditioning)
         out = reference_denoise(
             self.torch_unet,
-            DIFFUSERS_SCHEDULERS[scheduler](**SCHEDULER),
+            diffusers_scheduler(scheduler)(**SCHEDULER),
             torch.from_numpy(self.latents),
             ehs,
             added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids),

@@ -16,8 +16,8 @@ import torch
 from diffusers_models import SD_NOISE_SCHEDULE, SDXL_LIGHT, randomize, relative_l2
 from flax import nnx
 
-from jaxfusion import convert, schedulers
-from jaxfusion.models import CLIPTextConfig, CLIPTextModel, Conditioning
+from jaxfusion import schedulers
+from jaxfusion.models import CLIPTextConfig, CLIPTextModel, Conditioning, load_unet
 from jaxfusion.models import scaled_dot_product as sdp
 from jaxfusion.models.names import ATTENTION_BACKENDS
 from jaxfusion.models.scaled_dot_product import (
@@ -297,7 +297,7 @@ class UNetRun:
     def __init__(self, folder):
         torch.manual_seed(0)
         randomize(diffusers.UNet2DConditionModel(**SDXL_LIGHT), seed=1).save_pretrained(folder)
-        self.unet = convert.load_unet(folder)
+        self.unet = load_unet(folder)
         rng = np.random.default_rng(1)
         self.latents = rng.standard_normal((1, LATENT, LATENT, 4)).astype(np.float32)
         pooled = SDXL_LIGHT["projection_class_embeddings_input_dim"] - 6 * 8

@@ -16,6 +16,9 @@ from PIL import Image
 from pipelines import SIZE, save_random_pipeline
 
 from jaxfusion import cli
+from jaxfusion.cli import running
+from jaxfusion.cli.generate import describe_parallel
+from jaxfusion.cli.options import lora_option
 from jaxfusion.images import psnr
 
 PROMPT = "a red circle at the top left"
@@ -97,7 +100,7 @@ def test_refusals_before_compiling(tmp_path, capsys):
 
 def test_mistakes_are_refused_in_the_options_words(tmp_path, capsys, monkeypatch):
     """Each refusal names the option at fault and what would work, before anything loads."""
-    monkeypatch.setattr(cli, "simulate_cpu_devices", lambda count: None)  # JAX has started
+    monkeypatch.setattr(running, "simulate_cpu_devices", lambda count: None)  # JAX has started
     out = str(tmp_path / "image.png")
 
     def refusal(*argv: str) -> str:
@@ -139,9 +142,9 @@ def test_mistakes_are_refused_in_the_options_words(tmp_path, capsys, monkeypatch
 def test_lora_scale_after_the_last_colon(tmp_path):
     with_colon = tmp_path / "a:b.safetensors"
     with_colon.touch()
-    assert cli.lora_option(f"{tmp_path}/x.safetensors:0.5") == (f"{tmp_path}/x.safetensors", 0.5)
-    assert cli.lora_option(str(with_colon)) == (str(with_colon), 1.0)  # a path, not a scale
-    assert cli.lora_option("user/lora") == ("user/lora", 1.0)
+    assert lora_option(f"{tmp_path}/x.safetensors:0.5") == (f"{tmp_path}/x.safetensors", 0.5)
+    assert lora_option(str(with_colon)) == (str(with_colon), 1.0)  # a path, not a scale
+    assert lora_option("user/lora") == ("user/lora", 1.0)
 
 
 def test_the_run_says_its_mode_and_devices_once():
@@ -161,7 +164,7 @@ def test_the_run_says_its_mode_and_devices_once():
         ),
     }
     for line, parallel in lines.items():
-        assert cli.describe_parallel(parallel, 50) == line
+        assert describe_parallel(parallel, 50) == line
 
 
 @pytest.mark.slow

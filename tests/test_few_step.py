@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
+from diffusers import LCMScheduler
 from diffusers_models import relative_l2
 from fake_sampling import SDXL, configured, jax_sample
 from flax import nnx
@@ -27,7 +27,6 @@ from jaxfusion.schedulers import SchedulerConfig
 from sharding.loops import Sampling, denoise, slab_noise, step_noise
 from sharding.parallel import ParallelConfig
 
-DIFFUSERS = {"euler_a": EulerAncestralDiscreteScheduler, "lcm": LCMScheduler}
 STEPS = 4
 TOLERANCE = 1e-6  # as tests/test_schedulers.py
 KEY = jax.random.key(7)
@@ -38,7 +37,7 @@ def diffusers_sample(kind: str, config: dict, steps: int, noise: np.ndarray) -> 
     `step_noise(KEY, i)` (NCHW)."""
     shape = noise.transpose(0, 2, 3, 1).shape
     fresh = [np.asarray(step_noise(KEY, i, shape)).transpose(0, 3, 1, 2) for i in range(steps)]
-    return fake_sampling.diffusers_sample(DIFFUSERS[kind], config, steps, noise, np.stack(fresh))[1]
+    return fake_sampling.diffusers_sample(kind, config, steps, noise, np.stack(fresh))[1]
 
 
 @pytest.mark.parametrize(
@@ -59,7 +58,7 @@ def test_schedulers_match_diffusers(kind, overrides, steps):
     noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), np.float32)
     expected = diffusers_sample(kind, config, steps, noise)
     schedule = schedulers.make_schedule(SchedulerConfig.from_diffusers(config, kind), steps)
-    reference = DIFFUSERS[kind].from_config(config)
+    reference = fake_sampling.diffusers_scheduler(kind).from_config(config)
     reference.set_timesteps(steps)
     np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy())
     actual = np.asarray(jax_sample(schedule, jnp.asarray(noise.transpose(0, 2, 3, 1)), KEY))

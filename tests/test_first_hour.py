@@ -18,9 +18,9 @@ from pipelines import count_compiles, save_random_pipeline
 from rich.console import Console
 
 import jaxfusion
-from jaxfusion import cli
+from convert.files import TensorReader
 from jaxfusion.builtin import builtin_model_path
-from jaxfusion.convert.files import TensorReader
+from jaxfusion.cli import running
 from jaxfusion.display import StageDisplay
 from sharding.parallel import ParallelConfig
 
@@ -37,7 +37,7 @@ def folder(tmp_path_factory) -> Path:
 def devices_as_they_are(monkeypatch):
     """The command in this process uses its 8 simulated devices (conftest.py): JAX has
     started, so the command's own device setup cannot run again."""
-    monkeypatch.setattr(cli, "simulate_cpu_devices", lambda count: None)
+    monkeypatch.setattr(running, "simulate_cpu_devices", lambda count: None)
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def test_stage_start_is_shown_off_a_terminal():
 def test_long_prompt_truncation_is_one_line(folder):
     """The command shows the truncation warning as one line, without the warning's source."""
     console = Console(file=io.StringIO(), force_terminal=False, width=500)
-    cli.show_warnings_as_notes(StageDisplay(console))
+    running.show_warnings_as_notes(StageDisplay(console))
     pipe = jaxfusion.load_pipeline(folder, abstract=True)
     pipe.prepare(" ".join(["a red circle at the top left"] * 20))
     lines = console.file.getvalue().splitlines()

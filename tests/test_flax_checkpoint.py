@@ -11,13 +11,13 @@ import pytest
 from diffusers_models import SDXL_LIKE, unet_inputs
 from flax import nnx
 
-from jaxfusion.convert.flax_checkpoint import (
+from convert.flax_checkpoint import (
     PARAMS_DIR,
     has_flax_params,
     load_flax_params,
     save_flax_params,
 )
-from jaxfusion.convert.state_dict import WeightMismatch
+from convert.state_dict import WeightMismatch
 from jaxfusion.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 
 TINY_VAE = VAEConfig.from_diffusers(

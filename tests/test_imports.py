@@ -13,7 +13,10 @@ import pytest
 import jaxfusion
 from sharding import LATENCY_HIDING_FLAG, with_latency_hiding
 
-BENCH = Path(jaxfusion.__file__).parent / "bench"
+ROOT = Path(jaxfusion.__file__).parent.parent
+BENCH = ROOT / "jaxfusion" / "bench"
+# The project's top-level packages, lowest layers first.
+PACKAGES = ("nnxtools", "sharding", "convert", "jaxfusion")
 HEAVY = ("jax", "jaxlib", "flax", "numpy", "torch")
 
 
@@ -36,9 +39,55 @@ LOADED = (
 )
 
 
-def test_sharding_imports_no_jaxfusion():
-    code = "import sharding.loops, sharding.analysis, sharding.placement, sharding.rows\n"
-    assert fresh_python(LOADED + code + "print(json.dumps(loaded('jaxfusion')))") == []
+def imported_names(module: Path) -> list[str]:
+    """The dotted names `module` imports, at its top or inside functions alike."""
+    names = []
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names += [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def modules_of(package: str) -> list[str]:
+    return sorted(
+        ".".join(file.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for file in (ROOT / package).rglob("*.py")
+    )
+
+
+def test_layers_point_one_way():
+    """`nnxtools` imports nothing of the project, `sharding` only it, `convert` nothing,
+    `jaxfusion` all three: no cycle. Read from the source, so an import inside a function
+    counts too."""
+    found = {
+        package: {
+            name.split(".")[0]
+            for file in (ROOT / package).rglob("*.py")
+            for name in imported_names(file)
+        }
+        & {*PACKAGES} - {package}
+        for package in PACKAGES
+    }
+    assert found == {
+        "nnxtools": set(),
+        "sharding": {"nnxtools"},
+        "convert": set(),
+        "jaxfusion": {"nnxtools", "sharding", "convert"},
+    }
+
+
+@pytest.mark.parametrize(
+    "package, allowed", [("nnxtools", []), ("sharding", ["nnxtools"]), ("convert", [])]
+)
+def test_lower_layers_load_no_higher_package(package, allowed):
+    """Every module of the package imported in a fresh interpreter loads no other package of
+    the project but `allowed`."""
+    others = [other for other in PACKAGES if other not in (package, *allowed)]
+    code = "".join(f"import {module}\n" for module in modules_of(package))
+    assert len(modules_of(package)) >= 3
+    assert fresh_python(LOADED + code + f"print(json.dumps(loaded(*{others!r})))") == []
 
 
 def test_bench_does_not_import_the_command_line():
@@ -46,14 +95,8 @@ def test_bench_does_not_import_the_command_line():
     modules = sorted(BENCH.glob("*.py"))
     assert {m.stem for m in modules} >= {"analyze", "evaluate", "options", "profile", "timing"}
     for module in modules:
-        for node in ast.walk(ast.parse(module.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            assert not any(n.startswith("jaxfusion.cli") for n in names), (module, names)
+        names = imported_names(module)
+        assert not any(n.startswith("jaxfusion.cli") for n in names), (module, names)
     imports = "".join(f"import jaxfusion.bench.{m.stem}\n" for m in modules)
     found = fresh_python(LOADED + imports + "print(json.dumps(loaded('jaxfusion')))")
     assert "jaxfusion.bench.timing" in found and "jaxfusion.cli" not in found
@@ -99,16 +142,17 @@ def test_help_lists_the_choices():
 
 def test_import_jaxfusion_is_cheap_until_used():
     """`import jaxfusion` (and the JAX-free leaves) load no JAX; a public name imports its
-    module on first use, and `from jaxfusion import convert` still finds the subpackage."""
+    module on first use, and `from jaxfusion import bench` still finds the subpackage."""
     code = LOADED + (
         "import jaxfusion, jaxfusion.models, jaxfusion.schedulers, sharding\n"
         "import jaxfusion.models.names, sharding.names, jaxfusion.bench.options\n"
         "before = loaded('jax', 'flax')\n"
         "config = jaxfusion.ParallelConfig(devices=2)\n"
-        "from jaxfusion import convert\n"
+        "from jaxfusion import bench\n"
         "print(json.dumps(dict(before=before, after=loaded('jax'), mode=config.mode,\n"
         "    names=[jaxfusion.load_pipeline.__module__, jaxfusion.UNetConfig.__module__,\n"
-        "           convert.__name__, jaxfusion.models.AutoencoderKL.__module__])))"
+        "           bench.__name__, jaxfusion.models.AutoencoderKL.__module__,\n"
+        "           jaxfusion.models.load_unet.__module__])))"
     )
     found = fresh_python(code)
     assert found["before"] == []
@@ -116,8 +160,9 @@ def test_import_jaxfusion_is_cheap_until_used():
     assert found["names"] == [
         "jaxfusion.pipelines",
         "jaxfusion.models.unet_2d_condition",
-        "jaxfusion.convert",
+        "jaxfusion.bench",
         "jaxfusion.models.vae",
+        "jaxfusion.models.pretrained",
     ]
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = jaxfusion.nothing

@@ -17,7 +17,7 @@ from pipelines import save_random_pipeline
 from safetensors.numpy import load_file, save_file
 
 import jaxfusion
-from jaxfusion.convert.state_dict import state_dict
+from convert.state_dict import state_dict
 
 SCALE = 0.7
 

@@ -10,10 +10,9 @@ import torch
 from diffusers_models import randomize, relative_l2
 
 import jaxfusion
-from jaxfusion import convert
 from jaxfusion.bench.schedule import read_schedule
 from jaxfusion.builtin import builtin_model_path
-from jaxfusion.models import AutoencoderKL
+from jaxfusion.models import AutoencoderKL, load_vae
 from sharding import ParallelConfig
 from sharding.rows import map_rows
 
@@ -38,8 +37,8 @@ def vaes(tmp_path_factory):
     torch.manual_seed(0)
     randomize(diffusers.AutoencoderKL(**SDXL_LIKE_VAE), scale=0.2).save_pretrained(folder)
     return {
-        "builtin": convert.load_vae(builtin_model_path()),
-        "sdxl-like": convert.load_vae(folder),
+        "builtin": load_vae(builtin_model_path()),
+        "sdxl-like": load_vae(folder),
     }
 
 

@@ -82,7 +82,7 @@ def test_a_missing_relative_folder_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_lora_from_a_missing_relative_path_is_named(tmp_path, monkeypatch):
-    from jaxfusion.convert import lora
+    from convert import lora
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -14,8 +14,14 @@ from flax import nnx
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-from jaxfusion import convert
-from jaxfusion.models import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from convert.state_dict import WeightMismatch
+from jaxfusion.models import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    load_text_encoder,
+    save_text_encoder,
+)
 from jaxfusion.models.scaled_dot_product import set_attention
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 
@@ -133,7 +139,7 @@ def saved_models(tmp_path_factory):
 def test_matches_transformers(saved_models, name, dtype, backend):
     folder, torch_model = saved_models[name]
     ids = input_ids(MODELS[name][1]["eos_token_id"])
-    model = convert.load_text_encoder(folder, dtype=dtype)
+    model = load_text_encoder(folder, dtype=dtype)
     set_attention(model, backend, **CHUNKS)
     assert type(model).__name__ == type(torch_model).__name__
     assert_close(jax_outputs(model, ids), torch_outputs(torch_model, ids), TOLERANCE[dtype], name)
@@ -151,12 +157,12 @@ def test_legacy_checkpoint_with_prefix_and_position_ids(saved_models, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     ids = input_ids(2)
     expected = torch_outputs(torch_model, ids)
-    assert_close(jax_outputs(convert.load_text_encoder(tmp_path), ids), expected, 1e-5, "legacy")
+    assert_close(jax_outputs(load_text_encoder(tmp_path), ids), expected, 1e-5, "legacy")
 
     tensors["text_model.extra.weight"] = np.zeros(3, np.float32)
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(convert.WeightMismatch, match=r"text_model\.extra\.weight"):
-        convert.load_text_encoder(tmp_path)
+    with pytest.raises(WeightMismatch, match=r"text_model\.extra\.weight"):
+        load_text_encoder(tmp_path)
 
 
 def test_pipeline_folder_text_encoder_2_fp16_variant(saved_models, tmp_path):
@@ -165,7 +171,7 @@ def test_pipeline_folder_text_encoder_2_fp16_variant(saved_models, tmp_path):
     half = transformers.CLIPTextModelWithProjection.from_pretrained(
         tmp_path / "text_encoder_2", variant="fp16"
     )
-    model = convert.load_text_encoder(tmp_path, "text_encoder_2", variant="fp16")
+    model = load_text_encoder(tmp_path, "text_encoder_2", variant="fp16")
     assert isinstance(model, CLIPTextModelWithProjection)
     ids = input_ids(MODELS["projection"][1]["eos_token_id"])
     expected = torch_outputs(half.float().eval(), ids)
@@ -180,13 +186,13 @@ def test_round_trip_flax_transformers_flax(tmp_path, name):
     config = CLIPTextConfig(**raw)
     flax_class = CLIPTextModelWithProjection if name == "projection" else CLIPTextModel
     model = flax_class(config, rngs=nnx.Rngs(3))
-    convert.save_text_encoder(model, tmp_path)
+    save_text_encoder(model, tmp_path)
     torch_model, info = torch_class.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     ids = input_ids(raw["eos_token_id"])
     assert_close(jax_outputs(model, ids), torch_outputs(torch_model.eval(), ids), 1e-5, name)
 
-    reloaded = convert.load_text_encoder(tmp_path)
+    reloaded = load_text_encoder(tmp_path)
     assert reloaded.config == config
     original, back = nnx.state(model, nnx.Param), nnx.state(reloaded, nnx.Param)
     for (path, a), (_, b) in zip(nnx.to_flat_state(original), nnx.to_flat_state(back), strict=True):

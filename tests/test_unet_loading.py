@@ -12,8 +12,10 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers_models import SD15_LIKE, save_random_unet
 from flax import nnx
 
-from jaxfusion import UNet2DConditionModel, UNetConfig, convert
-from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape
+from convert.files import PickleWeightsRefused
+from convert.state_dict import WeightMismatch, diffusers_key, to_diffusers_shape
+from jaxfusion import UNet2DConditionModel, UNetConfig
+from jaxfusion.models import load_unet
 from jaxfusion.models.configs import UNET_CONFIGS
 
 
@@ -70,7 +72,7 @@ def test_unknown_config_keys_and_values_are_named(unet_folder, tmp_path):
     config.update(class_embed_type="timestep", frobnicate=3, resnet_time_scale_shift="scale_shift")
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as error:
-        convert.load_unet(folder)
+        load_unet(folder)
     for name in ("class_embed_type", "frobnicate", "resnet_time_scale_shift"):
         assert name in str(error.value)
 
@@ -90,8 +92,8 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(unet_folder, tmp_pat
     tensors["extra.weight"] = np.zeros(3, np.float32)
     tensors["conv_out.bias"] = np.zeros(5, np.float32)
     save_file(tensors, weights)
-    with pytest.raises(convert.WeightMismatch) as error:
-        convert.load_unet(folder)
+    with pytest.raises(WeightMismatch) as error:
+        load_unet(folder)
     message = str(error.value)
     for key in (
         "conv_in.weight",
@@ -106,10 +108,10 @@ def test_pickle_weights_refused_unless_opted_in(unet_folder, tmp_path):
     folder = _copy(unet_folder, tmp_path)
     TorchUNet.from_pretrained(folder).save_pretrained(folder, safe_serialization=False)
     (folder / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(convert.PickleWeightsRefused, match="allow_pickle"):
-        convert.load_unet(folder)
-    loaded = convert.load_unet(folder, allow_pickle=True)
-    reference = convert.load_unet(unet_folder)
+    with pytest.raises(PickleWeightsRefused, match="allow_pickle"):
+        load_unet(folder)
+    loaded = load_unet(folder, allow_pickle=True)
+    reference = load_unet(unet_folder)
     np.testing.assert_array_equal(loaded.conv_in.kernel[...], reference.conv_in.kernel[...])
 
 
@@ -117,14 +119,14 @@ def test_missing_weights_and_wrong_folder_are_explained(unet_folder, tmp_path):
     folder = _copy(unet_folder, tmp_path)
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
-        convert.load_unet(folder)
+        load_unet(folder)
     with pytest.raises(FileNotFoundError, match="unet/"):
-        convert.load_unet(tmp_path)
+        load_unet(tmp_path)
 
 
 def test_bad_dtype_and_layout_are_refused(unet_folder):
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
-        convert.load_unet(unet_folder, dtype="int8")
-    unet = convert.load_unet(unet_folder)
+        load_unet(unet_folder, dtype="int8")
+    unet = load_unet(unet_folder)
     with pytest.raises(ValueError, match="NHWC"):
         unet(jnp.zeros((1, 4, 16, 16)), 1.0, jnp.zeros((1, 7, 24)))

@@ -16,7 +16,8 @@ from diffusers_models import (
 )
 from flax import nnx
 
-from jaxfusion import UNet2DConditionModel, UNetConfig, convert
+from jaxfusion import UNet2DConditionModel, UNetConfig
+from jaxfusion.models import load_unet, save_unet
 from jaxfusion.models.resnet import nearest_indices
 from jaxfusion.models.scaled_dot_product import set_attention
 
@@ -63,7 +64,7 @@ def test_matches_diffusers(saved_unets, name, dtype):
     folder, torch_unet = saved_unets[name]
     inputs = unet_inputs(CONFIGS[name])
     expected = torch_unet_output(torch_unet, inputs)
-    actual = jax_unet_output(convert.load_unet(folder, dtype=dtype), inputs)
+    actual = jax_unet_output(load_unet(folder, dtype=dtype), inputs)
     error = relative_l2(actual, expected)
     print(f"{name} {dtype}: relative L2 error {error:.2e}")
     assert error <= TOLERANCE[dtype]
@@ -90,7 +91,7 @@ def test_sizes_that_do_not_halve_evenly(saved_unets, height, width):
     folder, torch_unet = saved_unets["sdxl"]
     inputs = unet_inputs(SDXL_LIKE, batch=1, height=height, width=width)
     expected = torch_unet_output(torch_unet, inputs)
-    actual = jax_unet_output(convert.load_unet(folder), inputs)
+    actual = jax_unet_output(load_unet(folder), inputs)
     assert actual.shape == (1, height, width, 4)
     assert relative_l2(actual, expected) <= TOLERANCE["float32"]
 
@@ -101,7 +102,7 @@ def test_non_square_input(saved_unets, backend):
     folder, torch_unet = saved_unets["sdxl"]
     inputs = unet_inputs(SDXL_LIKE, batch=1, height=8, width=20)
     expected = torch_unet_output(torch_unet, inputs)
-    unet = convert.load_unet(folder)
+    unet = load_unet(folder)
     set_attention(unet, backend, **CHUNKS)
     actual = jax_unet_output(unet, inputs)
     assert actual.shape == (1, 8, 20, 4)
@@ -116,13 +117,13 @@ def test_round_trip_flax_diffusers_flax(tmp_path):
 
     config = UNetConfig(**SDXL_LIKE)
     unet = UNet2DConditionModel(config, rngs=nnx.Rngs(3))
-    convert.save_unet(unet, tmp_path)
+    save_unet(unet, tmp_path)
     torch_unet = TorchUNet.from_pretrained(tmp_path).eval()
     inputs = unet_inputs(SDXL_LIKE, batch=1)
     error = relative_l2(jax_unet_output(unet, inputs), torch_unet_output(torch_unet, inputs))
     assert error <= TOLERANCE["float32"]
 
-    reloaded = convert.load_unet(tmp_path)
+    reloaded = load_unet(tmp_path)
     original, back = nnx.state(unet, nnx.Param), nnx.state(reloaded, nnx.Param)
     for (path, a), (_, b) in zip(nnx.to_flat_state(original), nnx.to_flat_state(back), strict=True):
         np.testing.assert_array_equal(
@@ -142,11 +143,11 @@ def test_pipeline_folder_sharded_and_fp16_variant(tmp_path):
 
     sharded = TorchUNet.from_pretrained(tmp_path / "unet").eval()
     error = relative_l2(
-        jax_unet_output(convert.load_unet(tmp_path), inputs), torch_unet_output(sharded, inputs)
+        jax_unet_output(load_unet(tmp_path), inputs), torch_unet_output(sharded, inputs)
     )
     assert error <= TOLERANCE["float32"]
 
     half = TorchUNet.from_pretrained(tmp_path / "unet", variant="fp16").float().eval()
-    loaded = convert.load_unet(tmp_path, variant="fp16", dtype=jnp.float32)
+    loaded = load_unet(tmp_path, variant="fp16", dtype=jnp.float32)
     error = relative_l2(jax_unet_output(loaded, inputs), torch_unet_output(half, inputs))
     assert error <= TOLERANCE["float32"]

@@ -14,10 +14,9 @@ from diffusers_models import relative_l2
 from parallel_case import CODEC_ROUNDING, ROUNDING, SINGLE, WARMUP, Case
 
 import jaxfusion
-from jaxfusion import convert
 from jaxfusion.builtin import builtin_model_path
 from jaxfusion.images import read_image
-from jaxfusion.models import AutoencoderKL
+from jaxfusion.models import AutoencoderKL, load_vae
 from jaxfusion.models.row_blocks import set_row_blocks
 from jaxfusion.models.scaled_dot_product import set_attention
 from sharding import ParallelConfig
@@ -179,7 +178,7 @@ def test_decode_equals_one_device(row_blocks):
     decoder only upsamples, its boundaries may be any row) and 8 (2, 2, then 1 each), whole
     and by blocks of one row (the statistics of real rows only, the halo from below inside
     the padded array)."""
-    vae = convert.load_vae(builtin_model_path())
+    vae = load_vae(builtin_model_path())
     if row_blocks:
         set_row_blocks(vae, threshold_bytes=0, block_bytes=2 * 1024)
     latents = np.random.default_rng(0).standard_normal((2, 10, 12, 4)).astype("f4")

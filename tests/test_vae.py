@@ -12,9 +12,15 @@ from diffusers_models import randomize, relative_l2
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jaxfusion import convert
-from jaxfusion.convert.state_dict import state_dict
-from jaxfusion.models import AutoencoderKL, LatentDistribution, VAEConfig
+from convert.state_dict import state_dict
+from jaxfusion.models import (
+    AutoencoderKL,
+    LatentDistribution,
+    VAEConfig,
+    load_vae,
+    load_vae_config,
+    save_vae,
+)
 from jaxfusion.models.scaled_dot_product import set_attention
 
 TINY = dict(
@@ -107,7 +113,7 @@ def saved_vae(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_matches_diffusers(saved_vae, dtype, backend):
     folder, torch_vae = saved_vae
-    vae = convert.load_vae(folder, dtype=dtype)
+    vae = load_vae(folder, dtype=dtype)
     set_attention(vae, backend, **CHUNKS)
     x, z = images(2, 32, 32), latents(2, 8, 8)
     expected_mean, expected_logvar = torch_encode(torch_vae, x)
@@ -128,7 +134,7 @@ def test_matches_diffusers(saved_vae, dtype, backend):
 def test_non_square_odd_size(saved_vae):
     """Odd heights go through the bottom/right-padded downsampler as in diffusers."""
     folder, torch_vae = saved_vae
-    vae = convert.load_vae(folder)
+    vae = load_vae(folder)
     x, z = images(1, 17, 24), latents(1, 6, 10)
     mean, logvar = torch_encode(torch_vae, x)
     dist = jax_apply(vae, "encode", x)
@@ -146,7 +152,7 @@ def test_round_trip_flax_diffusers_flax(tmp_path):
 
     config = VAEConfig(**TINY, shift_factor=0.1, force_upcast=False)
     vae = random_vae(config)
-    convert.save_vae(vae, tmp_path)
+    save_vae(vae, tmp_path)
     torch_vae = TorchVAE.from_pretrained(tmp_path).eval()
     assert torch_vae.config.shift_factor == 0.1 and not torch_vae.config.force_upcast
     ours = state_dict(vae)
@@ -158,7 +164,7 @@ def test_round_trip_flax_diffusers_flax(tmp_path):
     error = relative_l2(jax_apply(vae, "decode", z), torch_decode(torch_vae, z))
     assert error <= TOLERANCE["float32"]
 
-    reloaded = convert.load_vae(tmp_path)
+    reloaded = load_vae(tmp_path)
     assert reloaded.config == config
     for key, value in state_dict(reloaded).items():
         np.testing.assert_array_equal(value, ours[key], err_msg=key)
@@ -175,8 +181,8 @@ def test_float16_with_force_upcast_runs_float32(saved_vae, tmp_path):
     """As diffusers' pipelines do, a float16 pipeline runs a force_upcast VAE in float32."""
     folder, torch_vae = saved_vae
     copy_with_force_upcast(folder, tmp_path, True)
-    assert convert.load_vae_config(tmp_path).compute_dtype(jnp.bfloat16) == jnp.bfloat16
-    vae = convert.load_vae(tmp_path, dtype="float16")
+    assert load_vae_config(tmp_path).compute_dtype(jnp.bfloat16) == jnp.bfloat16
+    vae = load_vae(tmp_path, dtype="float16")
     assert vae.dtype == jnp.float32 and param_dtypes(vae) == {jnp.dtype(jnp.float32)}
     z = latents(1, 8, 8)
     decoded = jax_apply(vae, "decode", z)
@@ -187,7 +193,7 @@ def test_float16_with_force_upcast_runs_float32(saved_vae, tmp_path):
 def test_float16_without_force_upcast_stays_float16(saved_vae, tmp_path):
     folder, torch_vae = saved_vae
     copy_with_force_upcast(folder, tmp_path, False)
-    vae = convert.load_vae(tmp_path, dtype="float16")
+    vae = load_vae(tmp_path, dtype="float16")
     assert vae.dtype == jnp.float16 and param_dtypes(vae) == {jnp.dtype(jnp.float16)}
     z = latents(1, 8, 8)
     decoded = jax_apply(vae, "decode", z)
@@ -208,7 +214,7 @@ def test_legacy_attention_names(saved_vae, tmp_path):
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     save_file(renamed, tmp_path / "diffusion_pytorch_model.safetensors")
-    loaded = state_dict(convert.load_vae(tmp_path))
+    loaded = state_dict(load_vae(tmp_path))
     assert loaded.keys() == tensors.keys()
     for key, value in loaded.items():
         np.testing.assert_array_equal(value, tensors[key], err_msg=key)
@@ -217,7 +223,7 @@ def test_legacy_attention_names(saved_vae, tmp_path):
 def test_pipeline_folder(saved_vae, tmp_path):
     folder, _ = saved_vae
     shutil.copytree(folder, tmp_path / "vae")
-    assert convert.load_vae_config(tmp_path) == convert.load_vae_config(folder)
+    assert load_vae_config(tmp_path) == load_vae_config(folder)
 
 
 def test_config_round_trip_and_refusals(saved_vae):

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from diffusers_models import randomize, relative_l2
 
-from jaxfusion import convert
-from jaxfusion.models import AutoencoderKL
+from jaxfusion.models import AutoencoderKL, load_vae
 from jaxfusion.models.row_blocks import set_row_blocks
 from sharding import ParallelConfig
 from sharding.rows import map_rows
@@ -29,8 +28,8 @@ def test_row_blocked_decode_equals_plain_and_diffusers(tmp_path):
     torch.manual_seed(0)
     torch_vae = randomize(diffusers.AutoencoderKL(**VAE), scale=0.2)
     torch_vae.save_pretrained(tmp_path)
-    plain = convert.load_vae(tmp_path)
-    blocked = convert.load_vae(tmp_path)
+    plain = load_vae(tmp_path)
+    blocked = load_vae(tmp_path)
     # Every decoder layer over 1 KB blocks, in blocks of 3 or 4 rows (heights 16..64:
     # blocks that split the local image unevenly would fail the divisor rule).
     set_row_blocks(blocked, threshold_bytes=1024, block_bytes=4 * 16 * 8 * 4 * 2)

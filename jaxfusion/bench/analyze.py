@@ -217,9 +217,9 @@ def downscale_factor(model: str) -> int:
     if model in VAE_CONFIGS:
         return VAEConfig.from_diffusers(VAE_CONFIGS[model]).downscale_factor
     if (Path(model) / "vae" / "config.json").is_file():
-        from jaxfusion import convert
+        from jaxfusion.models import pretrained
 
-        return convert.load_vae_config(model).downscale_factor
+        return pretrained.load_vae_config(model).downscale_factor
     return 8
 
 
@@ -233,11 +233,11 @@ def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
         vae = VAEConfig.from_diffusers(VAE_CONFIGS[model])
         texts = [CLIPTextConfig.from_transformers(c) for c in TEXT_ENCODER_CONFIGS[model]]
     elif (Path(model) / "model_index.json").is_file():
-        from jaxfusion import convert
+        from jaxfusion.models import pretrained
 
         index = json.loads((Path(model) / "model_index.json").read_text())
         cls = PIPELINES[index["_class_name"]]
-        unet, vae = convert.load_unet_config(model), convert.load_vae_config(model)
+        unet, vae = pretrained.load_unet_config(model), pretrained.load_vae_config(model)
         texts = [
             CLIPTextConfig.from_transformers(
                 json.loads((Path(model) / encoder / "config.json").read_text())
@@ -532,9 +532,9 @@ def load_config(model: str) -> UNetConfig:
     UNet config.json (a UNet folder or a pipeline folder)."""
     if model in UNET_CONFIGS:
         return UNetConfig.from_diffusers(UNET_CONFIGS[model])
-    from jaxfusion import convert
+    from jaxfusion.models import pretrained
 
-    return convert.load_unet_config(model)
+    return pretrained.load_unet_config(model)
 
 
 def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[StepAnalysis]:

@@ -1,9 +1,10 @@
-"""Flax NNX models that mirror diffusers' module trees. The names below are imported (with
-JAX) on first use, so that `jaxfusion.models.names` is cheap to import."""
+"""Flax NNX models that mirror diffusers' module trees, and their loading from pretrained
+folders (`pretrained`). The names below are imported (with JAX) on first use, so that
+`jaxfusion.models.names` is cheap to import."""
 
 from typing import TYPE_CHECKING
 
-from sharding.lazy import lazy_attributes
+from nnxtools.lazy import lazy_attributes
 
 __getattr__, __dir__ = lazy_attributes(
     __name__,
@@ -18,6 +19,14 @@ __getattr__, __dir__ = lazy_attributes(
         "UNet2DConditionModel": "jaxfusion.models.unet_2d_condition",
         "UNetConfig": "jaxfusion.models.unet_2d_condition",
         "VAEConfig": "jaxfusion.models.vae",
+        "load_text_encoder": "jaxfusion.models.pretrained",
+        "load_unet": "jaxfusion.models.pretrained",
+        "load_unet_config": "jaxfusion.models.pretrained",
+        "load_vae": "jaxfusion.models.pretrained",
+        "load_vae_config": "jaxfusion.models.pretrained",
+        "save_text_encoder": "jaxfusion.models.pretrained",
+        "save_unet": "jaxfusion.models.pretrained",
+        "save_vae": "jaxfusion.models.pretrained",
     },
 )
 
@@ -27,6 +36,16 @@ if TYPE_CHECKING:
         CLIPTextModel,
         CLIPTextModelWithProjection,
         CLIPTextOutput,
+    )
+    from jaxfusion.models.pretrained import (
+        load_text_encoder,
+        load_unet,
+        load_unet_config,
+        load_vae,
+        load_vae_config,
+        save_text_encoder,
+        save_unet,
+        save_vae,
     )
     from jaxfusion.models.unet_2d_condition import Conditioning, UNet2DConditionModel, UNetConfig
     from jaxfusion.models.vae import AutoencoderKL, LatentDistribution, VAEConfig
@@ -42,4 +61,12 @@ __all__ = [
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",
+    "load_text_encoder",
+    "load_unet",
+    "load_unet_config",
+    "load_vae",
+    "load_vae_config",
+    "save_text_encoder",
+    "save_unet",
+    "save_vae",
 ]

@@ -306,7 +306,8 @@ class CLIPTextModel(nnx.Module):
     """transformers' CLIPTextModel (the text encoder of SD 1.x/2.x and SDXL's first one).
 
     Its parameters sit under `text_model`, as in the checkpoints on the hub (transformers
-    >= 5 also writes them without that prefix; `convert.load_text_encoder` reads both).
+    >= 5 also writes them without that prefix; `convert.text_encoder.text_model_keys` reads
+    both).
     """
 
     def __init__(

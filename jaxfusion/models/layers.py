@@ -1,11 +1,11 @@
 """Dense layers (Linear, LayerNorm, Embed). Their parameters come from
-`sharding.parameters.parameter` (abstract with `rngs=None`)."""
+`nnxtools.parameters.parameter` (abstract with `rngs=None`)."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding.parameters import ones, parameter, uniform, zeros
+from nnxtools.parameters import ones, parameter, uniform, zeros
 
 
 def matmul_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:

@@ -1,6 +1,6 @@
 """Scaled dot-product attention with pluggable kernels, the one attention every model uses.
 
-Backends (`ATTENTION_BACKENDS`):
+Backends (`ATTENTION_BACKENDS`: auto and the kernels of `KERNELS`, each with its options):
   xla: the reference: logits (B, heads, Tq, Tk) in float32, softmax, weights cast to v's
     dtype, as PyTorch's math path. Memory grows with Tq x Tk: for short sequences only.
   chunked: exact blockwise attention with an online softmax (Rabe & Staats 2021, the
@@ -19,8 +19,10 @@ whole model by `set_attention` (as diffusers' `set_attn_processor`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +68,9 @@ def attention(
     in v's dtype. With `causal`, query t attends to keys 0..t. The chunk sizes are the
     chunked kernel's (see `chunked_attention`).
     """
-    kernel = resolve_backend(backend, q, k)
-    if kernel == "chunked":
-        return chunked_attention(
-            q, k, v, causal=causal, query_chunk=query_chunk, key_chunk=key_chunk
-        )
-    return {"xla": xla_attention, "cudnn": cudnn_attention}[kernel](q, k, v, causal=causal)
+    kernel = KERNELS[resolve_backend(backend, q, k)]
+    options = dict(query_chunk=query_chunk, key_chunk=key_chunk)
+    return kernel.run(q, k, v, causal=causal, **{name: options[name] for name in kernel.options})
 
 
 def resolve_backend(backend: AttentionBackend, q: jax.Array, k: jax.Array) -> str:
@@ -198,6 +197,24 @@ def chunked_attention(
     out = jax.lax.map(query_block, (jnp.arange(nq), q_blocks))  # (nq, B, qc, heads, d)
     out = jnp.moveaxis(out, 0, 1).reshape(b, nq * qc, heads, v.shape[-1])
     return out[:, :tq]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """An attention kernel: `run(q, k, v, *, causal, **options)`, and which options of
+    `attention` are its own (`options`, passed to it by name)."""
+
+    run: Callable[..., jax.Array]
+    options: tuple[str, ...] = ()
+
+
+# Every kernel `attention` runs; `auto` picks one of them (`resolve_backend`).
+KERNELS: dict[str, Kernel] = {
+    "xla": Kernel(xla_attention),
+    "chunked": Kernel(chunked_attention, options=("query_chunk", "key_chunk")),
+    "cudnn": Kernel(cudnn_attention),
+}
+assert ("auto", *KERNELS) == ATTENTION_BACKENDS, "names.ATTENTION_BACKENDS names the kernels"
 
 
 class DotProductAttention(nnx.Module):

@@ -3,7 +3,7 @@ in JAX."""
 
 from pathlib import Path
 
-from jaxfusion.convert.files import read_model_index
+from convert.files import read_model_index
 from jaxfusion.pipelines.base import Stage, TextToImagePipeline, no_display
 from jaxfusion.pipelines.stable_diffusion import SDPipeline
 from jaxfusion.pipelines.stable_diffusion_xl import SDXLImg2ImgPipeline, SDXLPipeline

@@ -19,13 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion import convert, schedulers
-from jaxfusion.convert import lora
-from jaxfusion.convert.files import read_json, read_model_index, resolve_pipeline_folder
-from jaxfusion.dtypes import parse_dtype
+from convert import lora
+from convert.dtypes import parse_dtype
+from convert.files import read_json, read_model_index, resolve_pipeline_folder
+from jaxfusion import schedulers
 from jaxfusion.files import staging_folder
 from jaxfusion.images import image_batch
-from jaxfusion.models import AutoencoderKL, CLIPTextModel, Conditioning, UNet2DConditionModel
+from jaxfusion.models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    Conditioning,
+    UNet2DConditionModel,
+    pretrained,
+)
 from jaxfusion.models.scaled_dot_product import AttentionBackend, check_backend, set_attention
 from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
 from sharding.distributed import to_host, wait_for_peers
@@ -241,11 +247,13 @@ class TextToImagePipeline:
         for tokenizer_folder, encoder_folder in text_components:
             with stage(f"loading {encoder_folder}"):
                 tokenizers.append(load_tokenizer(folder, tokenizer_folder))
-                text_encoders.append(convert.load_text_encoder(folder, encoder_folder, **weights))
+                text_encoders.append(
+                    pretrained.load_text_encoder(folder, encoder_folder, **weights)
+                )
         with stage("loading unet"):
-            unet = convert.load_unet(folder, **weights)
+            unet = pretrained.load_unet(folder, **weights)
         with stage("loading vae"):
-            vae = convert.load_vae(folder, **weights)
+            vae = pretrained.load_vae(folder, **weights)
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         models = Models(unet, vae, text_encoders)
         return cls(models, tokenizers, scheduler_config, index, attention=attention)
@@ -268,12 +276,12 @@ class TextToImagePipeline:
                 "scheduler": ["diffusers", self.scheduler_config["_class_name"]],
             }
             weights = dict(dtype=dtype, flax=flax)
-            convert.save_unet(self.unet, folder / "unet", **weights)
-            convert.save_vae(self.vae, folder / "vae", **weights)
+            pretrained.save_unet(self.unet, folder / "unet", **weights)
+            pretrained.save_vae(self.vae, folder / "vae", **weights)
             pairs = zip(self.text_folders, self.tokenizers, self.text_encoders, strict=True)
             for (tokenizer_folder, encoder_folder), tokenizer, encoder in pairs:
                 save_tokenizer(tokenizer, folder / tokenizer_folder)
-                convert.save_text_encoder(encoder, folder / encoder_folder, **weights)
+                pretrained.save_text_encoder(encoder, folder / encoder_folder, **weights)
                 index[tokenizer_folder] = ["transformers", type(tokenizer).__name__]
                 index[encoder_folder] = ["transformers", type(encoder).__name__]
             (folder / "scheduler").mkdir()
@@ -284,7 +292,7 @@ class TextToImagePipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Fuses a LoRA adapter (a safetensors file, a folder, or a hub id; diffusers/PEFT
         or kohya format, kohya in diffusers' or the original SGM block names, see
-        `jaxfusion.convert.lora`) into the UNet's and text encoders'
+        `convert.lora`) into the UNet's and text encoders'
         weights, times `scale`: the compiled programs and their speed stay as they are.
         Several LoRAs add up; `unload_lora` restores the weights from before the first.
         Keys that match no weight are refused, with their names, before any weight changes;

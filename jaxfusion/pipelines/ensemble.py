@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxfusion.convert.files import read_model_index
+from convert.files import read_model_index
 from jaxfusion.pipelines.base import TextToImagePipeline
 from jaxfusion.pipelines.stable_diffusion_xl import SDXLImg2ImgPipeline
 

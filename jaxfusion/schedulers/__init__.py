@@ -32,8 +32,15 @@ import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from jaxfusion.schedulers.config import CLASS_NAMES, KINDS, Kind, SchedulerConfig
-from sharding.lazy import lazy_attributes
+from jaxfusion.schedulers.config import (
+    CLASS_NAMES,
+    KINDS,
+    SCHEDULERS,
+    Kind,
+    SchedulerConfig,
+    SchedulerKind,
+)
+from nnxtools.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     import jax
@@ -48,24 +55,10 @@ if TYPE_CHECKING:
         EulerSchedule | DDIMSchedule | DPMSolverSchedule | EulerAncestralSchedule | LCMSchedule
     )
 
-# The sampler of each kind, in its module; they import JAX: on first use, so that the
-# command line reads `KINDS` without it.
-MODULES: dict[Kind, str] = {
-    "euler": "euler",
-    "ddim": "ddim",
-    "dpmpp": "dpmpp",
-    "euler_a": "euler_ancestral",
-    "lcm": "lcm",
-}
-_SCHEDULES = {
-    "EulerSchedule": "euler",
-    "DDIMSchedule": "ddim",
-    "DPMSolverSchedule": "dpmpp",
-    "EulerAncestralSchedule": "euler_ancestral",
-    "LCMSchedule": "lcm",
-}
+# The samplers' modules import JAX: on first use, so that the command line reads `KINDS`
+# without it.
 _lazy_getattr, __dir__ = lazy_attributes(
-    __name__, {name: f"{__name__}.{module}" for name, module in _SCHEDULES.items()}
+    __name__, {entry.schedule: f"{__name__}.{entry.module}" for entry in SCHEDULERS.values()}
 )
 # A small pytree: () for all but dpmpp, whose state is the previous predicted x0.
 State = Any
@@ -76,7 +69,8 @@ def __getattr__(name: str) -> Any:
     submodules, imported on first use (PEP 562)."""
     if name != "Schedule":
         return _lazy_getattr(name)
-    globals()[name] = functools.reduce(operator.or_, map(_lazy_getattr, _SCHEDULES))
+    classes = (_lazy_getattr(entry.schedule) for entry in SCHEDULERS.values())
+    globals()[name] = functools.reduce(operator.or_, classes)
     return globals()[name]
 
 
@@ -97,7 +91,7 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule
             f"num_inference_steps={num_inference_steps} is not supported by the {config.kind} "
             f"scheduler with {of} (use 1..{limit})"
         )
-    sampler = importlib.import_module(f"{__name__}.{MODULES[config.kind]}")
+    sampler = importlib.import_module(f"{__name__}.{SCHEDULERS[config.kind].module}")
     return sampler.make_schedule(config, num_inference_steps)
 
 
@@ -195,7 +189,7 @@ def step(
 __all__ = [
     "CLASS_NAMES",
     "KINDS",
-    "MODULES",
+    "SCHEDULERS",
     "DDIMSchedule",
     "DPMSolverSchedule",
     "EulerAncestralSchedule",
@@ -204,6 +198,7 @@ __all__ = [
     "LCMSchedule",
     "Schedule",
     "SchedulerConfig",
+    "SchedulerKind",
     "State",
     "add_noise",
     "denoising_steps",

@@ -3,22 +3,39 @@
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Kind = Literal["euler", "ddim", "dpmpp", "euler_a", "lcm"]
 
-CLASS_NAMES: dict[str, Kind] = {
-    "EulerDiscreteScheduler": "euler",
-    "DDIMScheduler": "ddim",
-    "DPMSolverMultistepScheduler": "dpmpp",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "LCMScheduler": "lcm",
-}
-KINDS: tuple[Kind, ...] = tuple(CLASS_NAMES.values())
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerKind:
+    """A sampler kind as it is registered (`SCHEDULERS`).
+
+    class_name: the diffusers scheduler it stands for.
+    module, schedule: its module of `jaxfusion.schedulers` (imported on first use: it
+      imports JAX) and the schedule class there.
+    keys: the diffusers `__init__` arguments it implements, read into `SchedulerConfig`.
+    defaults: that class's `__init__` defaults that differ from SchedulerConfig's (which are
+      those of the other kinds): what `from_diffusers` takes for a key the config lacks.
+    fixed: the `__init__` arguments that change the result but are not implemented, with
+      the values accepted (diffusers' defaults). The other arguments change nothing for the
+      values these accept (sigma_min/sigma_max, the thresholding and flow-shift parameters)
+      and are ignored, like arguments of other scheduler classes.
+    """
+
+    class_name: str
+    module: str
+    schedule: str
+    keys: tuple[str, ...]
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fixed: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+
 
 _COMMON_KEYS = (
     "num_train_timesteps",
@@ -30,62 +47,80 @@ _COMMON_KEYS = (
     "timestep_spacing",
     "steps_offset",
 )
-# The diffusers __init__ arguments each kind implements: read into SchedulerConfig's fields.
-_KEYS: dict[Kind, tuple[str, ...]] = {
-    "euler": (*_COMMON_KEYS, "final_sigmas_type"),
-    "ddim": (*_COMMON_KEYS, "clip_sample", "clip_sample_range", "set_alpha_to_one"),
-    "dpmpp": (*_COMMON_KEYS, "final_sigmas_type", "lower_order_final", "euler_at_final"),
-    "euler_a": _COMMON_KEYS,
-    "lcm": (
-        *_COMMON_KEYS,
-        "clip_sample",
-        "clip_sample_range",
-        "original_inference_steps",
-        "timestep_scaling",
+_OFF = (False, None)
+_SIGMAS_OFF = {"use_karras_sigmas": _OFF, "use_exponential_sigmas": _OFF, "use_beta_sigmas": _OFF}
+_ZERO_SNR_OFF = {"rescale_betas_zero_snr": _OFF}
+
+# Every sampler kind, registered once: the command line's choices, `SchedulerConfig`, the
+# samplers' modules and the diffusers backend read it.
+SCHEDULERS: dict[Kind, SchedulerKind] = {
+    "euler": SchedulerKind(
+        "EulerDiscreteScheduler",
+        "euler",
+        "EulerSchedule",
+        keys=(*_COMMON_KEYS, "final_sigmas_type"),
+        fixed={
+            "interpolation_type": ("linear",),
+            **_SIGMAS_OFF,
+            "timestep_type": ("discrete",),
+            **_ZERO_SNR_OFF,
+        },
+    ),
+    "ddim": SchedulerKind(
+        "DDIMScheduler",
+        "ddim",
+        "DDIMSchedule",
+        keys=(*_COMMON_KEYS, "clip_sample", "clip_sample_range", "set_alpha_to_one"),
+        fixed={"thresholding": _OFF, **_ZERO_SNR_OFF},
+    ),
+    "dpmpp": SchedulerKind(
+        "DPMSolverMultistepScheduler",
+        "dpmpp",
+        "DPMSolverSchedule",
+        keys=(*_COMMON_KEYS, "final_sigmas_type", "lower_order_final", "euler_at_final"),
+        fixed={
+            "algorithm_type": ("dpmsolver++",),
+            "solver_order": (2,),
+            "solver_type": ("midpoint",),
+            "thresholding": _OFF,
+            **_SIGMAS_OFF,
+            "use_lu_lambdas": _OFF,
+            "use_flow_sigmas": _OFF,
+            "lambda_min_clipped": (-math.inf,),
+            "variance_type": (None,),
+            **_ZERO_SNR_OFF,
+        },
+    ),
+    "euler_a": SchedulerKind(
+        "EulerAncestralDiscreteScheduler",
+        "euler_ancestral",
+        "EulerAncestralSchedule",
+        keys=_COMMON_KEYS,
+        fixed=_ZERO_SNR_OFF,
+    ),
+    "lcm": SchedulerKind(
+        "LCMScheduler",
+        "lcm",
+        "LCMSchedule",
+        keys=(
+            *_COMMON_KEYS,
+            "clip_sample",
+            "clip_sample_range",
+            "original_inference_steps",
+            "timestep_scaling",
+        ),
+        defaults={
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+        },
+        fixed={"thresholding": _OFF, **_ZERO_SNR_OFF},
     ),
 }
-# The diffusers __init__ defaults of a kind that differ from SchedulerConfig's (which are
-# those of the other kinds): what `from_diffusers` takes for a key the config does not give.
-_DEFAULTS: dict[Kind, dict[str, Any]] = {
-    "lcm": {
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-    },
-}
-_OFF = (False, None)
-# The diffusers __init__ arguments that change the result but are not implemented: the values
-# accepted (diffusers' defaults). The other arguments change nothing for the values these accept
-# (sigma_min/sigma_max, the thresholding and flow-shift parameters) and are ignored, like
-# arguments of other scheduler classes.
-_FIXED: dict[Kind, dict[str, tuple]] = {
-    "euler": {
-        "interpolation_type": ("linear",),
-        "use_karras_sigmas": _OFF,
-        "use_exponential_sigmas": _OFF,
-        "use_beta_sigmas": _OFF,
-        "timestep_type": ("discrete",),
-        "rescale_betas_zero_snr": _OFF,
-    },
-    "ddim": {"thresholding": _OFF, "rescale_betas_zero_snr": _OFF},
-    "dpmpp": {
-        "algorithm_type": ("dpmsolver++",),
-        "solver_order": (2,),
-        "solver_type": ("midpoint",),
-        "thresholding": _OFF,
-        "use_karras_sigmas": _OFF,
-        "use_exponential_sigmas": _OFF,
-        "use_beta_sigmas": _OFF,
-        "use_lu_lambdas": _OFF,
-        "use_flow_sigmas": _OFF,
-        "lambda_min_clipped": (-math.inf,),
-        "variance_type": (None,),
-        "rescale_betas_zero_snr": _OFF,
-    },
-    "euler_a": {"rescale_betas_zero_snr": _OFF},
-    "lcm": {"thresholding": _OFF, "rescale_betas_zero_snr": _OFF},
-}
+KINDS: tuple[Kind, ...] = tuple(SCHEDULERS)
+assert get_args(Kind) == KINDS, "Kind names the registered kinds, in order"
+CLASS_NAMES: dict[str, Kind] = {entry.class_name: kind for kind, entry in SCHEDULERS.items()}
 
 
 def _check(name: str, value: Any, valid: tuple) -> None:
@@ -176,11 +211,12 @@ class SchedulerConfig:
         _check("scheduler", kind, KINDS)
         defaults = set(config.get("_use_default_values", ()))
         given = {key: value for key, value in config.items() if key not in defaults}
-        for key, valid in _FIXED[kind].items():
+        registered = SCHEDULERS[kind]
+        for key, valid in registered.fixed.items():
             if key in given and given[key] not in valid:
                 raise ValueError(
                     f"{key}={given[key]!r} is not supported by the {kind} scheduler "
                     f"(use one of {list(valid)})"
                 )
-        values = {**_DEFAULTS.get(kind, {}), **given}
-        return cls(kind=kind, **{key: values[key] for key in _KEYS[kind] if key in values})
+        values = {**registered.defaults, **given}
+        return cls(kind=kind, **{key: values[key] for key in registered.keys if key in values})

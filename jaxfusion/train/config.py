@@ -1,8 +1,10 @@
 """The settings of a training run (no heavy imports: the command line reads the defaults)."""
 
 import dataclasses
+from pathlib import Path
 
 SNAPSHOT_EVERY = 1000  # diffusion steps between snapshots (`jaxfusion train --snapshots`)
+TEXT_ENCODER_WIDTH = 32  # the hidden size of the built-in model's text encoders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +46,39 @@ class TrainConfig:
     ema_decay: float = 0.999
     unconditional_probability: float = 0.1  # caption dropped: all-zero text conditioning
     min_snr_gamma: float = 5.0  # loss weight min(SNR, gamma) / SNR (arXiv 2303.09556)
+
+    def __post_init__(self) -> None:
+        width, heads = TEXT_ENCODER_WIDTH, self.text_encoder_heads
+        if self.text_encoder_layers < 1 or width % heads:
+            raise ValueError(
+                f"the text encoders need at least one layer and a head count that divides their "
+                f"width {width}: check --text-encoder-layers and --text-encoder-heads"
+            )
+        counts = self.object_counts
+        if counts is not None and (min(counts) < 0 or abs(sum(counts) - 1) > 1e-6):
+            raise ValueError(f"--object-counts {list(counts)} are not probabilities summing to 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """`jaxfusion train`: trains `config`, then writes the pipeline folder `out` (diffusers
+    layout, safetensors; an existing one is replaced only with `overwrite`) with its loss
+    curve `loss.png` and `training.json`. `start`: a trained built-in pipeline folder to
+    continue from, keeping its VAE (with `new_text_encoders`, its UNet and VAE, and new text
+    encoders); `snapshots`: a folder that also receives the pipeline every `snapshot_every`
+    diffusion steps, as `step-N`."""
+
+    out: Path
+    config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    start: str | Path | None = None
+    new_text_encoders: bool = False
+    overwrite: bool = False
+    snapshots: str | Path | None = None
+    snapshot_every: int = SNAPSHOT_EVERY
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.new_text_encoders and self.start is None:
+            raise ValueError(
+                "--new-text-encoders starts from a trained pipeline: add --from FOLDER"
+            )

@@ -8,7 +8,6 @@ loop, so the progress bar and the loss curve see every step.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import tempfile
@@ -40,11 +39,11 @@ from jaxfusion.pipelines import SDXLPipeline
 from jaxfusion.pipelines.base import Models
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 from jaxfusion.train import shapes
-from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig
+from jaxfusion.train.config import SNAPSHOT_EVERY, TEXT_ENCODER_WIDTH, TrainConfig, TrainOptions
 from jaxfusion.train.noise import pyramid_noise
 
 TEXT_ENCODER = dict(  # and TrainConfig's text_encoder_layers and text_encoder_heads
-    hidden_size=32,
+    hidden_size=TEXT_ENCODER_WIDTH,
     intermediate_size=64,
     max_position_embeddings=77,
     bos_token_id=0,
@@ -439,14 +438,14 @@ def save_record(
     config: TrainConfig,
     history: History,
     path: Path,
-    start: str | None = None,
+    start: str | Path | None = None,
     new_text_encoders: bool = False,
 ) -> None:
     """`training.json`: the configuration (and the folder training continued from, if any),
     the diffusion steps done so far, the finished phases' wall times and the final losses."""
     record = {
         "config": dataclasses.asdict(config),
-        "started_from": start,
+        "started_from": None if start is None else str(start),
         "new_text_encoders": new_text_encoders,
         "diffusion_steps": len(history.unet),
         "seconds": history.seconds,
@@ -458,50 +457,12 @@ def save_record(
     write_text_atomically(path, text)
 
 
-def config_of(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of `jaxfusion train`'s arguments; ValueError names a flag that is out
-    of range or does not apply."""
-    if args.new_text_encoders and not args.start:
-        raise ValueError("--new-text-encoders starts from a trained pipeline: add --from FOLDER")
-    encoder = dict(
-        text_encoder_layers=args.text_encoder_layers,
-        text_encoder_heads=args.text_encoder_heads,
-        sinusoidal_positions=args.sinusoidal_positions,
-    )
-    encoder = {name: value for name, value in encoder.items() if value is not None}
-    if encoder and args.start and not args.new_text_encoders:
-        raise ValueError(
-            "--text-encoder-layers, --text-encoder-heads and --sinusoidal-positions shape new "
-            "text encoders; --from keeps its own: add --new-text-encoders"
-        )
-    width = TEXT_ENCODER["hidden_size"]
-    if encoder.get("text_encoder_layers", 1) < 1 or width % encoder.get("text_encoder_heads", 1):
-        raise ValueError(
-            f"the text encoders need at least one layer and a head count that divides their "
-            f"width {width}: check --text-encoder-layers and --text-encoder-heads"
-        )
-    counts = args.object_counts
-    if counts is not None and (min(counts) < 0 or abs(sum(counts) - 1) > 1e-6):
-        raise ValueError(f"--object-counts {counts} are not probabilities summing to 1")
-    return TrainConfig(
-        seed=args.seed,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        scale_steps=args.scale_steps,
-        scale_rounds=args.scale_rounds,
-        object_counts=None if counts is None else tuple(counts),
-        **encoder,
-    )
-
-
-def run(args: argparse.Namespace, display: StageDisplay) -> int:
-    """`jaxfusion train`: trains, then writes the pipeline folder (diffusers layout,
-    safetensors), its loss curve `loss.png` and `training.json`."""
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
+def run(options: TrainOptions, display: StageDisplay) -> None:
+    """Trains as `options` say, showing progress on `display`, and writes the folder."""
+    out, config = options.out, options.config
+    if out.exists() and not options.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    config = config_of(args)
-    origin = (args.start, args.new_text_encoders)
+    origin = (options.start, options.new_text_encoders)
 
     def progress_bar(description: str, total: int, losses: list[float]) -> Iterator[int]:
         columns = (
@@ -522,19 +483,19 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
                     display.note(f"{description}: step {i + 1}/{total}, loss {loss}")
 
     def save_snapshot(step: int, pipe: SDXLPipeline, history: History) -> None:
-        folder = Path(args.snapshots) / f"step-{step}"
+        folder = Path(options.snapshots) / f"step-{step}"
         pipe.save_pretrained(folder, overwrite=True)
         save_record(config, history, folder / "training.json", *origin)
 
     pipe, history = train(
         config,
         progress_bar,
-        save_snapshot if args.snapshots else None,
-        args.snapshot_every,
-        start=args.start,
-        new_text_encoders=args.new_text_encoders,
+        save_snapshot if options.snapshots else None,
+        options.snapshot_every,
+        start=options.start,
+        new_text_encoders=options.new_text_encoders,
     )
-    with display(f"writing {out}"), staging_folder(out, overwrite=args.overwrite) as folder:
+    with display(f"writing {out}"), staging_folder(out, overwrite=options.overwrite) as folder:
         pipe.save_pretrained(folder, overwrite=True)
         save_loss_curve(history, folder / "loss.png")
         save_record(config, history, folder / "training.json", *origin)
@@ -543,4 +504,3 @@ def run(args: argparse.Namespace, display: StageDisplay) -> int:
         f"trained in {sum(history.seconds.values()) / 60:.1f} min; final losses (mean of the "
         f"last 100 steps): {losses}; wrote {out} (with loss.png and training.json)"
     )
-    return 0

@@ -1,4 +1,4 @@
-"""The parameter constructor every module uses (the primitives here, the models above).
+"""The parameter constructor every module uses (`sharding`'s primitives, `jaxfusion`'s models).
 
 A module built with `rngs=None` is abstract: its parameters are `jax.ShapeDtypeStruct`s and
 nothing is allocated or traced, so a full-size SDXL UNet is built in milliseconds (Flax's

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxfusion.convert.files import TensorReader
+from convert.files import RenamedReader, TensorReader
 
 _TORCH_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}
@@ -49,18 +49,17 @@ def _flat_params(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
 
 
 def load_state_dict(
-    abstract_module: nnx.Module, reader: TensorReader, dtype, *, ignore: Iterable[str] = ()
+    abstract_module: nnx.Module, reader: TensorReader | RenamedReader, dtype
 ) -> nnx.Module:
     """Fills an abstract module (built with `rngs=None`) with the reader's tensors in `dtype`.
 
     Every missing, unexpected or mis-shaped key is named in one `WeightMismatch`, raised
     before any tensor is read. Tensors are converted one at a time, so host memory peaks at
-    the parameters plus one tensor. Checkpoint keys ending with one of the `ignore` strings
-    (buffers saved beside the parameters, such as transformers' `position_ids`) are skipped.
+    the parameters plus one tensor.
     """
     graphdef, params, rest = nnx.split(abstract_module, nnx.Param, ...)
     targets = {diffusers_key(path): (path, var) for path, var in nnx.to_flat_state(params)}
-    available = {key for key in set(reader.keys()) if not key.endswith(tuple(ignore))}
+    available = set(reader.keys())
     missing = sorted(targets.keys() - available)
     unexpected = sorted(available - targets.keys())
     misshaped = []

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion.convert.files import (
+from convert.files import (
     TensorReader,
     from_hub,
     looks_like_hub_id,
     safetensors_metadata,
 )
-from jaxfusion.convert.state_dict import diffusers_key, to_diffusers_shape, to_flax_layout
+from convert.state_dict import diffusers_key, to_diffusers_shape, to_flax_layout
 
 # The pipeline components a LoRA adapts: the key prefixes of the diffusers/PEFT format, and
 # kohya's prefix for each.

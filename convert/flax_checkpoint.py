@@ -11,7 +11,6 @@ may be relative to the working directory, as a user types them.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfusion.convert.state_dict import _raise_mismatch
-from jaxfusion.dtypes import parse_dtype
-from jaxfusion.files import write_text_atomically
+from convert.dtypes import parse_dtype
+from convert.state_dict import _raise_mismatch
 
 PARAMS_DIR = "flax_params"
 
@@ -60,17 +58,6 @@ def save_flax_params(module: nnx.Module, folder: Path, dtype=None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def write_flax_folder(module: nnx.Module, path: str | Path, config: dict, dtype=None) -> Path:
-    """Writes `config.json` (the dict diffusers/transformers use) and `flax_params/` (in
-    `dtype`, default the parameters' own) into the folder `path`, each atomically."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2)
-    write_text_atomically(folder / "config.json", text)
-    save_flax_params(module, folder, dtype)
-    return folder
 
 
 def has_flax_params(folder: Path) -> bool:

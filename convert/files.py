@@ -12,8 +12,6 @@ from typing import TypeVar
 import ml_dtypes
 import numpy as np
 
-from jaxfusion.files import write_atomically, write_text_atomically
-
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # The weight files of every diffusers model (ModelMixin) folder: `{WEIGHTS_NAME}.safetensors`.
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -282,6 +280,24 @@ class TensorReader:
         return tensor
 
 
+class RenamedReader:
+    """A TensorReader whose tensors are seen under other names: `names` maps each name seen
+    to the reader's own; tensors it leaves out are not seen."""
+
+    def __init__(self, reader: TensorReader, names: dict[str, str]):
+        self._reader = reader
+        self._names = names
+
+    def keys(self) -> Iterator[str]:
+        yield from self._names
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader.shape(self._names[key])
+
+    def read(self, key: str) -> np.ndarray:
+        return self._reader.read(self._names[key])
+
+
 def _load_pickle(file: Path) -> dict[str, np.ndarray]:
     """Only reached with the caller's explicit allow_pickle opt-in."""
     try:
@@ -293,25 +309,3 @@ def _load_pickle(file: Path) -> dict[str, np.ndarray]:
     return {
         k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
     }
-
-
-def write_model_folder(
-    path: str | Path,
-    config: dict,
-    tensors: dict[str, np.ndarray],
-    weights_name: str,
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Writes `config.json` and `{weights_name}.safetensors` into the folder `path`, each
-    atomically."""
-    from safetensors.numpy import save_file
-
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2)
-    write_text_atomically(folder / "config.json", text)
-    write_atomically(
-        folder / f"{weights_name}.safetensors",
-        lambda tmp: save_file(tensors, tmp, metadata=metadata),
-    )
-    return folder

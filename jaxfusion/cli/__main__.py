@@ -1,0 +1,7 @@
+"""`python -m jaxfusion.cli`: the `jaxfusion` command."""
+
+import sys
+
+from jaxfusion.cli import main
+
+sys.exit(main())
