@@ -215,7 +215,7 @@ def end_last(client: Any, key: str, index: int, count: int, timeout_s: float) ->
     process still using it, first waits for every other process to say so, `timeout_s` in
     all, then SERVICE_GRACE_S for their exits to complete: it ends last. Raises TimeoutError
     naming the first process that does not say so in time (from the service's error)."""
-    client.key_value_set(key.format(index), "1")
+    client.key_value_set(key.format(index), "1", allow_overwrite=True)
     if index != 0:
         return
     deadline = time.monotonic() + timeout_s
