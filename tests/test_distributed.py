@@ -311,7 +311,9 @@ class Store:
     def __init__(self, published: dict[str, str]):
         self.published = published
 
-    def key_value_set(self, key: str, value: str) -> None:
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+        if key in self.published and not allow_overwrite:
+            raise RuntimeError(f"ALREADY_EXISTS: {key}")
         self.published[key] = value
 
     def blocking_key_value_get(self, key: str, timeout_ms: int) -> str:
