@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("analysis", "time", "eval", "few_step", "sizes", "machine")
 EVAL_DEVICES = (4, 8)
 # SDXL's training sizes and 4K UHD: heights that split into unequal slabs.
-SDXL_SIZES = (*TRAINING_SIZES, (2160, 3840))
+SDXL_SIZES = ((2160, 3840), *TRAINING_SIZES)
 UNEVEN_EVAL = (248, 256)  # the built-in model: 62 latent rows, unequal slabs on 4 and 8
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHECK = "bash benchmarks/gpu_check.sh benchmarks/results"
@@ -158,6 +158,7 @@ def run_parts(parts: list[str], results: Path) -> list[str]:
                     shutil.rmtree(output)
                 else:
                     output.unlink(missing_ok=True)
+                output.parent.mkdir(parents=True, exist_ok=True)
             print(f"$ {command_text(arguments)}", flush=True)
             if subprocess.run([executable, *shlex.split(arguments)], cwd=ROOT).returncode:
                 failed.append(command_text(arguments))
