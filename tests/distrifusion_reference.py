@@ -1,7 +1,8 @@
 """A plain PyTorch reference of DistriFusion (displaced patch parallelism) on top of diffusers'
 `UNet2DConditionModel`: the oracle for jaxfusion's `displaced` mode. It shares only the weights
-with the JAX code. Everything runs sequentially on one device: a Python loop over patches with
-explicit stale buffers. Clarity over speed; the models in tests are tiny.
+with the JAX code (and the table of which codec a halo takes). Everything runs sequentially on
+one device: a Python loop over patches with explicit stale buffers. Clarity over speed; the
+models in tests are tiny.
 
 The rule (P patches along height, steps t = 0..T-1 in sampling order, W = warmup_steps):
 
@@ -59,7 +60,8 @@ message): K/V the patch's (2, B, T, heads * head_dim); a conv's halo its first p
 and its last p rows (sent down), each as (B, p * W, C). The stale value of a message is what
 `codec_reference.Channel.send` returns for it at the end of each step (synchronous steps send
 exactly). Halos never go below 4 bits: under residual-int2 and residual-1bit they go through
-residual-int4 (K/V through the named codec). GroupNorm moments and conv_in stay exact.
+residual-int4 (`sharding.codecs.HALO`, the one table of that rule; K/V through the named
+codec). GroupNorm moments and conv_in stay exact.
 
 Other modes of `reference_denoise`:
 
@@ -84,6 +86,8 @@ import torch
 import torch.nn.functional as F
 from codec_reference import Channel
 from torch import nn
+
+from sharding.codecs import HALO  # which codec a halo goes through: the rule, not the codec
 
 GN_RULES = ("corrected", "stale", "separate", "sync")
 MODES = ("displaced", "naive", "single")
@@ -173,9 +177,7 @@ class _State:
         sent = {}
         for message, value in messages.items():
             key = (name, i, message)
-            codec = self.compress
-            if name not in self.kv_layers and codec in ("residual-int2", "residual-1bit"):
-                codec = "residual-int4"  # a halo
+            codec = HALO[self.compress] if name not in self.kv_layers else self.compress
             channel = self.channels.setdefault(key, Channel(codec))
             held = channel.send(value.double().numpy(), exact=self.phase == "full")
             sent[message] = torch.from_numpy(held).to(value.dtype)
