@@ -34,12 +34,17 @@ from typing import Any
 
 from jaxfusion.files import write_text_atomically
 from jaxfusion.pipelines.stable_diffusion_xl import TRAINING_SIZES
+from sharding.split import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("analysis", "time", "eval", "few_step", "sizes", "machine")
 EVAL_DEVICES = (4, 8)
-# SDXL's training sizes and 4K UHD: heights that split into unequal slabs.
+# SDXL's training sizes and 4K UHD: heights that split into unequal slabs; compiled on 1-8
+# devices at 4K, on 8 (where most do not split evenly) at the training sizes, whose slabs on
+# 2, 4 and 8 the section gives from the split rule (`sharding.split`, no compile).
 SDXL_SIZES = ((2160, 3840), *TRAINING_SIZES)
+SIZES_DEVICES = ("1 2 4 8", *["8"] * len(TRAINING_SIZES))
+SPLIT_DEVICE_COUNTS = (2, 4, 8)
 UNEVEN_EVAL = (248, 256)  # the built-in model: 62 latent rows, unequal slabs on 4 and 8
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHECK = "bash benchmarks/gpu_check.sh benchmarks/results"
@@ -120,11 +125,11 @@ def commands(results: Path) -> dict[str, list[tuple[str, list[Path]]]]:
         ],
         "sizes": [
             (
-                f"bench analyze --model sdxl --height {h} --width {w} --devices 1 2 4 8 "
+                f"bench analyze --model sdxl --height {h} --width {w} --devices {devices} "
                 f"--dtype bfloat16 --json {q(results / 'sizes' / f'sdxl-{h}x{w}.json')}",
                 [results / "sizes" / f"sdxl-{h}x{w}.json"],
             )
-            for h, w in SDXL_SIZES
+            for (h, w), devices in zip(SDXL_SIZES, SIZES_DEVICES, strict=True)
         ]
         + [
             (
@@ -142,10 +147,11 @@ def command_text(arguments: str) -> str:
     return f"jaxfusion {arguments}"
 
 
-def run_parts(parts: list[str], results: Path) -> list[str]:
+def run_parts(parts: list[str], results: Path, missing_only: bool = False) -> list[str]:
     """Runs the commands of `parts` from the repository root, each printed first, after
     removing its earlier outputs (the commands refuse to overwrite), then writes
-    machine.json; returns the commands that failed."""
+    machine.json; returns the commands that failed. With `missing_only`, only the commands
+    some of whose outputs do not exist (to finish a part that was stopped)."""
     results.mkdir(parents=True, exist_ok=True)
     executable = Path(sys.executable).with_name("jaxfusion")
     failed, finished = [], {}
@@ -153,6 +159,8 @@ def run_parts(parts: list[str], results: Path) -> list[str]:
         if part not in parts:
             continue
         for arguments, outputs in runs:
+            if missing_only and all(output.exists() for output in outputs):
+                continue
             for output in outputs:
                 if output.is_dir():
                     shutil.rmtree(output)
@@ -630,6 +638,21 @@ def sizes_section(inputs: Inputs) -> list[str]:
         "per-device cost above. SDXL, bfloat16, C=1, compiled from shapes for simulated "
         "devices.",
     ]
+    split_rows = []
+    for height, width in SDXL_SIZES:
+        cells = []
+        for devices in SPLIT_DEVICE_COUNTS:
+            split = Split.of(height // 8, devices, 4)
+            padding = 1 - split.size / (devices * split.slab)
+            cells.append(f"{slabs(list(split.counts))} in {split.slab} ({padding:.1%})")
+        split_rows.append(f"{height}x{width} | " + " | ".join(cells))
+    blocks.append(
+        "Each patch's latent rows, in device arrays of how many rows (the padding's share), "
+        "from the split rule (`sharding.split.Split.of`, SDXL's 8 pixels per latent row and "
+        "boundaries at 4 latent rows; no compile):"
+    )
+    header = " | ".join(f"{n} devices" for n in SPLIT_DEVICE_COUNTS)
+    blocks.append(table(f"size | {header}", split_rows))
     rows, present = [], []
     for run in analyses:
         records, problem = load_json(run[1][0])
@@ -778,6 +801,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="store_true", help="measure first (slow), then render")
     parser.add_argument(
+        "--missing",
+        action="store_true",
+        help="with --run: only the commands whose outputs are missing",
+    )
+    parser.add_argument(
         "--only", nargs="+", choices=PARTS, default=list(PARTS), help="the parts --run measures"
     )
     results, page = ROOT / "docs" / "results", ROOT / "docs" / "performance.md"
@@ -786,7 +814,7 @@ def main() -> int:
     parser.add_argument("--page", type=Path, default=page, help="the Markdown page to write")
     parser.add_argument("--gpu-check", type=Path, default=gpu_check, help="gpu_check.py's JSON")
     args = parser.parse_args()
-    failed = run_parts(args.only, args.results) if args.run else []
+    failed = run_parts(args.only, args.results, args.missing) if args.run else []
     text = render(args.results, args.page, args.gpu_check)
     args.page.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.page, text)
