@@ -665,7 +665,7 @@ def sizes_section(inputs: Inputs) -> list[str]:
             padding = 1 - sum(counts) / (len(counts) * array) if counts and array else None
             rows.append(
                 f"{r['height']}x{r['width']} | {r['devices']} | {slabs(counts)} | "
-                f"{num(array, 'd')} | {num(padding, '.1%')} | "
+                f"{num(array, '.0f')} | {num(padding, '.1%')} | "
                 f"{num(r['flops_per_device_step'], '.2f', 1e-12)} | "
                 f"{num(r['flops_per_device_step'] * r['devices'] / r['flops_single_step'], '.3f')}"
                 f" | {num(r['comm_bytes_per_device_step'], ',.1f', 1e-6)} | "
