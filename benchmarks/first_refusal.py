@@ -43,7 +43,7 @@ def write_checkpoint(folder: Path) -> None:
     from jaxfusion.models.unet_2d_condition import UNetConfig
     from jaxfusion.models.vae import VAEConfig
     from jaxfusion.pipelines import SDXLPipeline
-    from jaxfusion.pipelines.base import Models
+    from jaxfusion.pipelines.stable_diffusion import Models
     from jaxfusion.tokenizer import load_tokenizer, write_tokenizer
 
     rngs = nnx.Rngs(0)

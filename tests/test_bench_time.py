@@ -22,7 +22,7 @@ from pipelines import SIZE, save_random_pipeline
 from jaxfusion import cli, diffusers_backend
 from jaxfusion.bench import timing
 from jaxfusion.bench.options import TimingOptions
-from jaxfusion.pipelines.base import TextToImagePipeline
+from jaxfusion.pipelines import Request
 from sharding.parallel import ParallelConfig
 
 SCRIPT = Path(sys.executable).with_name("jaxfusion")
@@ -52,8 +52,9 @@ class Clock:
 
 
 class FakePipeline:
-    """jaxfusion's pipeline as `bench time` uses it; calls are checked against the real
-    signature and take the clock's scripted time."""
+    """jaxfusion's pipeline as `bench time` uses it; calls are checked as the real one
+    checks them (`Request.of`, no option of a model family) and take the clock's scripted
+    time."""
 
     default_guidance_scale = 5.0
     dtype = np.dtype(np.float32)
@@ -71,10 +72,11 @@ class FakePipeline:
         return np.zeros((batch, 4, height // 2, width // 2), np.float32)
 
     def __call__(self, *args, **kwargs):
-        bound = inspect.signature(TextToImagePipeline.__call__).bind(self, *args, **kwargs)
-        parallel = bound.arguments["parallel"]
-        assert bound.arguments["height"] == bound.arguments["width"] == SIZE
-        self.clock.call(parallel.mode, parallel.devices, bound.arguments["num_inference_steps"])
+        request = Request.of(*args, **kwargs)
+        assert not request.conditioning
+        parallel = request.parallel
+        assert request.height == request.width == SIZE
+        self.clock.call(parallel.mode, parallel.devices, request.num_inference_steps)
         self.clock.configs.append(parallel)
 
 

@@ -36,7 +36,8 @@ from jaxfusion.models import (
 from jaxfusion.models.configs import TEXT_ENCODER_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
 from jaxfusion.models.scaled_dot_product import AttentionBackend, set_attention
 from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImagePipeline
-from jaxfusion.pipelines.base import Models, Options, Request
+from jaxfusion.pipelines.base import Inputs, Options
+from jaxfusion.pipelines.stable_diffusion import TEXT_TOKENS, Models
 from sharding.analysis import host_links, laid_out, trace_step
 from sharding.loops import (
     NO_BUFFERS,
@@ -51,7 +52,6 @@ from sharding.parallel import ParallelConfig
 from sharding.placement import Placement
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
-TEXT_TOKENS = 77
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,20 +266,18 @@ def generation_memory(
     """The whole generation of one height x width image with classifier-free guidance (a
     negative prompt encoded too), 50 steps, compiled from shapes for the devices of
     `parallel`: its memory per device and the parts of it."""
-    f, channels = pipe.downscale_factor, pipe.unet.config.in_channels
-    ids = tuple(jax.ShapeDtypeStruct((1, TEXT_TOKENS), jnp.int32) for _ in pipe.text_components)
-    time_ids = pipe.added_conditioning(1, height, width)
+    _, channels, h, w = pipe.latent_shape(1, height, width)
+    prompts = pipe.abstract_prompts(1, height, width)
     schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), 50)
-    request = Request(
-        prompt_ids=ids,
-        negative_ids=ids,
-        latents=jax.ShapeDtypeStruct((1, height // f, width // f, channels), jnp.float32),
-        time_ids=None if time_ids is None else jax.ShapeDtypeStruct(time_ids.shape, jnp.float32),
+    inputs = Inputs(
+        text=prompts.text,
+        negative_text=prompts.negative_text,
+        latents=jax.ShapeDtypeStruct((1, h, w, channels), jnp.float32),
         schedule=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), schedule),
         guidance_scale=jax.ShapeDtypeStruct((), jnp.float32),
     )
-    options = Options(True, False, None, parallel, attention)
-    memory = pipe.lower(request, options).compile().memory_analysis()
+    options = Options(True, prompts.encoding, parallel, attention)
+    memory = pipe.lower(inputs, options).compile().memory_analysis()
 
     def size(tree) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -287,7 +285,7 @@ def generation_memory(
     # Every weight counts: the pipeline holds them all on each device, also those the
     # program leaves out of its arguments (unused: the text encoders' last layers).
     weights = size(nnx.state(pipe.models))
-    held = weights + size(request) + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    held = weights + size(inputs) + memory.output_size_in_bytes + memory.temp_size_in_bytes
     return dict(
         memory_bytes_generation_per_device=held - memory.alias_size_in_bytes,
         weights_bytes_per_device=weights,

@@ -86,8 +86,8 @@ def generate(
 ) -> Any:
     """`pipe(**kwargs)`, saying how it runs over devices and whether its program came from
     the disk cache."""
-    request, options = pipe.prepare(**kwargs)
-    display.note(describe_parallel(options.parallel, len(request.schedule.timesteps)))
+    inputs, options = pipe.prepare(**kwargs)
+    display.note(describe_parallel(options.parallel, len(inputs.schedule.timesteps)))
     hits = cache_hits.count
 
     def compiling(name: str) -> AbstractContextManager:
@@ -98,8 +98,8 @@ def generate(
 
         return display(name, outcome)
 
-    pipe.compile(request, options, compiling)
-    return pipe.run(request, options, display)
+    pipe.compile(inputs, options, compiling)
+    return pipe.run(inputs, options, display)
 
 
 def describe_parallel(parallel: ParallelConfig, steps: int) -> str:

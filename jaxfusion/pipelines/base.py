@@ -1,18 +1,23 @@
-"""What the SD and SDXL pipelines share: loading a diffusers pipeline folder, checking a
-request before anything compiles, and running it as one compiled program (prompt encoding,
-the VAE encoding of a starting image, the denoising loop, VAE decoding)."""
+"""The pipeline core that every model family shares: a `Request` checked against the model,
+the noise and the sampler's schedule, one compiled program per request shape (prompt
+encoding, the VAE encoding of a starting image, the denoising loop, VAE decoding) with
+explicit shardings, the weights placed on each mesh once, and running it.
+
+A model family (`jaxfusion.pipelines.stable_diffusion`: SD 1.x/2.x and SDXL) subclasses
+`TextToImagePipeline` and supplies its parts; the core knows none of its networks but the
+VAE's interface (`AutoencoderKL`)."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import json
-import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,133 +30,126 @@ from convert.files import read_json, read_model_index, resolve_pipeline_folder
 from jaxfusion import schedulers
 from jaxfusion.files import staging_folder
 from jaxfusion.images import image_batch
-from jaxfusion.models import (
-    AutoencoderKL,
-    CLIPTextModel,
-    Conditioning,
-    UNet2DConditionModel,
-    pretrained,
-)
+from jaxfusion.models import AutoencoderKL
 from jaxfusion.models.scaled_dot_product import AttentionBackend, check_backend, set_attention
-from jaxfusion.tokenizer import load_tokenizer, save_tokenizer, tokenize
+from jaxfusion.pipelines.request import Output, Request
 from sharding.distributed import to_host, wait_for_peers
-from sharding.loops import Sampling, concat_batches, denoise, step_noise
+from sharding.loops import Denoiser, Sampling, denoise, step_noise
 from sharding.parallel import ParallelConfig
 from sharding.placement import Placement
 from sharding.rows import map_rows
 
+# A LoRA file's adapters, by component and module (`convert.lora.read_lora`).
+LoraAdapters = dict[str, dict[str, lora.LowRank]]
 # Wraps each long stage ("loading unet", "compiling", "denoising ..."): a progress display.
 Stage = Callable[[str], AbstractContextManager]
-# What a call returns: decoded images, or the final latents (for a refiner to continue).
-Output = Literal["images", "latents"]
-OUTPUTS: tuple[Output, ...] = ("images", "latents")
 
 
 def no_display(name: str) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class Models(nnx.Module):
-    """The pipeline's networks, as one module so that they enter the program as one state."""
+class PromptInputs(NamedTuple):
+    """A request's prompts as its model family takes them into the program.
 
-    def __init__(
-        self,
-        unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
-        text_encoders: Sequence[CLIPTextModel],
-    ):
-        self.unet = unet
-        self.vae = vae
-        self.text_encoders = nnx.List(text_encoders)
+    text: the prompts' inputs, a pytree of arrays with the batch B first (SD: token ids per
+        tokenizer, and SDXL's micro-conditioning).
+    negative_text: the unconditional half's, with classifier-free guidance; else None.
+    encoding: the family's static choices of encoding them (hashable; SD: clip_skip).
+    """
+
+    text: Any
+    negative_text: Any
+    encoding: Hashable
 
 
-class Request(NamedTuple):
-    """One generation's traced inputs (a pytree; the program's static options are `Options`).
+class Inputs(NamedTuple):
+    """One generation's traced inputs (a pytree; the program's static choices are `Options`).
 
-    prompt_ids, negative_ids: per tokenizer, (B, 77) int32; negative_ids None when the
-        negative embeddings are zeros or there is no guidance.
+    text, negative_text: the family's prompt inputs (`PromptInputs`).
     latents: (B, h, w, C) float32 NHWC unit noise: the initial noise (before
         init_noise_sigma), or with a starting image the noise added to its latents; None
         when the start is taken as noised already (denoising_start).
-    time_ids: (B, n) float32 SDXL micro-conditioning, else None.
     schedule: the sampler's precomputed schedule of the steps that run.
     guidance_scale: () float32.
     image: (B, H, W, 3) float32 in [-1, 1], the image to start from, or None.
-    image_latents: (B, h, w, C) float32 NHWC, an image to start from already in the UNet's
-        latent space (scaled), or None.
-    negative_time_ids: the unconditional half's time_ids; None: time_ids.
+    image_latents: (B, h, w, C) float32 NHWC, an image to start from already in the
+        denoiser's latent space (scaled), or None.
     noise_key: the key of each step's fresh noise (`step_noise_key`) for samplers that
         draw some (euler_a, lcm), else None.
     """
 
-    prompt_ids: tuple[jax.Array, ...]
-    negative_ids: tuple[jax.Array, ...] | None
+    text: Any
+    negative_text: Any
     latents: jax.Array | None
-    time_ids: jax.Array | None
     schedule: schedulers.Schedule
     guidance_scale: jax.Array
     image: jax.Array | None = None
     image_latents: jax.Array | None = None
-    negative_time_ids: jax.Array | None = None
     noise_key: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """A program's static choices: with classifier-free guidance; negative embeddings all
-    zeros (SDXL's `force_zeros_for_empty_prompt` without a negative prompt); clip_skip; how
-    the loop and the VAE encode and decode are spread over devices; the attention kernel;
-    whether the program returns images or the final latents."""
+    """A program's static choices: with classifier-free guidance; the family's encoding of
+    the prompts (`PromptInputs.encoding`); how the loop and the VAE encode and decode are
+    spread over devices; the attention kernel; whether the program returns images or the
+    final latents."""
 
     guidance: bool
-    zero_negative: bool
-    clip_skip: int | None
+    encoding: Hashable
     parallel: ParallelConfig
     attention: AttentionBackend = "auto"
     output: Output = "images"
 
 
-class TextToImagePipeline:
+class TextToImagePipeline(abc.ABC):
     """A diffusers pipeline folder, run in JAX: text-to-image, or image-to-image from a
     starting image.
 
-    Subclasses say which diffusers pipeline class they mirror, which tokenizer and text
-    encoder subfolders they read, and how prompts become UNet conditioning.
+    The core of every model family. A family subclasses it and supplies its parts:
+
+    - its networks, `models`: one `nnx.Module` (they enter the program as one state) whose
+      `denoiser` (a `sharding.loops.Denoiser`) and `vae` (an `AutoencoderKL`) the program
+      runs;
+    - the folder: `pipeline_class`, `component_folders`, `load_components`,
+      `save_components`, `check_components`;
+    - the latents: `latent_channels` (C of the (B, h, w, C) NHWC latents the denoiser
+      takes; the VAE's `downscale_factor` image pixels per latent pixel) and `dtype`;
+    - the sizes: `default_size`, `size_multiple`;
+    - the samplers it takes, `scheduler_kinds`, and its defaults: `default_guidance_scale`,
+      `default_strength`, `requires_image`;
+    - the prompts: `prompt_inputs` (on the host: token ids, micro-conditioning, its own
+      options of the request) and `encode_prompts` (in the program: the denoiser's
+      conditioning); `abstract_prompts` (their shapes, for `bench analyze`);
+    - what a LoRA may touch: `lora_networks`, `lora_modules`.
     """
 
-    pipeline_class: ClassVar[str]
-    # (tokenizer, text encoder) folders; a folder's model_index.json may leave some out
-    # (`text_components_of`).
-    text_components: ClassVar[tuple[tuple[str, str], ...]]
+    pipeline_class: ClassVar[str]  # the diffusers class that model_index.json names
+    scheduler_kinds: ClassVar[tuple[str, ...]]  # of `jaxfusion.schedulers.KINDS`
     default_guidance_scale: ClassVar[float]
     default_strength: ClassVar[float]  # image-to-image, as diffusers' img2img pipeline
     requires_image: ClassVar[bool] = False  # image-to-image only (the SDXL refiner)
 
     def __init__(
         self,
-        models: Models,
-        tokenizers: Sequence[Any],
+        models: nnx.Module,
         scheduler_config: dict[str, Any],
         model_index: dict[str, Any] | None = None,
         *,
         attention: AttentionBackend = "auto",
     ):
         """Args:
-        models: the networks, text encoders in the order of `text_components_of(model_index)`.
-        tokenizers: transformers' CLIPTokenizer per text encoder.
+        models: the family's networks (see the class).
         scheduler_config: the folder's `scheduler/scheduler_config.json`.
-        model_index: the folder's `model_index.json` (which text components it has, its
-          `force_zeros_for_empty_prompt` and `requires_aesthetics_score` are honoured; the
+        model_index: the folder's `model_index.json` (the family reads what it needs; the
           rest is written back by `save_pretrained`).
         attention: the attention kernel of calls that do not choose one ("auto", "xla",
           "chunked", "cudnn"; see `jaxfusion.models.scaled_dot_product`).
         """
         self.models = models
-        self.tokenizers = tuple(tokenizers)
         self.scheduler_config = dict(scheduler_config)
         self.model_index = dict(model_index or {})
-        # The (tokenizer, text encoder) folders of this pipeline's text encoders.
-        self.text_folders = self.text_components_of(self.model_index)
         self.attention = check_backend(attention)
         self.check_components()
         self._graphdef, state = nnx.split(models)
@@ -161,42 +159,99 @@ class TextToImagePipeline:
         # (network, parameter path) -> (its variable, its array before the first LoRA).
         self._base_weights: dict[tuple[str, tuple], tuple[nnx.Variable, jax.Array]] = {}
 
+    # The family's parts (see the class).
+
     @classmethod
-    def text_components_of(cls, model_index: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-        """The `text_components` a folder with this `model_index.json` has: all but those
-        it names as null (the SDXL refiner's `"text_encoder": [null, null]`); one it does
-        not name (an index written by hand, or none) is there."""
-        absent = (None, [None, None])
-        return tuple(
-            pair
-            for pair in cls.text_components
-            if pair[1] not in model_index or model_index[pair[1]] not in absent
-        )
+    @abc.abstractmethod
+    def component_folders(cls, model_index: dict[str, Any]) -> list[str]:
+        """The subfolders a folder with this `model_index.json` must have (scheduler
+        included), in the order `save_pretrained` lists them there."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load_components(
+        cls,
+        folder: Path,
+        model_index: dict[str, Any],
+        scheduler_config: dict[str, Any],
+        *,
+        attention: AttentionBackend,
+        stage: Stage,
+        **weights: Any,
+    ) -> TextToImagePipeline:
+        """The pipeline of the networks (and tokenizers) in `folder`, each loaded inside
+        `stage(...)`; `weights`: dtype, variant, allow_pickle, abstract (as
+        `from_pretrained` takes them, dtype parsed)."""
+
+    @abc.abstractmethod
+    def save_components(self, folder: Path, *, dtype: Any, flax: bool) -> dict[str, list]:
+        """Writes the networks (and tokenizers) into `folder`; returns their
+        `model_index.json` entries by subfolder."""
+
+    @abc.abstractmethod
+    def check_components(self) -> None:
+        """Refuses components that do not fit together (raises ValueError)."""
 
     @property
-    def force_zeros_for_empty_prompt(self) -> bool:
-        return bool(self.model_index.get("force_zeros_for_empty_prompt", False))
+    @abc.abstractmethod
+    def latent_channels(self) -> int:
+        """C of the (B, h, w, C) NHWC latents the denoiser takes."""
 
     @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.models.unet
-
-    @property
-    def vae(self) -> AutoencoderKL:
-        return self.models.vae
-
-    @property
-    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
-        return tuple(self.models.text_encoders)
-
-    @property
+    @abc.abstractmethod
     def dtype(self) -> jnp.dtype:
-        return self.unet.dtype
+        """What the denoiser runs in."""
+
+    @abc.abstractmethod
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels when none is given."""
+
+    @property
+    @abc.abstractmethod
+    def size_multiple(self) -> int:
+        """What the height and width of an image to draw must be multiples of, in pixels (a
+        starting image's: of the VAE's `downscale_factor`)."""
+
+    @abc.abstractmethod
+    def prompt_inputs(
+        self, request: Request, height: int, width: int, guidance: bool
+    ) -> PromptInputs:
+        """The prompts of `request` as the program takes them (the unconditional half's
+        with `guidance`), its `conditioning` (the family's options) read and checked."""
+
+    @abc.abstractmethod
+    def abstract_prompts(self, batch: int, height: int, width: int) -> PromptInputs:
+        """The inputs of `batch` prompts and as many negative ones, as
+        `jax.ShapeDtypeStruct`s (for `bench analyze`, which compiles from shapes)."""
+
+    @abc.abstractmethod
+    def encode_prompts(
+        self, models: nnx.Module, text: Any, negative_text: Any, encoding: Hashable
+    ) -> Any:
+        """(inside the program) The denoiser's conditioning (a pytree, batch first): of
+        `text`, batch B; with `negative_text` (guidance), the CFG batch 2B, unconditional
+        half first (`sharding.loops.concat_batches`)."""
+
+    @abc.abstractmethod
+    def lora_networks(self) -> dict[str, nnx.Module]:
+        """The networks a LoRA may adapt, by the component names that `convert.lora`
+        gives a LoRA file's parts."""
+
+    @abc.abstractmethod
+    def lora_modules(self, adapters: LoraAdapters) -> LoraAdapters:
+        """A LoRA file's adapters (`convert.lora.read_lora`) by this family's module names."""
+
+    # The core.
 
     @property
     def downscale_factor(self) -> int:
-        """Image pixels per UNet latent pixel along each side."""
-        return self.vae.config.downscale_factor
+        """Image pixels per latent pixel along each side."""
+        return self.models.vae.config.downscale_factor
+
+    @property
+    def is_abstract(self) -> bool:
+        """Whether the networks hold `jax.ShapeDtypeStruct`s (`from_pretrained(abstract=True)`)."""
+        return isinstance(jax.tree.leaves(nnx.state(self.models))[0], jax.ShapeDtypeStruct)
 
     @classmethod
     def from_pretrained(
@@ -228,35 +283,24 @@ class TextToImagePipeline:
         check_backend(attention)
         if abstract:
             stage = no_display  # nothing long happens
-        weights = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle, abstract=abstract)
         index = read_model_index(path)
-        text_components = cls.text_components_of(index)
-        subfolders = [
-            "unet",
-            "vae",
-            "scheduler",
-            *(name for pair in text_components for name in pair),
-        ]
-        folder = resolve_pipeline_folder(path, subfolders, variant=variant)
+        folder = resolve_pipeline_folder(path, cls.component_folders(index), variant=variant)
         if index.get("_class_name") not in (None, cls.pipeline_class):
             raise ValueError(
                 f"{folder} holds a {index['_class_name']}; {cls.__name__} loads a "
                 f"{cls.pipeline_class} (jaxfusion.load_pipeline picks the class for you)"
             )
-        tokenizers, text_encoders = [], []
-        for tokenizer_folder, encoder_folder in text_components:
-            with stage(f"loading {encoder_folder}"):
-                tokenizers.append(load_tokenizer(folder, tokenizer_folder))
-                text_encoders.append(
-                    pretrained.load_text_encoder(folder, encoder_folder, **weights)
-                )
-        with stage("loading unet"):
-            unet = pretrained.load_unet(folder, **weights)
-        with stage("loading vae"):
-            vae = pretrained.load_vae(folder, **weights)
-        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        models = Models(unet, vae, text_encoders)
-        return cls(models, tokenizers, scheduler_config, index, attention=attention)
+        return cls.load_components(
+            folder,
+            index,
+            read_json(folder / "scheduler" / "scheduler_config.json"),
+            attention=attention,
+            stage=stage,
+            dtype=dtype,
+            variant=variant,
+            allow_pickle=allow_pickle,
+            abstract=abstract,
+        )
 
     def save_pretrained(
         self, path: str | Path, *, dtype: Any = None, flax: bool = False, overwrite: bool = False
@@ -267,23 +311,14 @@ class TextToImagePipeline:
         which only jaxfusion loads. The folder is built beside `path` and renamed into place
         when complete."""
         with staging_folder(path, overwrite=overwrite) as folder:
+            entries = self.save_components(folder, dtype=dtype, flax=flax)
+            entries["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
             index = {
                 **self.model_index,
                 "_class_name": self.pipeline_class,
                 "_diffusers_version": self.model_index.get("_diffusers_version", "0.30.0"),
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "scheduler": ["diffusers", self.scheduler_config["_class_name"]],
             }
-            weights = dict(dtype=dtype, flax=flax)
-            pretrained.save_unet(self.unet, folder / "unet", **weights)
-            pretrained.save_vae(self.vae, folder / "vae", **weights)
-            pairs = zip(self.text_folders, self.tokenizers, self.text_encoders, strict=True)
-            for (tokenizer_folder, encoder_folder), tokenizer, encoder in pairs:
-                save_tokenizer(tokenizer, folder / tokenizer_folder)
-                pretrained.save_text_encoder(encoder, folder / encoder_folder, **weights)
-                index[tokenizer_folder] = ["transformers", type(tokenizer).__name__]
-                index[encoder_folder] = ["transformers", type(encoder).__name__]
+            index.update((name, entries[name]) for name in self.component_folders(index))
             (folder / "scheduler").mkdir()
             _write_json(folder / "scheduler" / "scheduler_config.json", self.scheduler_config)
             _write_json(folder / "model_index.json", index)
@@ -292,23 +327,19 @@ class TextToImagePipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Fuses a LoRA adapter (a safetensors file, a folder, or a hub id; diffusers/PEFT
         or kohya format, kohya in diffusers' or the original SGM block names, see
-        `convert.lora`) into the UNet's and text encoders'
-        weights, times `scale`: the compiled programs and their speed stay as they are.
-        Several LoRAs add up; `unload_lora` restores the weights from before the first.
-        Keys that match no weight are refused, with their names, before any weight changes;
-        on a pipeline of shapes (`abstract=True`) only these checks run."""
-        adapters = lora.read_lora(path)
-        layers = set(np.atleast_1d(self.unet.config.layers_per_block))
-        if "unet" in adapters and len(layers) == 1:  # kohya's SDXL files: SGM block names
-            (n,) = layers
-            adapters["unet"] = {lora.from_sgm(m, int(n)): a for m, a in adapters["unet"].items()}
-        networks = {"unet": self.unet}
-        networks.update(zip([e for _, e in self.text_folders], self.text_encoders, strict=True))
+        `convert.lora`) into the weights of the networks it adapts (`lora_networks`: the
+        UNet and text encoders of SD), times `scale`: the compiled programs and their speed
+        stay as they are. Several LoRAs add up; `unload_lora` restores the weights from
+        before the first. Keys that match no weight are refused, with their names, before
+        any weight changes; on a pipeline of shapes (`abstract=True`) only these checks
+        run."""
+        adapters = self.lora_modules(lora.read_lora(path))
+        networks = self.lora_networks()
         absent = sorted(set(adapters) - set(networks))
         if absent:
             raise ValueError(f"{path} adapts {absent}: a {self.pipeline_class} has no such part")
         matched = {c: lora.match(networks[c], modules, c) for c, modules in adapters.items()}
-        if isinstance(jax.tree.leaves(nnx.state(self.unet))[0], jax.ShapeDtypeStruct):
+        if self.is_abstract:
             return
         for component, targets in matched.items():
             variables = {target.path: target.variable for target in targets}
@@ -327,33 +358,12 @@ class TextToImagePipeline:
         self._graphdef, state = nnx.split(self.models)
         self._placement = Placement(state)
 
-    def check_components(self) -> None:
-        """Refuses components that do not fit together (raises ValueError)."""
-        unet = self.unet.config
-        width = sum(encoder.config.hidden_size for encoder in self.text_encoders)
-        if unet.cross_attention_dim != width:
-            raise ValueError(
-                f"the unet's cross_attention_dim is {unet.cross_attention_dim} but the text "
-                f"encoders give {width} features per token"
-            )
-        if unet.in_channels != self.vae.config.latent_channels:
-            raise ValueError(
-                f"the unet takes {unet.in_channels} channels but the vae's latents have "
-                f"{self.vae.config.latent_channels}"
-            )
-
-    def default_size(self) -> tuple[int, int]:
-        """(height, width) in pixels when none is given: the UNet's sample_size, as diffusers."""
-        size = self.unet.config.sample_size * self.downscale_factor
-        return size, size
-
     def check_size(self, height: int, width: int, *, image: bool = False) -> None:
         """Refuses an image size diffusers' pipelines refuse, with the nearest valid ones:
-        one to draw must be a positive multiple of 8 (their rule) and of the VAE's downscale
-        factor; a starting `image` of the VAE's factor (their image processor resizes to
-        it)."""
+        one to draw must be a positive multiple of `size_multiple`; a starting `image` of
+        the VAE's downscale factor (their image processor resizes to it)."""
         factor = self.downscale_factor
-        multiple = factor if image else math.lcm(8, factor)
+        multiple = factor if image else self.size_multiple
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % multiple:
                 lower = max(multiple, size // multiple * multiple)
@@ -364,230 +374,123 @@ class TextToImagePipeline:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | Request,
         negative_prompt: str | Sequence[str] | None = None,
         *,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float | None = None,
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        scheduler: str | None = None,
-        clip_skip: int | None = None,
-        parallel: ParallelConfig | None = None,
-        attention: AttentionBackend | None = None,
-        image: Any = None,
-        image_latents: np.ndarray | None = None,
-        strength: float | None = None,
-        denoising_start: float | None = None,
-        denoising_end: float | None = None,
-        output: Output = "images",
         stage: Stage = no_display,
-        **conditioning: Any,
+        **fields: Any,
     ) -> np.ndarray:
         """Generates one image per prompt, from noise or from a starting image.
 
-        Args:
-          prompt: a prompt or a batch of B prompts.
-          negative_prompt: one for all prompts, or B; None: "" (SD) or all-zero negative
-            embeddings where the folder says `force_zeros_for_empty_prompt` (SDXL base).
-          height, width: in pixels; default the model's native size, or the starting
-            image's (which they must then equal).
-          num_inference_steps: sampler steps of the whole schedule (a starting image or
-            denoising_start/denoising_end run part of them).
-          guidance_scale: classifier-free guidance; <= 1 turns it off (the UNet then runs
-            on the conditional batch alone, as diffusers). Default as diffusers.
-          seed: the noise `jax.random.normal(jax.random.key(seed), ...)`; euler_a and lcm
-            also draw fresh noise at each step from it (`step_noises`), also with `latents`.
-          latents: explicit noise instead, as diffusers draws it: (B, C, h, w) NCHW unit
-            noise; from noise, the initial latents before the scheduler's init_noise_sigma;
-            from an image, the noise added to its latents.
-          scheduler: "euler", "ddim", "dpmpp", "euler_a" (Euler ancestral) or "lcm" (latent
-            consistency, for LCM-LoRA) on the folder's noise schedule; None: the folder's
-            own scheduler.
-          clip_skip: skip this many final CLIP layers, as diffusers' `clip_skip`.
-          parallel: how the denoising loop and the VAE encode and decode run over devices
-            (default: one device). The latent stays split by rows from the encoded image or
-            the first step to the decoded image; the weights are placed on the mesh once
-            and reused by later calls.
-          attention: the attention kernel; None: the pipeline's (`attention` at loading).
-          image: image-to-image: the image to start from, (H, W, 3) or (B, H, W, 3) float in
-            [0, 1] (or uint8), or PIL images; one for all prompts, or B. The VAE encodes it
-            to the mean of its latent distribution (diffusers samples it: the difference is
-            the encoder's small posterior noise), scaled by the VAE's scaling factor.
-          image_latents: instead of `image`, the image in the UNet's latent space, (B, C,
-            h, w) NCHW, or batch 1: for a refiner, a base pipeline's `output="latents"`.
-          strength: image-to-image, how much of the schedule runs (diffusers' `strength`):
-            the last int(strength * num_inference_steps) steps, the image noised to the
-            first of them. Default `default_strength` (diffusers': SD 0.8, SDXL 0.3).
-          denoising_start: image-to-image continuing a base pipeline's run (diffusers'
-            `denoising_start`, the refiner's high noise fraction): the steps after that
-            fraction of the schedule; the start is taken as noised already (no noise is
-            added) and strength is ignored.
-          denoising_end: stop after this fraction of the schedule (diffusers'
-            `denoising_end`), e.g. with output="latents" for a refiner to continue.
-          output: "images", or "latents": the final latents, (B, C, h, w) float32 NCHW in
-            the UNet's latent space (diffusers' `output_type="latent"`), not decoded.
-          stage: progress display around compiling and denoising.
-          conditioning: pipeline-specific extras (SDXL: original_size, crops_coords_top_left,
-            target_size; the SDXL refiner: aesthetic_score, negative_aesthetic_score).
+        Takes a `Request`, or its fields as arguments (see there), e.g. `pipe("a cat",
+        height=1024, width=1024, num_inference_steps=30, seed=0)`; `stage`: progress
+        display around compiling and denoising.
+
         Returns:
           (B, height, width, 3) float32 in [0, 1], as diffusers' `output_type="np"`; or the
-          latents (output="latents").
+          latents (output="latents"), (B, C, h, w) float32 NCHW.
         """
-        request, options = self.prepare(
-            prompt,
-            negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            latents=latents,
-            scheduler=scheduler,
-            clip_skip=clip_skip,
-            parallel=parallel,
-            attention=attention,
-            image=image,
-            image_latents=image_latents,
-            strength=strength,
-            denoising_start=denoising_start,
-            denoising_end=denoising_end,
-            output=output,
-            **conditioning,
-        )
-        return self.run(request, options, stage)
+        return self.run(*self.prepare(prompt, negative_prompt, **fields), stage)
 
-    def run(self, request: Request, options: Options, stage: Stage = no_display) -> np.ndarray:
+    def run(self, inputs: Inputs, options: Options, stage: Stage = no_display) -> np.ndarray:
         """The images (or latents) of a prepared request (`prepare`), compiling first unless
         `compile` did already: (B, height, width, 3) float32 in [0, 1], or (B, C, h, w)."""
-        program = self.compile(request, options, stage)
-        batch, steps = request.prompt_ids[0].shape[0], request.schedule.timesteps.shape[0]
+        program = self.compile(inputs, options, stage)
+        batch = jax.tree.leaves(inputs.text)[0].shape[0]
+        steps = inputs.schedule.timesteps.shape[0]
         weights = self._placement.on(options.parallel)
         wait_for_peers(options.parallel.mesh().devices.flat, "running the generation program")
         with stage(f"denoising {batch} image(s), {steps} steps"):
-            # The request goes from the host to the devices that need it (no device copies).
-            result = to_host(jax.block_until_ready(program(weights, jax.device_get(request))))
+            # The inputs go from the host to the devices that need them (no device copies).
+            result = to_host(jax.block_until_ready(program(weights, jax.device_get(inputs))))
         return result.transpose(0, 3, 1, 2) if options.output == "latents" else result
 
     def prepare(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | Request,
         negative_prompt: str | Sequence[str] | None = None,
-        *,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float | None = None,
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        scheduler: str | None = None,
-        clip_skip: int | None = None,
-        parallel: ParallelConfig | None = None,
-        attention: AttentionBackend | None = None,
-        image: Any = None,
-        image_latents: np.ndarray | None = None,
-        strength: float | None = None,
-        denoising_start: float | None = None,
-        denoising_end: float | None = None,
-        output: Output = "images",
-        **conditioning: Any,
-    ) -> tuple[Request, Options]:
-        """The checked request and options that `__call__` compiles and runs for the same
-        arguments (see there); nothing compiles here."""
-        prompts = _prompts(prompt)
-        batch = len(prompts)
-        if output not in OUTPUTS:
-            raise ValueError(f"output={output!r}: use one of {list(OUTPUTS)}")
-        pixels, start, height, width = self._starting_image(
-            image, image_latents, batch, height, width
-        )
-        from_image = pixels is not None or start is not None
-        if from_image and strength is None:
+        **fields: Any,
+    ) -> tuple[Inputs, Options]:
+        """The checked inputs and options that `__call__` compiles and runs for the same
+        arguments (a `Request` or its fields); nothing compiles here."""
+        request = Request.of(prompt, negative_prompt, **fields)
+        batch = request.batch
+        pixels, start, height, width = self._starting_image(request)
+        strength = request.strength
+        if request.from_image and strength is None:
             strength = self.default_strength
-        elif not from_image:
-            if self.requires_image:
-                raise ValueError(
-                    f"a {self.pipeline_class} starts from an image: pass image= (or "
-                    "image_latents=, such as a base pipeline's output='latents')"
-                )
-            for name, value in (("strength", strength), ("denoising_start", denoising_start)):
-                if value is not None:
-                    raise ValueError(f"{name} is for image-to-image: pass image= as well")
-        if denoising_start is not None and latents is not None:
+        elif not request.from_image and self.requires_image:
             raise ValueError(
-                "with denoising_start the starting image is taken as noised already and no "
-                "noise is added: leave out latents"
+                f"a {self.pipeline_class} starts from an image: pass image= (or "
+                "image_latents=, such as a base pipeline's output='latents')"
             )
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps}: use 1 or more")
-        config = schedulers.SchedulerConfig.from_diffusers(self.scheduler_config, scheduler)
-        negatives = self._negative_prompts(negative_prompt, batch)
+        guidance_scale = request.guidance_scale
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        config = schedulers.SchedulerConfig.from_diffusers(self.scheduler_config, request.scheduler)
+        if config.kind not in self.scheduler_kinds:
+            raise ValueError(
+                f"a {self.pipeline_class} runs the schedulers {list(self.scheduler_kinds)}, "
+                f"not {config.kind!r}"
+            )
         guidance = guidance_scale > 1.0
-        parallel = parallel or ParallelConfig()
-        parallel.check_batch(batch)
+        parallel = request.parallel or ParallelConfig()
         self.check_parallel(parallel, height, width, guidance)
-        full = schedulers.make_schedule(config, num_inference_steps)
-        steps = schedulers.denoising_steps(
+        steps = request.num_inference_steps
+        full = schedulers.make_schedule(config, steps)
+        kept = schedulers.denoising_steps(
             np.asarray(full.timesteps),
-            num_inference_steps,
+            steps,
             config.num_train_timesteps,
             strength=strength,
-            denoising_start=denoising_start,
-            denoising_end=denoising_end,
+            denoising_start=request.denoising_start,
+            denoising_end=request.denoising_end,
         )
-        parallel = parallel.for_steps(len(steps))  # the default warm-up, for these steps
-        if parallel.mode == "displaced" and not parallel.has_displaced_steps(len(steps)):
+        parallel = parallel.for_steps(len(kept))  # the default warm-up, for these steps
+        if parallel.mode == "displaced" and not parallel.has_displaced_steps(len(kept)):
             warnings.warn(
-                f"warm-up covers all {len(steps)} steps (warmup_steps="
+                f"warm-up covers all {len(kept)} steps (warmup_steps="
                 f"{parallel.warmup_steps}): every step is synchronous, as mode 'sync'",
                 stacklevel=2,
             )
         noise = None
-        if denoising_start is None:
-            noise = self._noise(batch, height, width, seed, latents)
-        zero_negative = guidance and negative_prompt is None and self.force_zeros_for_empty_prompt
-        time_ids = self.added_conditioning(batch, height, width, **conditioning)
-        request = Request(
-            prompt_ids=self._tokenize(prompts),
-            negative_ids=self._tokenize(negatives) if guidance and not zero_negative else None,
+        if request.denoising_start is None:
+            noise = self._noise(batch, height, width, request.seed, request.latents)
+        prompts = self.prompt_inputs(request, height, width, guidance)
+        inputs = Inputs(
+            text=prompts.text,
+            negative_text=prompts.negative_text,
             latents=noise,
-            time_ids=time_ids,
-            schedule=schedulers.restrict(full, steps),
+            schedule=schedulers.restrict(full, kept),
             guidance_scale=jnp.float32(guidance_scale),
             image=None if pixels is None else jnp.asarray(pixels * 2 - 1),
             image_latents=start,
-            negative_time_ids=(
-                self.added_conditioning(batch, height, width, negative=True, **conditioning)
-                if guidance and time_ids is not None
-                else None
-            ),
-            noise_key=step_noise_key(seed) if full.draws_noise else None,
+            noise_key=step_noise_key(request.seed) if full.draws_noise else None,
         )
-        attention = self.attention if attention is None else check_backend(attention)
-        options = Options(guidance, zero_negative, clip_skip, parallel, attention, output)
-        return request, options
+        attention = self.attention if request.attention is None else request.attention
+        options = Options(
+            guidance, prompts.encoding, parallel, check_backend(attention), request.output
+        )
+        return inputs, options
 
-    def compile(self, request: Request, options: Options, stage: Stage = no_display):
-        """The compiled program for requests shaped as `request` (compiled once per shape
+    def compile(self, inputs: Inputs, options: Options, stage: Stage = no_display):
+        """The compiled program for requests shaped as `inputs` (compiled once per shape
         and options in this process; JAX's persistent cache, when enabled, keeps it across
         runs)."""
         key = (
             options,
-            jax.tree.map(lambda x: (x.shape, x.dtype), request),
-            jax.tree.structure(request),
+            jax.tree.map(lambda x: (x.shape, x.dtype), inputs),
+            jax.tree.structure(inputs),
         )
         if key not in self._programs:
             with stage("compiling"):
-                self._programs[key] = self.lower(request, options).compile()
+                self._programs[key] = self.lower(inputs, options).compile()
         return self._programs[key]
 
-    def lower(self, request: Request, options: Options) -> jax.stages.Lowered:
-        """The generation program for requests shaped as `request` (arrays or
+    def lower(self, inputs: Inputs, options: Options) -> jax.stages.Lowered:
+        """The generation program for requests shaped as `inputs` (arrays or
         `jax.ShapeDtypeStruct`s; the weights may be shapes too, for an abstract pipeline),
-        with explicit shardings at its boundary: weights and request replicated on the
+        with explicit shardings at its boundary: weights and inputs replicated on the
         devices of `options.parallel`, the images (B, H, W, 3) split by rows over them."""
         placement = self._placement
         parallel = options.parallel
@@ -596,46 +499,34 @@ class TextToImagePipeline:
             self._generate,
             static_argnums=(0, 1),
             in_shardings=(replicated, replicated),
-            out_shardings=placement.rows(parallel, self._output_rows(request, options)),
+            out_shardings=placement.rows(parallel, self._output_rows(inputs, options)),
             compiler_options=parallel.compiler_options(),
         )
-        return generate.lower(self._graphdef, options, placement.state, request)
+        return generate.lower(self._graphdef, options, placement.state, inputs)
 
-    def _output_rows(self, request: Request, options: Options) -> int:
+    def _output_rows(self, inputs: Inputs, options: Options) -> int:
         """The height of what the program returns: the latents' or the images'."""
-        if request.image is not None:
-            rows = request.image.shape[1] // self.downscale_factor
+        if inputs.image is not None:
+            rows = inputs.image.shape[1] // self.downscale_factor
         else:
-            rows = next(x for x in (request.latents, request.image_latents) if x is not None).shape[
-                1
-            ]
+            start = inputs.latents if inputs.latents is not None else inputs.image_latents
+            rows = start.shape[1]
         return rows if options.output == "latents" else rows * self.downscale_factor
 
     def _generate(
-        self, graphdef: nnx.GraphDef, options: Options, state: nnx.State, request: Request
+        self, graphdef: nnx.GraphDef, options: Options, state: nnx.State, inputs: Inputs
     ) -> jax.Array:
-        models: Models = nnx.merge(graphdef, state)
+        models = nnx.merge(graphdef, state)
         set_attention(models, options.attention)
-        conditioning = self.encode_prompt(
-            models, request.prompt_ids, request.time_ids, options.clip_skip
+        conditioning = self.encode_prompts(
+            models, inputs.text, inputs.negative_text, options.encoding
         )
-        if options.guidance:
-            negative_time_ids = request.time_ids
-            if request.negative_time_ids is not None:
-                negative_time_ids = request.negative_time_ids
-            if options.zero_negative:
-                negative = jax.tree.map(jnp.zeros_like, conditioning)
-                negative = negative._replace(time_ids=negative_time_ids)
-            else:
-                negative = self.encode_prompt(
-                    models, request.negative_ids, negative_time_ids, options.clip_skip
-                )
-            conditioning = concat_batches(negative, conditioning)
-        unet, vae = models.unet, models.vae
-        latents = self._initial_latents(vae, request, options.parallel).astype(unet.dtype)
-        guidance_scale = request.guidance_scale if options.guidance else None
-        sampling = Sampling(request.schedule, conditioning, guidance_scale, request.noise_key)
-        latents = denoise(unet, sampling, latents, options.parallel)
+        denoiser: Denoiser = models.denoiser
+        vae: AutoencoderKL = models.vae
+        latents = self._initial_latents(vae, inputs, options.parallel).astype(self.dtype)
+        guidance_scale = inputs.guidance_scale if options.guidance else None
+        sampling = Sampling(inputs.schedule, conditioning, guidance_scale, inputs.noise_key)
+        latents = denoise(denoiser, sampling, latents, options.parallel)
         if options.output == "latents":
             return latents.astype(jnp.float32)
         latents = vae.unscale_latents(latents.astype(vae.dtype))
@@ -643,49 +534,30 @@ class TextToImagePipeline:
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     @staticmethod
-    def _initial_latents(
-        vae: AutoencoderKL, request: Request, parallel: ParallelConfig
-    ) -> jax.Array:
+    def _initial_latents(vae: AutoencoderKL, inputs: Inputs, parallel: ParallelConfig) -> jax.Array:
         """The latents the first step takes, (B, h, w, C) (inside the program): the noise
         times init_noise_sigma; or the starting image's latents (the image encoded on the
         mesh, split by rows as the decode), noised to the first step's level unless they
-        are noised already (no noise in the request: denoising_start)."""
-        schedule = request.schedule
-        clean = request.image_latents
-        if request.image is not None:
+        are noised already (no noise in the inputs: denoising_start)."""
+        schedule = inputs.schedule
+        clean = inputs.image_latents
+        if inputs.image is not None:
             encode = map_rows(
-                vae, _latent_mean, request.image, parallel, vae.config.downscale_factor
+                vae, _latent_mean, inputs.image, parallel, vae.config.downscale_factor
             )
             clean = vae.scale_latents(encode)
         if clean is None:
-            return request.latents * schedule.init_noise_sigma
-        if request.latents is None:
+            return inputs.latents * schedule.init_noise_sigma
+        if inputs.latents is None:
             return clean.astype(jnp.float32)
-        return schedulers.add_noise(schedule, clean, request.latents)
-
-    def encode_prompt(
-        self,
-        models: Models,
-        token_ids: tuple[jax.Array, ...],
-        time_ids: jax.Array | None,
-        clip_skip: int | None,
-    ) -> Conditioning:
-        """Token ids per tokenizer, (B, 77) each -> the UNet's conditioning (inside the program)."""
-        raise NotImplementedError
-
-    def added_conditioning(
-        self, batch: int, height: int, width: int, *, negative: bool = False
-    ) -> np.ndarray | None:
-        """time_ids (B, n) float32 of the conditional half (of the unconditional one with
-        `negative`), or None where the UNet takes none."""
-        return None
+        return schedulers.add_noise(schedule, clean, inputs.latents)
 
     def check_parallel(
         self, parallel: ParallelConfig, height: int, width: int, guidance: bool
     ) -> None:
         """Refuses a parallel configuration this request cannot run with (before compiling)."""
-        factor = self.downscale_factor
-        parallel.check_size(height, width, factor, self.unet.row_unit, math.lcm(8, factor))
+        row_unit = self.models.denoiser.row_unit
+        parallel.check_size(height, width, self.downscale_factor, row_unit, self.size_multiple)
         if parallel.cfg == 2 and not guidance:
             raise ValueError(
                 "cfg=2 splits the two halves of classifier-free guidance over devices, but "
@@ -704,7 +576,7 @@ class TextToImagePipeline:
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(B, C, h, w): the NCHW shape of the latents of `batch` height x width images."""
         f = self.downscale_factor
-        return batch, self.unet.config.in_channels, height // f, width // f
+        return batch, self.latent_channels, height // f, width // f
 
     def initial_latents(self, batch: int, height: int, width: int, seed: int) -> np.ndarray:
         """The initial noise `seed` gives, as diffusers' `latents`: (B, C, h, w) float32 NCHW."""
@@ -744,19 +616,13 @@ class TextToImagePipeline:
         return jnp.asarray(array.transpose(0, 2, 3, 1))
 
     def _starting_image(
-        self,
-        image: Any,
-        image_latents: np.ndarray | None,
-        batch: int,
-        height: int | None,
-        width: int | None,
+        self, request: Request
     ) -> tuple[np.ndarray | None, jax.Array | None, int, int]:
         """(the image as (B, H, W, 3) in [0, 1], or None; image_latents checked, as
         (B, h, w, C) NHWC, or None; height, width): each start repeated to the batch from
         one, the size that of the start (a given height or width must equal it) or else
         the default, checked by `check_size`."""
-        if image is not None and image_latents is not None:
-            raise ValueError("pass image or image_latents, not both")
+        batch, image_latents = request.batch, request.image_latents
         f = self.downscale_factor
         if image_latents is not None and np.ndim(image_latents) != 4:
             raise ValueError(
@@ -771,12 +637,13 @@ class TextToImagePipeline:
                 raise ValueError(f"{len(start)} {name}s for {batch} prompts; give one or {batch}")
             return np.repeat(np.asarray(start, np.float32), batch // len(start), axis=0)
 
-        pixels = repeated("image", None if image is None else image_batch(image))
+        pixels = repeated("image", None if request.image is None else image_batch(request.image))
         start = repeated("image_latents", image_latents)
         if pixels is None and start is None:
-            return None, None, *self.size(height, width)
+            return None, None, *self.size(request.height, request.width)
         size = pixels.shape[1:3] if pixels is not None else (start.shape[2] * f, start.shape[3] * f)
-        for name, asked, actual in (("height", height, size[0]), ("width", width, size[1])):
+        for name, actual in (("height", size[0]), ("width", size[1])):
+            asked = getattr(request, name)
             if asked is not None and asked != actual:
                 raise ValueError(
                     f"{name}={asked} but the starting image is {actual} pixels: leave out "
@@ -793,19 +660,6 @@ class TextToImagePipeline:
             start = self._nhwc("image_latents", start, self.latent_shape(batch, *size))
         return pixels, start, *size
 
-    @staticmethod
-    def _negative_prompts(negative_prompt: str | Sequence[str] | None, batch: int) -> list[str]:
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            return [negative_prompt or ""] * batch
-        if len(negative_prompt) != batch:
-            raise ValueError(
-                f"{len(negative_prompt)} negative prompts for {batch} prompts; give one or {batch}"
-            )
-        return list(negative_prompt)
-
-    def _tokenize(self, prompts: list[str]) -> tuple[jax.Array, ...]:
-        return tuple(jnp.asarray(tokenize(tokenizer, prompts)) for tokenizer in self.tokenizers)
-
 
 def _latent_mean(vae: AutoencoderKL, images: jax.Array) -> jax.Array:
     """The mean of the VAE's latent distribution of (B, H, W, 3) images in [-1, 1]."""
@@ -817,20 +671,6 @@ def step_noise_key(seed: int) -> jax.Array:
     (`sharding.loops.step_noise`, step i of the run): `seed`'s key folded with 1 (the
     initial noise is drawn with the key itself)."""
     return jax.random.fold_in(jax.random.key(seed), 1)
-
-
-def _prompts(prompt: str | Sequence[str]) -> list[str]:
-    """A prompt or a sequence of prompts as a list, anything else refused."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if (
-        not isinstance(prompts, Sequence)
-        or not prompts
-        or not all(isinstance(p, str) for p in prompts)
-    ):
-        raise TypeError(
-            f"prompt must be a string or a non-empty list of strings, got {prompt!r}"[:200]
-        )
-    return list(prompts)
 
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:

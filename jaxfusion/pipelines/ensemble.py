@@ -71,7 +71,7 @@ def check_hand_off(
     """Refuses (ValueError) what either call of `split_call` would refuse, the refiner's on
     latents shaped as the base's; nothing compiles (the pipelines may be loaded with
     abstract=True)."""
-    request, _ = base.prepare(**base_call)
-    batch, height, width, channels = request.latents.shape
+    inputs, _ = base.prepare(**base_call)
+    batch, height, width, channels = inputs.latents.shape
     latents = np.zeros((batch, channels, height, width), np.float32)
     refiner.prepare(**refiner_call, image_latents=latents)

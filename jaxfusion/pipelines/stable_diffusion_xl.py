@@ -1,6 +1,7 @@
-"""SDXL: diffusers' `StableDiffusionXLPipeline` (base model, no watermark), with its
-image-to-image from a starting image, and `StableDiffusionXLImg2ImgPipeline` (the refiner:
-the second text encoder only, aesthetic-score conditioning)."""
+"""SDXL, of the Stable Diffusion family (`stable_diffusion`): diffusers'
+`StableDiffusionXLPipeline` (base model, no watermark), with its image-to-image from a
+starting image, and its variant `StableDiffusionXLImg2ImgPipeline` (the refiner: the second
+text encoder only, aesthetic-score conditioning)."""
 
 from collections.abc import Sequence
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfusion.models import Conditioning
-from jaxfusion.pipelines.base import Models, TextToImagePipeline
+from jaxfusion.pipelines.stable_diffusion import Models, StableDiffusionFamily
 
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 AESTHETIC_TIME_IDS = 5  # original size (h, w), crop top-left (y, x), aesthetic score
@@ -27,7 +28,7 @@ TRAINING_SIZES = (
 )
 
 
-class SDXLPipeline(TextToImagePipeline):
+class SDXLPipeline(StableDiffusionFamily):
     """Stable Diffusion XL: two CLIP text encoders. The UNet's text states are both encoders'
     penultimate hidden states concatenated on features; the pooled projection of the second
     and the micro-conditioning `time_ids` enter through its `text_time` embedding.

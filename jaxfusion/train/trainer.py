@@ -36,7 +36,7 @@ from jaxfusion.models import (
     VAEConfig,
 )
 from jaxfusion.pipelines import SDXLPipeline
-from jaxfusion.pipelines.base import Models
+from jaxfusion.pipelines.stable_diffusion import Models
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 from jaxfusion.train import shapes
 from jaxfusion.train.config import SNAPSHOT_EVERY, TEXT_ENCODER_WIDTH, TrainConfig, TrainOptions
