@@ -40,10 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("analysis", "time", "eval", "few_step", "sizes", "machine")
 EVAL_DEVICES = (4, 8)
 # SDXL's training sizes and 4K UHD: heights that split into unequal slabs; compiled on 1-8
-# devices at 4K, on 8 (where most do not split evenly) at the training sizes, whose slabs on
-# 2, 4 and 8 the section gives from the split rule (`sharding.split`, no compile).
+# devices at 4K, and at the training sizes on the counts where they split unequally (8, and
+# 4 for three of them; on 2 all split equally), whose slabs on 2, 4 and 8 the section gives
+# from the split rule (`sharding.split`, no compile).
 SDXL_SIZES = ((2160, 3840), *TRAINING_SIZES)
-SIZES_DEVICES = ("1 2 4 8", *["8"] * len(TRAINING_SIZES))
+UNEQUAL_ON_4 = {(1216, 832), (832, 1216), (1344, 768)}
+SIZES_DEVICES = ("1 2 4 8", *["4 8" if size in UNEQUAL_ON_4 else "8" for size in TRAINING_SIZES])
 SPLIT_DEVICE_COUNTS = (2, 4, 8)
 UNEVEN_EVAL = (248, 256)  # the built-in model: 62 latent rows, unequal slabs on 4 and 8
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
