@@ -5,6 +5,7 @@ chunked attention inside the patch-parallel program (stale K/V on 8 simulated de
 Parity of whole models with chunked attention forced is in test_unet_parity.py,
 test_vae.py and test_text_encoders.py."""
 
+import dataclasses
 import logging
 
 import diffusers
@@ -327,13 +328,13 @@ def unet_run(tmp_path_factory):
 def chunked_calls(monkeypatch):
     """(Tq, Tk, query_chunk, key_chunk) of every chunked kernel traced during the test."""
     calls = []
-    kernel = sdp.chunked_attention
+    kernel = sdp.KERNELS["chunked"]
 
     def spy(q, k, v, **kwargs):
         calls.append((q.shape[1], k.shape[1], kwargs["query_chunk"], kwargs["key_chunk"]))
-        return kernel(q, k, v, **kwargs)
+        return kernel.run(q, k, v, **kwargs)
 
-    monkeypatch.setattr(sdp, "chunked_attention", spy)
+    monkeypatch.setitem(sdp.KERNELS, "chunked", dataclasses.replace(kernel, run=spy))
     return calls
 
 

@@ -34,7 +34,6 @@ def case(tmp_path_factory):
 @pytest.mark.parametrize(
     ("devices", "cfg"),
     [
-        pytest.param(2, 1, marks=pytest.mark.slow),
         (4, 1),
         pytest.param(8, 1, marks=pytest.mark.slow),
         pytest.param(8, 2, marks=pytest.mark.slow),
@@ -95,7 +94,6 @@ def test_displaced_equals_reference_at_eight_patches(case, gn):
 @pytest.mark.parametrize(
     ("devices", "cfg"),
     [
-        pytest.param(2, 1, marks=pytest.mark.slow),
         (4, 1),
         pytest.param(4, 2, marks=pytest.mark.slow),
     ],
