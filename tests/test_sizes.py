@@ -14,17 +14,27 @@ from sharding import ParallelConfig
 
 
 @pytest.mark.slow
-def test_command_draws_4k_uhd_proportions(tmp_path):
-    """3840x2160 scaled by 1/30 for the built-in model: 72x128 pixels, a 9x16 latent (odd
-    from the start), on one device."""
+@pytest.mark.parametrize(
+    ("devices", "height", "width"),
+    [
+        # 1/30: an 18x32 latent (the built-in VAE's factor 4), odd from the UNet's level 1.
+        (1, 72, 128),
+        # 1/15: a 36x64 latent over 8 devices, 8 then 4 latent rows each in arrays of 8
+        # (unequal slabs, tests/test_uneven.py).
+        (8, 144, 256),
+    ],
+)
+def test_command_draws_4k_uhd_proportions(tmp_path, devices, height, width):
+    """3840x2160 scaled down for the built-in model, on one device and on eight."""
     out = tmp_path / "uhd.png"
     jaxfusion_command(
         tmp_path / "cache",
         *("generate", "--prompt", "a red circle", "--steps", "2", "--seed", "0"),
-        *("--height", "72", "--width", "128", "--out", str(out)),
+        *("--height", str(height), "--width", str(width), "--devices", str(devices)),
+        *("--out", str(out)),
     )
     image = read_image(out)
-    assert image.shape == (72, 128, 3)
+    assert image.shape == (height, width, 3)
     assert np.ptp(image) > 0.1  # drawn, not a blank canvas
 
 

@@ -9,13 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from commands import jaxfusion_command
 from diffusers_models import relative_l2
 from parallel_case import CODEC_ROUNDING, ROUNDING, SINGLE, WARMUP, Case
 
 import jaxfusion
 from jaxfusion.builtin import builtin_model_path
-from jaxfusion.images import read_image
 from jaxfusion.models import AutoencoderKL, load_vae
 from jaxfusion.models.row_blocks import set_row_blocks
 from jaxfusion.models.scaled_dot_product import set_attention
@@ -208,18 +206,3 @@ def test_image_to_image_equals_single(pipe):
     image = dict(image=single, strength=0.6)
     start = pipe(**options, **image)
     assert relative_l2(pipe(**options, **image, parallel=parallel), start) < GENERATION_ROUNDING
-
-
-@pytest.mark.slow
-def test_command_draws_4k_uhd_proportions_on_8_devices(tmp_path):
-    """3840x2160 scaled by 1/15 for the built-in model: 256x144 pixels, a 36x64 latent (its
-    VAE's factor 4), over 8 devices: 8, then 4 latent rows each, in arrays of 8."""
-    out = tmp_path / "uhd.png"
-    jaxfusion_command(
-        tmp_path / "cache",
-        *("generate", "--prompt", "a red circle", "--steps", "2", "--seed", "0"),
-        *("--height", "144", "--width", "256", "--devices", "8", "--out", str(out)),
-    )
-    image = read_image(out)
-    assert image.shape == (144, 256, 3)
-    assert np.ptp(image) > 0.1  # drawn, not a blank canvas
