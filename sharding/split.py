@@ -38,8 +38,11 @@ class Split:
         size // unit whole units spread as evenly as they go (the first patches take one
         more where they do not divide), the last patch also takes the size % unit rows
         left. Every array holds `slab` = unit x ceil(size / (patches x unit)) rows, the
-        least that a split at unit boundaries allows. ValueError where some patch would get
-        no row: more patches than `most_patches(size, unit)`."""
+        least that a split at unit boundaries allows (one patch: `size`, nothing to align).
+        ValueError where some patch would get no row: more patches than
+        `most_patches(size, unit)`."""
+        if patches == 1:
+            return cls(size, (size,), size)
         if patches > most_patches(size, unit):
             raise ValueError(
                 f"{size} rows do not split into {patches} slabs at multiples of {unit} rows: "

@@ -47,6 +47,9 @@ def test_split_rule(unit):
             assert all(start % unit == 0 for start in starts)
             whole = [count // unit for count in counts]
             assert max(whole) - min(whole) <= 1
+            if patches == 1:  # nothing to align: the plain array (cfg-only parallelism)
+                assert split.counts == (size,) and split.slab == size and split.even
+                continue
             assert split.slab == unit * math.ceil(size / (patches * unit)) >= max(counts)
             assert split.even == (size % (patches * unit) == 0)
             height = size
