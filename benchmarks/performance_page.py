@@ -58,8 +58,8 @@ CODEC_EVAL = (
     "docs/results/codecs_eval_builtin_256_{n}dev.json"
 )
 # The denoising loop compiled for real accelerators (bench analyze --target), per target and
-# C: 8 x H100 at every size with its one-device rows (the speed-up); TPU v5e-8 (each compile
-# takes 10-15 minutes on 2 cores) at 1024 and 3840 on 8 chips.
+# C: 8 x H100 at every size with its one-device rows (the speed-up); TPU v5e-8 on 8 chips
+# (each SDXL compile takes 15-40 minutes and up to 10 GB here: run one at a time).
 TARGET_RUNS = {
     (target, cfg): (
         f"bench analyze --model sdxl --height {sizes} {devices} --dtype bfloat16 "
@@ -70,6 +70,7 @@ TARGET_RUNS = {
         ("h100-8", 1, "1024 2048 3840", "--devices 1 8"),
         ("h100-8", 2, "1024 2048 3840", "--devices 8 --cfg-parallel"),
         ("v5e-8", 1, "1024 2048 3840", "--devices 8"),
+        ("v5e-8", 2, "1024 2048 3840", "--devices 8 --cfg-parallel"),
     )
 }
 # DistriFusion's figures (../shared/DESIGN.md section 5), all SDXL with 50-step DDIM on A100s.

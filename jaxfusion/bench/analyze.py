@@ -632,10 +632,9 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                 f"  across {options.hosts} hosts: {sum(crossing.values()) / 1e6:,.1f} MB per "
                 "step (" + ", ".join(f"{k} {v / 1e6:,.1f}" for k, v in crossing.items()) + ")"
             )
+        write_records(options.json, records)
     print_table(records, display)
     if options.json:
-        text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
-        write_text_atomically(Path(options.json), text)
         display.note(f"wrote {options.json}")
     if options.plot:
         plot_records(records, Path(options.plot))
@@ -666,6 +665,15 @@ class TargetRecord(Configuration):
     step_s: float | None = None
     speedup: float | None = None
     collectives: list[dict] = dataclasses.field(default_factory=list)
+
+
+def write_records(path: str | None, records: list) -> None:
+    """The records so far as a JSON list at `path` (atomically; nothing without a path),
+    written after each configuration so that a long run stopped midway keeps what it
+    measured."""
+    if path:
+        text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
+        write_text_atomically(Path(path), text)
 
 
 def run_on_target(
@@ -703,6 +711,7 @@ def run_on_target(
                     hbm_bytes=error.hbm_bytes,
                 )
             )
+            write_records(options.json, records)
             continue
         o = analysis.overlap
         single = next(
@@ -727,6 +736,7 @@ def run_on_target(
                 collectives=[dataclasses.asdict(c) for c in o.collectives],
             )
         )
+        write_records(options.json, records)
         if options.schedule is not None:
             folder = Path(options.schedule)
             folder.mkdir(parents=True, exist_ok=True)
@@ -741,8 +751,6 @@ def run_on_target(
             )
     print_target_table(records, target, display)
     if options.json:
-        text = json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n"
-        write_text_atomically(Path(options.json), text)
         display.note(f"wrote {options.json}")
     return records
 
