@@ -51,18 +51,49 @@ def diffusers_scheduler(kind: Kind) -> type:
     return getattr(diffusers, SCHEDULERS[kind].class_name)
 
 
+def set_timesteps(scheduler, steps: int, image_seq_len: int | None = None) -> None:
+    """`scheduler.set_timesteps` for `steps` steps as the diffusers pipeline of its kind
+    calls it: a FlowMatchEulerDiscreteScheduler as FluxPipeline does, with the sigmas
+    linspace(1, 1 / steps, steps) and the shift mu of an image of `image_seq_len` tokens."""
+    if not isinstance(scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        scheduler.set_timesteps(steps)
+        return
+    # Imported here: diffusers' Flux pipeline module imports transformers.
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config, mu = scheduler.config, None
+    if image_seq_len is not None:
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+
+
 def diffusers_sample(
-    kind: Kind, config: dict, steps: int, noise: np.ndarray, fresh: np.ndarray | None = None
+    kind: Kind,
+    config: dict,
+    steps: int,
+    noise: np.ndarray,
+    fresh: np.ndarray | None = None,
+    image_seq_len: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, final sample) of the diffusers scheduler of `kind` made from config, from
-    the NCHW `noise`; a scheduler that draws noise in its steps draws fresh[i] in step i."""
+    the NCHW `noise`, its timesteps set as its pipeline sets them (`set_timesteps`); a
+    scheduler that draws noise in its steps draws fresh[i] in step i. Flow matching has no
+    init_noise_sigma nor scale_model_input: 1 and the identity."""
     scheduler = diffusers_scheduler(kind).from_config(config)
-    scheduler.set_timesteps(steps)
-    sample = torch.from_numpy(noise) * scheduler.init_noise_sigma
+    set_timesteps(scheduler, steps, image_seq_len)
+    sample = torch.from_numpy(noise) * getattr(scheduler, "init_noise_sigma", 1.0)
     drawn = contextlib.nullcontext() if fresh is None else given_step_noise(scheduler, fresh)
     with drawn:
         for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(sample, t)
+            model_input = sample
+            if hasattr(scheduler, "scale_model_input"):
+                model_input = scheduler.scale_model_input(sample, t)
             model_output = fake_model(model_input, t.to(torch.float32), torch.sin)
             sample = scheduler.step(model_output, t, sample).prev_sample
     return scheduler.timesteps.numpy(), sample.numpy()

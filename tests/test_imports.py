@@ -134,7 +134,11 @@ def test_help_lists_the_choices():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    choices = ["{auto,xla,chunked,cudnn}", "{euler,ddim,dpmpp,euler_a,lcm}", "{row,col,alternate}"]
+    choices = [
+        "{auto,xla,chunked,cudnn}",
+        "{euler,ddim,dpmpp,euler_a,lcm,flow_match}",
+        "{row,col,alternate}",
+    ]
     choices += ["{single,sync,displaced,naive}", "{corrected,stale,separate,sync}"]
     for listed in choices:
         assert listed in result.stdout

@@ -3,13 +3,17 @@ model, run by diffusers step by step and by jaxfusion as one compiled scan."""
 
 import itertools
 
+import diffusers
+import fake_sampling
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from diffusers import DDIMScheduler
 from diffusers_models import relative_l2
 from fake_sampling import SDXL, configured, diffusers_sample, jax_sample
 
+from convert.files import read_json
 from jaxfusion import schedulers
 from jaxfusion.schedulers import SchedulerConfig
 
@@ -161,3 +165,155 @@ def test_row_slabs_sample_independently(kind):
     whole = jax_sample(schedule, noise)
     slabs = [jax_sample(schedule, noise[:, rows]) for rows in (slice(0, 4), slice(4, 8))]
     np.testing.assert_allclose(jnp.concatenate(slabs, axis=1), whole, rtol=1e-6, atol=1e-7)
+
+
+# scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
+FLUX_DEV = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+FLUX_SCHNELL = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.29.0.dev0",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+FLOW_CONFIGS = {
+    "dev": FLUX_DEV,
+    "schnell": FLUX_SCHNELL,
+    "static_shift_3": {**FLUX_SCHNELL, "shift": 3.0},
+    "linear": {**FLUX_DEV, "time_shift_type": "linear"},
+    "shift_terminal": {**FLUX_DEV, "shift_terminal": 0.1},
+}
+# Image token counts: (latent height / 2) * (latent width / 2), 256 at 256x256 pixels.
+SEQ_LENS = (256, 1024, 4096, 16384)
+
+
+def flow_reference(config: dict, steps: int, image_seq_len: int | None):
+    """diffusers' scheduler with its timesteps set as FluxPipeline sets them."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    fake_sampling.set_timesteps(scheduler, steps, image_seq_len)
+    return scheduler
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+@pytest.mark.parametrize(
+    ("name", "image_seq_len"),
+    [("dev", n) for n in SEQ_LENS]
+    + [("schnell", None), ("schnell", 4096), ("static_shift_3", None)]
+    + [("linear", 1024), ("linear", 16384)],
+)
+def test_flow_match_levels(name, image_seq_len, steps):
+    """The timesteps and noise levels of diffusers' FluxPipeline, to the float32 bit."""
+    config = FLOW_CONFIGS[name]
+    reference = flow_reference(config, steps, image_seq_len)
+    ours = schedulers.make_schedule(
+        SchedulerConfig.from_diffusers(config), steps, image_seq_len=image_seq_len
+    )
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
+    assert ours.timesteps.dtype == ours.sigmas.dtype == jnp.float32
+    assert float(ours.init_noise_sigma) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "image_seq_len"),
+    [("dev", 28, 1024), ("dev", 4, 16384), ("schnell", 4, None), ("shift_terminal", 10, 4096)],
+)
+def test_flow_match_loop(name, steps, image_seq_len):
+    """N steps of the fake model, diffusers' `step` loop against our compiled scan."""
+    config = FLOW_CONFIGS[name]
+    noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), np.float32)
+    _, expected = diffusers_sample("flow_match", config, steps, noise, image_seq_len=image_seq_len)
+    schedule = schedulers.make_schedule(
+        SchedulerConfig.from_diffusers(config), steps, image_seq_len=image_seq_len
+    )
+    error = relative_l2(np.asarray(jax_sample(schedule, jnp.asarray(noise))), expected)
+    print(f"flow_match {name}, {steps} steps: relative L2 error {error:.1e}")
+    assert error <= TOLERANCE
+
+
+def test_flow_match_from_saved_folder(tmp_path):
+    """A scheduler folder written by diffusers' save_config loads as flow_match."""
+    diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV).save_config(tmp_path)
+    config = SchedulerConfig.from_diffusers(read_json(tmp_path / "scheduler_config.json"))
+    assert config.kind == "flow_match"
+    assert (config.use_dynamic_shifting, config.base_shift, config.max_shift) == (True, 0.5, 1.15)
+    assert (config.base_image_seq_len, config.max_image_seq_len, config.shift) == (256, 4096, 3.0)
+    reference = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)
+    fake_sampling.set_timesteps(reference, 28, 4096)
+    schedule = schedulers.make_schedule(config, 28, image_seq_len=4096)
+    np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy())
+
+
+def test_flow_match_add_noise_and_restrict():
+    """diffusers' scale_noise after set_begin_index(k); restrict keeps steps k.. of it."""
+    schedule = schedulers.make_schedule(
+        SchedulerConfig.from_diffusers(FLUX_DEV), 10, image_seq_len=1024
+    )
+    reference = flow_reference(FLUX_DEV, 10, 1024)
+    reference.set_begin_index(3)
+    rng = np.random.default_rng(2)
+    sample, noise = rng.standard_normal((2, 1, 4, 8, 8), np.float32)
+    expected = reference.scale_noise(
+        torch.from_numpy(sample), reference.timesteps[3:4], torch.from_numpy(noise)
+    )
+    part = schedulers.restrict(schedule, range(3, 10))
+    np.testing.assert_array_equal(part.timesteps, schedule.timesteps[3:])
+    np.testing.assert_array_equal(part.sigmas, schedule.sigmas[3:])
+    ours = schedulers.add_noise(part, jnp.asarray(sample), jnp.asarray(noise))
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_flow_match_row_slabs_sample_independently():
+    schedule = schedulers.make_schedule(SchedulerConfig.from_diffusers(FLUX_SCHNELL), 4)
+    noise = jnp.asarray(np.random.default_rng(1).standard_normal((1, 8, 6, 16), np.float32))
+    whole = jax_sample(schedule, noise)
+    slabs = [jax_sample(schedule, noise[:, rows]) for rows in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_allclose(jnp.concatenate(slabs, axis=1), whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"use_karras_sigmas": True}, ["use_karras_sigmas", "flow_match"]),
+        ({"use_exponential_sigmas": True}, ["use_exponential_sigmas"]),
+        ({"use_beta_sigmas": True}, ["use_beta_sigmas"]),
+        ({"invert_sigmas": True}, ["invert_sigmas"]),
+        ({"stochastic_sampling": True}, ["stochastic_sampling"]),
+        ({"time_shift_type": "cosine"}, ["time_shift_type", "'cosine'", "exponential"]),
+        ({"shift_terminal": 1.5}, ["shift_terminal=1.5"]),
+        ({"shift": 0.0}, ["shift=0.0"]),
+        ({"max_shift": None}, ["max_shift"]),
+        ({"max_image_seq_len": 256}, ["base_image_seq_len", "max_image_seq_len"]),
+    ],
+)
+def test_flow_match_refuses_unsupported(overrides, named):
+    with pytest.raises(ValueError) as error:
+        SchedulerConfig.from_diffusers(configured(FLUX_DEV, **overrides))
+    for text in named:
+        assert text in str(error.value)
+
+
+def test_flow_match_refusals_at_schedule_time():
+    dev = SchedulerConfig.from_diffusers(FLUX_DEV)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        schedulers.make_schedule(dev, 28)
+    terminal = SchedulerConfig.from_diffusers({**FLUX_DEV, "shift_terminal": 0.1})
+    with pytest.raises(ValueError, match="shift_terminal"):
+        schedulers.make_schedule(terminal, 1, image_seq_len=4096)
+
+
+def test_image_seq_len_is_ignored_by_the_other_kinds():
+    config = SchedulerConfig.from_diffusers(SDXL, "euler")
+    plain = schedulers.make_schedule(config, 10)
+    sized = schedulers.make_schedule(config, 10, image_seq_len=4096)
+    np.testing.assert_array_equal(plain.sigmas, sized.sigmas)

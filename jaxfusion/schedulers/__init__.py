@@ -19,6 +19,9 @@ diffusers scheduler of the same name and configuration (see `SchedulerConfig`).
     steps = jnp.arange(schedule.timesteps.shape[0])
     (latents, _), _ = jax.lax.scan(body, (latents, init_state(schedule, latents)), steps)
 
+flow_match (Flux.1's rectified flow) also takes the image's token count, `make_schedule(config,
+steps, image_seq_len=...)`, where its config shifts the noise levels by image size.
+
 The ancestral and consistency samplers (`schedule.draws_noise`: euler_a, lcm) also take
 each step's fresh noise, `step(..., noise)`; the denoising loops draw it from a key and the
 step index (`sharding.loops.step_noise`).
@@ -49,10 +52,16 @@ if TYPE_CHECKING:
     from jaxfusion.schedulers.dpmpp import DPMSolverSchedule
     from jaxfusion.schedulers.euler import EulerSchedule
     from jaxfusion.schedulers.euler_ancestral import EulerAncestralSchedule
+    from jaxfusion.schedulers.flow_match import FlowMatchSchedule
     from jaxfusion.schedulers.lcm import LCMSchedule
 
     Schedule = (
-        EulerSchedule | DDIMSchedule | DPMSolverSchedule | EulerAncestralSchedule | LCMSchedule
+        EulerSchedule
+        | DDIMSchedule
+        | DPMSolverSchedule
+        | EulerAncestralSchedule
+        | LCMSchedule
+        | FlowMatchSchedule
     )
 
 # The samplers' modules import JAX: on first use, so that the command line reads `KINDS`
@@ -74,10 +83,18 @@ def __getattr__(name: str) -> Any:
     return globals()[name]
 
 
-def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule:
+def make_schedule(
+    config: SchedulerConfig, num_inference_steps: int, *, image_seq_len: int | None = None
+) -> Schedule:
     """The precomputed schedule of `config.kind` for `num_inference_steps` steps, as diffusers'
     `set_timesteps(num_inference_steps)`. It has `schedule.timesteps.shape[0]` steps: that
-    many, except where diffusers' "trailing" spacing adds one (61 of 1000, say)."""
+    many, except where diffusers' "trailing" spacing adds one (61 of 1000, say).
+
+    image_seq_len: the image's token count, which flow_match's dynamic shifting
+    (`config.use_dynamic_shifting`, Flux.1 dev) needs: (latent height / 2) * (latent width /
+    2) for Flux (4096 at 1024x1024). flow_match makes the schedule of diffusers' FluxPipeline,
+    `set_timesteps(sigmas=linspace(1, 1 / n, n), mu=calculate_shift(image_seq_len, ...))`.
+    The other kinds do not depend on the image's size and ignore it."""
     # DPM-Solver spaces num_inference_steps + 1 points: as many as there are training
     # timesteps would repeat some. LCM picks its steps among original_inference_steps.
     limit, of = config.num_train_timesteps, f"num_train_timesteps={config.num_train_timesteps}"
@@ -92,6 +109,8 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule
             f"scheduler with {of} (use 1..{limit})"
         )
     sampler = importlib.import_module(f"{__name__}.{SCHEDULERS[config.kind].module}")
+    if config.kind == "flow_match":
+        return sampler.make_schedule(config, num_inference_steps, image_seq_len)
     return sampler.make_schedule(config, num_inference_steps)
 
 
@@ -194,6 +213,7 @@ __all__ = [
     "DPMSolverSchedule",
     "EulerAncestralSchedule",
     "EulerSchedule",
+    "FlowMatchSchedule",
     "Kind",
     "LCMSchedule",
     "Schedule",

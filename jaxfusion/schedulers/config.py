@@ -5,12 +5,13 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
-Kind = Literal["euler", "ddim", "dpmpp", "euler_a", "lcm"]
+Kind = Literal["euler", "ddim", "dpmpp", "euler_a", "lcm", "flow_match"]
 
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,23 @@ SCHEDULERS: dict[Kind, SchedulerKind] = {
         },
         fixed={"thresholding": _OFF, **_ZERO_SNR_OFF},
     ),
+    "flow_match": SchedulerKind(
+        "FlowMatchEulerDiscreteScheduler",
+        "flow_match",
+        "FlowMatchSchedule",
+        keys=(
+            "num_train_timesteps",
+            "shift",
+            "use_dynamic_shifting",
+            "base_shift",
+            "max_shift",
+            "base_image_seq_len",
+            "max_image_seq_len",
+            "shift_terminal",
+            "time_shift_type",
+        ),
+        fixed={"invert_sigmas": _OFF, **_SIGMAS_OFF, "stochastic_sampling": _OFF},
+    ),
 }
 KINDS: tuple[Kind, ...] = tuple(SCHEDULERS)
 assert get_args(Kind) == KINDS, "Kind names the registered kinds, in order"
@@ -133,8 +151,9 @@ class SchedulerConfig:
     """A sampler (`kind`) and its noise schedule. Field names, meanings and defaults are those
     of the diffusers scheduler `kind` stands for: euler = EulerDiscreteScheduler,
     ddim = DDIMScheduler (eta = 0), dpmpp = DPMSolverMultistepScheduler (DPM-Solver++ 2M),
-    euler_a = EulerAncestralDiscreteScheduler, lcm = LCMScheduler (the last two draw fresh
-    noise at each step). LCMScheduler's own defaults of the noise schedule and clip_sample
+    euler_a = EulerAncestralDiscreteScheduler, lcm = LCMScheduler (these two draw fresh
+    noise at each step), flow_match = FlowMatchEulerDiscreteScheduler (rectified flow, as
+    Flux.1 runs it). LCMScheduler's own defaults of the noise schedule and clip_sample
     differ: `from_diffusers` fills those in for lcm; the defaults here are the others'.
 
     `timestep_spacing=None` means that scheduler's default: "leading" for ddim and lcm,
@@ -145,6 +164,13 @@ class SchedulerConfig:
     euler's and dpmpp's, lower_order_final and euler_at_final are dpmpp's,
     original_inference_steps and timestep_scaling (of LCM's boundary conditions
     c_skip, c_out) are lcm's).
+
+    flow_match reads num_train_timesteps and its own fields, which no other kind reads (the
+    noise schedule, prediction_type and timestep_spacing are not its): a static `shift` of
+    the noise levels, or, with `use_dynamic_shifting`, a shift that grows with the image's
+    token count (`make_schedule`'s image_seq_len) from base_shift at base_image_seq_len to
+    max_shift at max_image_seq_len, applied as `time_shift_type` says; `shift_terminal`
+    (None or 0: off) stretches the shifted levels to end there.
     """
 
     kind: Kind
@@ -164,6 +190,14 @@ class SchedulerConfig:
     euler_at_final: bool = False
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
 
     def __post_init__(self):
         _check("scheduler", self.kind, KINDS)
@@ -182,6 +216,24 @@ class SchedulerConfig:
                     f"trained_betas has {len(self.trained_betas)} values; "
                     f"num_train_timesteps={self.num_train_timesteps} needs one per timestep"
                 )
+        _check("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
+        if self.shift <= 0:
+            raise ValueError(f"shift={self.shift} is not supported (use a positive shift)")
+        if self.shift_terminal and not 0 < self.shift_terminal < 1:
+            raise ValueError(
+                f"shift_terminal={self.shift_terminal} is not supported (use None, or a value "
+                "strictly between 0 and 1)"
+            )
+        if self.use_dynamic_shifting and None in (self.base_shift, self.max_shift):
+            raise ValueError(
+                f"use_dynamic_shifting needs base_shift and max_shift (got {self.base_shift} "
+                f"and {self.max_shift})"
+            )
+        if self.use_dynamic_shifting and self.base_image_seq_len == self.max_image_seq_len:
+            raise ValueError(
+                f"base_image_seq_len and max_image_seq_len are both {self.max_image_seq_len}: "
+                "dynamic shifting interpolates between them, they must differ"
+            )
         if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
             raise ValueError(
                 f"original_inference_steps={self.original_inference_steps} is not supported "
