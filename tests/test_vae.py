@@ -12,7 +12,7 @@ from diffusers_models import randomize, relative_l2
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from convert.state_dict import state_dict
+from convert.state_dict import diffusers_key, state_dict, to_diffusers_shape
 from jaxfusion.models import (
     AutoencoderKL,
     LatentDistribution,
@@ -34,6 +34,39 @@ TINY = dict(
     norm_num_groups=4,
     sample_size=32,
 )
+# Flux.1's VAE (black-forest-labs/FLUX.1-dev vae/config.json): 16 latent channels, no quant
+# convs, latents shifted before scaling.
+FLUX_VAE = dict(
+    _class_name="AutoencoderKL",
+    _diffusers_version="0.30.0.dev0",
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    force_upcast=True,
+    in_channels=3,
+    latent_channels=16,
+    latents_mean=None,
+    latents_std=None,
+    layers_per_block=2,
+    mid_block_add_attention=True,
+    norm_num_groups=32,
+    out_channels=3,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    use_post_quant_conv=False,
+    use_quant_conv=False,
+)
+# TINY shaped as Flux's.
+TINY_FLUX = dict(
+    TINY,
+    latent_channels=16,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 # Chunks for the chunked attention kernel that divide neither mid-block length of
 # test_matches_diffusers (256 tokens encoding, 64 decoding; one head of 16 channels).
@@ -45,8 +78,9 @@ def images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (batch, height, width, 3)).astype("f4")
 
 
-def latents(batch: int, height: int, width: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, height, width, 4)).astype("f4")
+def latents(batch: int, height: int, width: int, seed: int = 1, channels: int = 4) -> np.ndarray:
+    shape = (batch, height, width, channels)
+    return np.random.default_rng(seed).standard_normal(shape).astype("f4")
 
 
 def torch_encode(vae, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,3 +308,49 @@ def test_latent_sample():
     assert sample.shape == mean.shape
     np.testing.assert_allclose(sample, mean, atol=1e-5)
     assert not np.allclose(LatentDistribution(mean, 0 * logvar).sample(jax.random.key(0)), mean)
+
+
+def test_flux_like_matches_diffusers(tmp_path):
+    """A tiny Flux-like VAE (16 latent channels, no quant convs, shift_factor) written by
+    diffusers' save_pretrained loads, encodes and decodes as diffusers'."""
+    from diffusers import AutoencoderKL as TorchVAE
+
+    torch.manual_seed(0)
+    torch_vae = randomize(TorchVAE(**TINY_FLUX))
+    torch_vae.save_pretrained(tmp_path)
+    vae = load_vae(tmp_path)
+    assert vae.quant_conv is None and vae.post_quant_conv is None
+    assert vae.config == VAEConfig(**TINY_FLUX)
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+    assert state_dict(vae).keys() == torch_vae.state_dict().keys()
+    x, z = images(2, 32, 32), latents(2, 8, 8, channels=16)
+    expected_mean, expected_logvar = torch_encode(torch_vae, x)
+    dist = jax_apply(vae, "encode", x)
+    decoded = jax_apply(vae, "decode", z)
+    assert dist.mean.shape == (2, 16, 16, 16) and decoded.shape == (2, 16, 16, 3)
+    errors = {
+        "mean": relative_l2(dist.mean, expected_mean),
+        "logvar": relative_l2(dist.logvar, expected_logvar),
+        "decode": relative_l2(decoded, torch_decode(torch_vae, z)),
+    }
+    print("flux-like: relative L2 errors " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert max(errors.values()) <= TOLERANCE["float32"]
+
+
+def test_flux_vae_config_has_diffusers_parameters():
+    """Flux.1's own VAE config: read as is, and the model it builds (abstract, nothing
+    allocated) has diffusers' parameter names and shapes (diffusers' built on the meta
+    device)."""
+    from diffusers import AutoencoderKL as TorchVAE
+
+    config = VAEConfig.from_diffusers(FLUX_VAE)
+    assert (config.latent_channels, config.downscale_factor) == (16, 8)
+    assert (config.scaling_factor, config.shift_factor) == (0.3611, 0.1159)
+    params = nnx.to_flat_state(nnx.state(AutoencoderKL.abstract(config), nnx.Param))
+    ours = {
+        diffusers_key(path): to_diffusers_shape(path[-1], var.get_value().shape)
+        for path, var in params
+    }
+    with torch.device("meta"):
+        torch_vae = TorchVAE.from_config(FLUX_VAE)
+    assert ours == {key: tuple(value.shape) for key, value in torch_vae.state_dict().items()}

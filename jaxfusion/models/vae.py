@@ -35,7 +35,13 @@ _FIXED_KEYS: dict[str, Any] = {"latents_mean": None, "latents_std": None}
 class VAEConfig:
     """diffusers' AutoencoderKL configuration; field names, meanings and defaults are
     diffusers'. `scaling_factor` and `shift_factor` do not change the model: they map its
-    latents to the UNet's (`AutoencoderKL.scale_latents`)."""
+    latents to the denoiser's (`AutoencoderKL.scale_latents`, `unscale_latents`).
+
+    Flux.1's VAE reads as it is: latent_channels 16, use_quant_conv and use_post_quant_conv
+    false (no `quant_conv` / `post_quant_conv` layers or weights), scaling_factor 0.3611,
+    shift_factor 0.1159. Its pipeline decodes `unscale_latents(latents)` (latents /
+    scaling_factor + shift_factor) and denoises `scale_latents(z)` ((z - shift_factor) *
+    scaling_factor) of an encoded image, as SD's with shift_factor null."""
 
     in_channels: int = 3
     out_channels: int = 3
