@@ -148,7 +148,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", choices=KINDS, help="default: the model folder's own")
     parser.add_argument(
-        "--latents", help="initial noise .npy, NCHW (batch, channels, height/f, width/f)"
+        "--latents",
+        help="initial noise .npy, as the diffusers pipeline takes it: NCHW (batch, channels, "
+        "height/f, width/f); Flux: packed (batch, tokens, 4 x channels)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     add_attention_option(parser)
@@ -171,10 +173,11 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             ) from None
         if not isinstance(latents, np.ndarray):
             raise ValueError(f"--latents {args.latents} is an archive: save one array (numpy.save)")
-        if latents.ndim != 4:
+        if latents.ndim not in (3, 4):
             raise ValueError(
-                f"--latents {args.latents} has shape {latents.shape}; expected NCHW "
-                "(batch, channels, height/f, width/f)"
+                f"--latents {args.latents} has shape {latents.shape}; expected what the "
+                "model's diffusers pipeline takes as latents: NCHW (batch, channels, "
+                "height/f, width/f), or Flux's packed (batch, tokens, 4 x channels)"
             )
         if len(prompts) == 1:
             prompts = prompts * latents.shape[0]

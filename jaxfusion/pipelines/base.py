@@ -118,7 +118,12 @@ class TextToImagePipeline(abc.ABC):
       takes; the VAE's `downscale_factor` image pixels per latent pixel) and `dtype`;
     - the sizes: `default_size`, `size_multiple`;
     - the samplers it takes, `scheduler_kinds`, and its defaults: `default_guidance_scale`,
-      `default_strength`, `requires_image`;
+      `default_strength`, `requires_image`, `takes_image`; where the schedule depends on
+      the image's size, `schedule_tokens`;
+    - guidance: `classifier_free` (SD: a guidance scale above 1; a guidance-distilled
+      model such as Flux.1 [dev] takes the scale as conditioning instead);
+    - diffusers' layout of latents a user passes or gets (`latents`, `output="latents"`):
+      `latents_to_nhwc`, `nhwc_to_latents` (NCHW here; Flux packs them into tokens);
     - the prompts: `prompt_inputs` (on the host: token ids, micro-conditioning, its own
       options of the request) and `encode_prompts` (in the program: the denoiser's
       conditioning); `abstract_prompts` (their shapes, for `bench analyze`);
@@ -130,6 +135,7 @@ class TextToImagePipeline(abc.ABC):
     default_guidance_scale: ClassVar[float]
     default_strength: ClassVar[float]  # image-to-image, as diffusers' img2img pipeline
     requires_image: ClassVar[bool] = False  # image-to-image only (the SDXL refiner)
+    takes_image: ClassVar[bool] = True  # image-to-image supported at all
 
     def __init__(
         self,
@@ -240,6 +246,36 @@ class TextToImagePipeline(abc.ABC):
     @abc.abstractmethod
     def lora_modules(self, adapters: LoraAdapters) -> LoraAdapters:
         """A LoRA file's adapters (`convert.lora.read_lora`) by this family's module names."""
+
+    # Parts with a default: the Stable Diffusion family's rules.
+
+    def classifier_free(self, guidance_scale: float) -> bool:
+        """Whether a request with `guidance_scale` runs classifier-free guidance (the
+        denoiser on a negative half too): above 1, as diffusers' SD pipelines."""
+        return guidance_scale > 1.0
+
+    def schedule_tokens(self, height: int, width: int) -> int | None:
+        """The image's token count that the sampler's schedule depends on (flow matching's
+        dynamic shift), or None where it depends on no size."""
+        return None
+
+    def latents_to_nhwc(self, name: str, array: Any, batch: int, height: int, width: int):
+        """Latents as diffusers' pipeline takes them (`latents`, `image_latents`), checked
+        (finite, the shape of `batch` images of height x width) -> (B, h, w, C) float32
+        NHWC. Here NCHW (B, C, h, w)."""
+        f = self.downscale_factor
+        array = checked_latents(
+            name,
+            array,
+            self.latent_shape(batch, height, width),
+            f"NCHW, as diffusers: batch, channels, height/{f}, width/{f}",
+        )
+        return jnp.asarray(array.transpose(0, 2, 3, 1))
+
+    def nhwc_to_latents(self, latents: np.ndarray) -> np.ndarray:
+        """(B, h, w, C) NHWC latents -> diffusers' layout of them (NCHW here), as its
+        pipelines return `output_type="latent"` and take `latents`."""
+        return latents.transpose(0, 3, 1, 2)
 
     # The core.
 
@@ -403,7 +439,7 @@ class TextToImagePipeline(abc.ABC):
         with stage(f"denoising {batch} image(s), {steps} steps"):
             # The inputs go from the host to the devices that need them (no device copies).
             result = to_host(jax.block_until_ready(program(weights, jax.device_get(inputs))))
-        return result.transpose(0, 3, 1, 2) if options.output == "latents" else result
+        return self.nhwc_to_latents(result) if options.output == "latents" else result
 
     def prepare(
         self,
@@ -415,6 +451,12 @@ class TextToImagePipeline(abc.ABC):
         arguments (a `Request` or its fields); nothing compiles here."""
         request = Request.of(prompt, negative_prompt, **fields)
         batch = request.batch
+        if request.from_image and not self.takes_image:
+            raise ValueError(
+                f"a {self.pipeline_class} does not start from an image here (no image "
+                "or image_latents): image-to-image is not supported for it yet; run "
+                "text-to-image"
+            )
         pixels, start, height, width = self._starting_image(request)
         strength = request.strength
         if request.from_image and strength is None:
@@ -433,11 +475,13 @@ class TextToImagePipeline(abc.ABC):
                 f"a {self.pipeline_class} runs the schedulers {list(self.scheduler_kinds)}, "
                 f"not {config.kind!r}"
             )
-        guidance = guidance_scale > 1.0
+        guidance = self.classifier_free(guidance_scale)
         parallel = request.parallel or ParallelConfig()
         self.check_parallel(parallel, height, width, guidance)
         steps = request.num_inference_steps
-        full = schedulers.make_schedule(config, steps)
+        full = schedulers.make_schedule(
+            config, steps, image_seq_len=self.schedule_tokens(height, width)
+        )
         kept = schedulers.denoising_steps(
             np.asarray(full.timesteps),
             steps,
@@ -579,8 +623,9 @@ class TextToImagePipeline(abc.ABC):
         return batch, self.latent_channels, height // f, width // f
 
     def initial_latents(self, batch: int, height: int, width: int, seed: int) -> np.ndarray:
-        """The initial noise `seed` gives, as diffusers' `latents`: (B, C, h, w) float32 NCHW."""
-        return np.asarray(self._noise(batch, height, width, seed, None)).transpose(0, 3, 1, 2)
+        """The initial noise `seed` gives, as diffusers' `latents` (float32; NCHW (B, C, h,
+        w) for SD, `nhwc_to_latents`)."""
+        return self.nhwc_to_latents(np.asarray(self._noise(batch, height, width, seed, None)))
 
     def step_noises(self, batch: int, height: int, width: int, seed: int, steps: int) -> np.ndarray:
         """The fresh noise that steps 0..steps-1 of a run with `seed` add, for samplers that
@@ -594,26 +639,12 @@ class TextToImagePipeline(abc.ABC):
     def _noise(
         self, batch: int, height: int, width: int, seed: int, latents: np.ndarray | None
     ) -> jax.Array:
-        """(B, h, w, C) float32 NHWC: `latents` (NCHW) transposed, or drawn from `seed`."""
-        shape = self.latent_shape(batch, height, width)
+        """(B, h, w, C) float32 NHWC: `latents` (diffusers' layout, `latents_to_nhwc`), or
+        drawn from `seed`."""
         if latents is None:
-            batch, channels, h, w = shape
+            batch, channels, h, w = self.latent_shape(batch, height, width)
             return jax.random.normal(jax.random.key(seed), (batch, h, w, channels), jnp.float32)
-        return self._nhwc("latents", latents, shape)
-
-    def _nhwc(self, name: str, array: np.ndarray, expected: tuple[int, ...]) -> jax.Array:
-        """`array`, NCHW as diffusers' latents, checked (finite, shape `expected`) -> NHWC
-        float32."""
-        array = np.asarray(array, np.float32)
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name} contain NaN or infinite values; pass finite ones")
-        if array.shape != expected:
-            f = self.downscale_factor
-            raise ValueError(
-                f"{name} have shape {array.shape}; expected {expected} (NCHW, as diffusers: "
-                f"batch, channels, height/{f}, width/{f})"
-            )
-        return jnp.asarray(array.transpose(0, 2, 3, 1))
+        return self.latents_to_nhwc("latents", latents, batch, height, width)
 
     def _starting_image(
         self, request: Request
@@ -657,8 +688,19 @@ class TextToImagePipeline(abc.ABC):
                 f"the starting image is {size[0]}x{size[1]} pixels: {error}; resize it"
             ) from None
         if start is not None:
-            start = self._nhwc("image_latents", start, self.latent_shape(batch, *size))
+            start = self.latents_to_nhwc("image_latents", start, batch, *size)
         return pixels, start, *size
+
+
+def checked_latents(name: str, array: Any, expected: tuple[int, ...], layout: str) -> np.ndarray:
+    """`array` as float32, refused unless finite and of shape `expected` (`layout` says
+    what its axes are, for the message)."""
+    array = np.asarray(array, np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contain NaN or infinite values; pass finite ones")
+    if array.shape != expected:
+        raise ValueError(f"{name} have shape {array.shape}; expected {expected} ({layout})")
+    return array
 
 
 def _latent_mean(vae: AutoencoderKL, images: jax.Array) -> jax.Array:

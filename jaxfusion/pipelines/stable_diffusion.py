@@ -78,7 +78,8 @@ class StableDiffusionFamily(TextToImagePipeline):
     # (tokenizer, text encoder) folders; a folder's model_index.json may leave some out
     # (`text_components_of`).
     text_components: ClassVar[tuple[tuple[str, str], ...]]
-    scheduler_kinds = schedulers.KINDS
+    # The samplers of noise (or v) prediction; flow matching is Flux's.
+    scheduler_kinds = tuple(kind for kind in schedulers.KINDS if kind != "flow_match")
 
     def __init__(
         self,
