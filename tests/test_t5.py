@@ -1,7 +1,8 @@
 """The Flax T5 encoder against transformers' `T5EncoderModel` on the same checkpoint files,
-its conversion both ways, and its configuration."""
+its conversion both ways, its configuration, and the T5 tokenizer (Flux's `tokenizer_2`)."""
 
 import functools
+import string
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from convert.state_dict import WeightMismatch
 from jaxfusion.models import T5Config, T5EncoderModel, load_t5_encoder, save_t5_encoder
 from jaxfusion.models.t5 import relative_position_buckets
+from jaxfusion.tokenizer import load_t5_tokenizer, tokenize_t5
 
 TINY = dict(
     vocab_size=99,
@@ -253,3 +255,60 @@ def test_config():
         "rope_theta: unknown key",
     ):
         assert problem in str(error.value)
+
+
+WORDS = "a photo of an astronaut riding horse on the moon cat dog red blue big painting".split()  # noqa: SIM905
+
+
+def write_t5_tokenizer(folder, model_max_length: int = 16) -> dict[str, int]:
+    """A tiny T5 tokenizer as Flux's tokenizer_2 is made (a Unigram model with `<pad>` 0,
+    `</s>` 1, `<unk>` 2, SentencePiece's word boundary "▁", `</s>` appended), written with
+    `save_pretrained`; returns its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    letters = string.ascii_lowercase
+    pieces = ["<pad>", "</s>", "<unk>", "▁", *("▁" + w for w in WORDS), *letters]
+    scores = [0.0, 0.0, 0.0, -2.0] + [-1.0 - i / 100 for i in range(len(WORDS))]
+    scores += [-5.0] * len(letters)
+    backend = Tokenizer(models.Unigram(list(zip(pieces, scores, strict=True)), unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = transformers.T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+    tokenizer.save_pretrained(folder)
+    return {piece: i for i, piece in enumerate(pieces)}
+
+
+def test_t5_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vocab = write_t5_tokenizer(tmp_path / "tokenizer_2")
+    tokenizer = load_t5_tokenizer(tmp_path)
+    reference = transformers.T5TokenizerFast.from_pretrained(tmp_path / "tokenizer_2")
+    length = 12
+    long_prompt = " ".join(WORDS)  # 16 words: 11 kept, then `</s>`
+    prompts = ["a photo of an astronaut riding a horse", "A red CAT,  big dog", long_prompt]
+    with pytest.warns(UserWarning, match="truncated to T5's 12 tokens") as record:
+        ids = tokenize_t5(tokenizer, prompts, max_sequence_length=length)
+    assert " ".join(WORDS[length - 1 :]) in str(record[0].message)
+    assert ids.shape == (3, length) and ids.dtype == np.int32
+    expected = reference(prompts, padding="max_length", max_length=length, truncation=True)
+    np.testing.assert_array_equal(ids, expected.input_ids)
+    words = [vocab["▁" + w] for w in prompts[0].split()]
+    np.testing.assert_array_equal(ids[0], [*words, 1] + [0] * (length - len(words) - 1))
+    np.testing.assert_array_equal(ids[2], [vocab["▁" + w] for w in WORDS[: length - 1]] + [1])
+    # Flux's default length, beyond this tokenizer's model_max_length (16).
+    assert tokenize_t5(tokenizer, prompts[:1]).shape == (1, 512)
+
+
+def test_t5_tokenizer_folder_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json or spiece\.model"):
+        load_t5_tokenizer(tmp_path)
