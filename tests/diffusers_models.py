@@ -129,3 +129,17 @@ def jax_unet_output(unet, inputs: dict) -> np.ndarray:
 def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def assert_same_parameters(module: nnx.Module, other: nnx.Module) -> None:
+    """The two modules hold the same parameters at the same paths, bit for bit."""
+    pairs = zip(
+        nnx.to_flat_state(nnx.state(module, nnx.Param)),
+        nnx.to_flat_state(nnx.state(other, nnx.Param)),
+        strict=True,
+    )
+    for (path, a), (other_path, b) in pairs:
+        assert path == other_path
+        np.testing.assert_array_equal(
+            np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path)
+        )

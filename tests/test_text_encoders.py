@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from diffusers_models import randomize, relative_l2
+from diffusers_models import assert_same_parameters, randomize, relative_l2
 from flax import nnx
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
@@ -194,11 +194,7 @@ def test_round_trip_flax_transformers_flax(tmp_path, name):
 
     reloaded = load_text_encoder(tmp_path)
     assert reloaded.config == config
-    original, back = nnx.state(model, nnx.Param), nnx.state(reloaded, nnx.Param)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(original), nnx.to_flat_state(back), strict=True):
-        np.testing.assert_array_equal(
-            np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path)
-        )
+    assert_same_parameters(model, reloaded)
 
 
 def test_config_refuses_unsupported_values():

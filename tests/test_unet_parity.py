@@ -7,6 +7,7 @@ from diffusers_models import (
     SD2_LIKE,
     SD15_LIKE,
     SDXL_LIKE,
+    assert_same_parameters,
     jax_unet_output,
     randomize,
     relative_l2,
@@ -124,11 +125,7 @@ def test_round_trip_flax_diffusers_flax(tmp_path):
     assert error <= TOLERANCE["float32"]
 
     reloaded = load_unet(tmp_path)
-    original, back = nnx.state(unet, nnx.Param), nnx.state(reloaded, nnx.Param)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(original), nnx.to_flat_state(back), strict=True):
-        np.testing.assert_array_equal(
-            np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path)
-        )
+    assert_same_parameters(unet, reloaded)
 
 
 @pytest.mark.slow

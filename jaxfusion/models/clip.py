@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxfusion.models.configuration import from_transformers_config
 from jaxfusion.models.layers import Embed, LayerNorm, Linear
 from jaxfusion.models.scaled_dot_product import DotProductAttention
 
@@ -40,71 +41,11 @@ MODEL_TYPE = "clip_text_model"
 # is the one with the highest id (CLIP's tokenizer gives `<|endoftext|>` the highest id).
 LEGACY_EOS_TOKEN_ID = 2
 
-# Keys that do not change what inference computes: generic transformers `PretrainedConfig`
-# entries (some only written by older versions), training-only settings and bookkeeping.
-_IGNORED_KEYS = {
-    "_attn_implementation_autoset",
-    "_commit_hash",
-    "_name_or_path",
-    "add_cross_attention",
-    "architectures",
-    "attention_dropout",
-    "bad_words_ids",
-    "begin_suppress_tokens",
-    "chunk_size_feed_forward",
-    "cross_attention_hidden_size",
-    "decoder_start_token_id",
-    "diversity_penalty",
-    "do_sample",
-    "dropout",
-    "dtype",
-    "early_stopping",
-    "encoder_no_repeat_ngram_size",
-    "exponential_decay_length_penalty",
-    "finetuning_task",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "gradient_checkpointing",
-    "id2label",
-    "initializer_factor",
-    "initializer_range",
-    "is_decoder",
-    "is_encoder_decoder",
-    "label2id",
-    "length_penalty",
-    "max_length",
-    "min_length",
-    "model_type",
-    "no_repeat_ngram_size",
-    "num_beam_groups",
-    "num_beams",
-    "num_return_sequences",
-    "output_attentions",
-    "output_hidden_states",
-    "output_scores",
-    "prefix",
-    "problem_type",
-    "pruned_heads",
-    "remove_invalid_values",
-    "repetition_penalty",
-    "return_dict",
-    "return_dict_in_generate",
-    "sep_token_id",
-    "suppress_tokens",
-    "task_specific_params",
-    "temperature",
-    "tf_legacy_loss",
-    "tie_encoder_decoder",
-    "tie_word_embeddings",
-    "tokenizer_class",
-    "top_k",
-    "top_p",
-    "torch_dtype",
-    "torchscript",
-    "transformers_version",
-    "typical_p",
-    "use_bfloat16",
-}
+# Keys of a CLIP text config.json that do not change what inference computes (beside
+# transformers' generic ones, `configuration.TRANSFORMERS_GENERIC_KEYS`).
+_IGNORED_KEYS = frozenset(
+    {"attention_dropout", "dropout", "initializer_factor", "initializer_range"}
+)
 
 
 @dataclass(frozen=True)
@@ -146,15 +87,9 @@ class CLIPTextConfig:
     def from_transformers(cls, config: Mapping[str, Any]) -> CLIPTextConfig:
         """Reads a transformers `config.json` dict of a CLIP text model; any key or value
         outside the supported set is refused, all of them named in one error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        problems = []
-        model_type = config.get("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            problems.append(f"model_type: {model_type!r} is not a CLIP text model ({MODEL_TYPE!r})")
-        problems += [f"{key}: unknown key" for key in config if key not in fields | _IGNORED_KEYS]
-        if problems:
-            raise ValueError("unsupported CLIP text configuration:\n  " + "\n  ".join(problems))
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return from_transformers_config(
+            cls, config, model_type=MODEL_TYPE, name="CLIP text", ignored_keys=_IGNORED_KEYS
+        )
 
     def to_transformers(self) -> dict[str, Any]:
         """The `config.json` dict transformers' CLIPTextConfig is built from (the model adds

@@ -5,6 +5,7 @@ folder's weights (`convert.weights.load_weights`) and gives them back as a state
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +15,20 @@ from flax import nnx
 import convert.text_encoder
 import convert.vae
 from convert.dtypes import parse_dtype
-from convert.files import WEIGHTS_NAME, read_json, resolve_component
+from convert.files import WEIGHTS_NAME, RenamedReader, TensorReader, read_json, resolve_component
 from convert.flax_checkpoint import save_flax_params
 from convert.state_dict import state_dict
 from convert.weights import load_weights
 from jaxfusion.files import write_atomically, write_text_atomically
-from jaxfusion.models.clip import (
-    MODEL_TYPE,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-)
+from jaxfusion.models.clip import MODEL_TYPE as CLIP_MODEL_TYPE
+from jaxfusion.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from jaxfusion.models.t5 import MODEL_TYPE as T5_MODEL_TYPE
+from jaxfusion.models.t5 import T5Config, T5EncoderModel
 from jaxfusion.models.unet_2d_condition import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.vae import AutoencoderKL, VAEConfig
 
 _TEXT_CLASSES = {cls.__name__: cls for cls in (CLIPTextModel, CLIPTextModelWithProjection)}
+_T5_CLASSES = {T5EncoderModel.__name__: T5EncoderModel}
 
 
 def load_unet_config(path: str | Path) -> UNetConfig:
@@ -155,20 +155,17 @@ def load_text_encoder(
       abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
         the weight files are found, without reading the weights (to check a request cheaply).
     """
-    dtype = parse_dtype(dtype)
-    folder = _text_encoder_folder(path, subfolder, variant)
-    raw = read_json(folder / "config.json")
-    model_class = _text_model_class(raw, folder)
-    shapes = model_class.abstract(CLIPTextConfig.from_transformers(raw), dtype=dtype)
-    return load_weights(
-        shapes,
-        folder,
-        dtype,
-        weights_name=convert.text_encoder.WEIGHTS_NAME,
+    return _load_transformers_model(
+        path,
+        subfolder,
+        CLIP_MODEL_TYPE,
+        _TEXT_CLASSES,
+        CLIPTextConfig.from_transformers,
+        convert.text_encoder.text_model_keys,
+        dtype=dtype,
         variant=variant,
         allow_pickle=allow_pickle,
         abstract=abstract,
-        key_map=convert.text_encoder.text_model_keys,
     )
 
 
@@ -183,6 +180,92 @@ def save_text_encoder(
     `from_pretrained` loads (keys under `text_model.`, as on the hub, which every
     transformers version reads); with `flax`, `flax_params/` (an orbax checkpoint) instead
     of the safetensors file. Each file is written to a temporary name and renamed."""
+    return _write_transformers_folder(model, path, dtype, flax)
+
+
+def load_t5_encoder(
+    path: str | Path,
+    subfolder: str = "text_encoder_2",
+    *,
+    dtype=jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    abstract: bool = False,
+) -> T5EncoderModel:
+    """A ready T5 encoder (Flux's `text_encoder_2`) from a transformers folder (`config.json`
+    naming `T5EncoderModel` + safetensors, one file or shards with their index).
+
+    Args:
+      path: the encoder's folder, a diffusers pipeline folder (its `subfolder` is used), or a
+        pipeline's hub id.
+      subfolder: the encoder's subfolder in pipeline folders.
+      dtype: float32, bfloat16 or float16; parameters are stored and run in it (in float16
+        the feed-forward's `wo` runs in float32, as transformers runs it: see `models.t5`).
+      variant: weight-file variant, e.g. "fp16" for `model.fp16.safetensors`.
+      allow_pickle: also read `.bin` pickle files, which run code when loaded.
+      abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
+        the weight files are found, without reading the weights (to check a request cheaply).
+    """
+    return _load_transformers_model(
+        path,
+        subfolder,
+        T5_MODEL_TYPE,
+        _T5_CLASSES,
+        T5Config.from_transformers,
+        convert.text_encoder.t5_encoder_keys,
+        dtype=dtype,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        abstract=abstract,
+    )
+
+
+def save_t5_encoder(
+    model: T5EncoderModel, path: str | Path, *, dtype=None, flax: bool = False
+) -> Path:
+    """Writes `config.json` and `model.safetensors` into `path`, a folder that transformers'
+    `T5EncoderModel.from_pretrained` loads (the token embedding as `shared.weight` alone, as
+    transformers writes it); with `flax`, `flax_params/` (an orbax checkpoint) instead of the
+    safetensors file. Each file is written to a temporary name and renamed."""
+    return _write_transformers_folder(model, path, dtype, flax)
+
+
+def _load_transformers_model(
+    path: str | Path,
+    subfolder: str,
+    model_type: str,
+    classes: dict[str, type[nnx.Module]],
+    read_config: Callable[[dict[str, Any]], Any],
+    key_map: Callable[[TensorReader], TensorReader | RenamedReader],
+    *,
+    dtype: Any,
+    variant: str | None,
+    allow_pickle: bool,
+    abstract: bool,
+) -> nnx.Module:
+    """A transformers model of `model_type` (`path` itself when its config.json says so,
+    else its `subfolder`), of the class among `classes` that the config's `architectures`
+    names, configured by `read_config`, its weights seen through `key_map`."""
+    dtype = parse_dtype(dtype)
+    folder = _transformers_folder(path, subfolder, model_type, set(classes), variant)
+    raw = read_json(folder / "config.json")
+    model_class = _transformers_class(raw, folder, classes)
+    shapes = model_class.abstract(read_config(raw), dtype=dtype)
+    return load_weights(
+        shapes,
+        folder,
+        dtype,
+        weights_name=convert.text_encoder.WEIGHTS_NAME,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        abstract=abstract,
+        key_map=key_map,
+    )
+
+
+def _write_transformers_folder(model: nnx.Module, path: str | Path, dtype: Any, flax: bool) -> Path:
+    """`_write_folder` of a transformers model: its config with `architectures`, its
+    weights in `model.safetensors` with transformers' header metadata."""
     config = {"architectures": [type(model).__name__], **model.config.to_transformers()}
     return _write_folder(
         model,
@@ -224,19 +307,23 @@ def _write_folder(
     return folder
 
 
-def _text_encoder_folder(path: str | Path, subfolder: str, variant: str | None) -> Path:
-    """`path` itself when its config.json is a CLIP text model's, else its `subfolder`."""
+def _transformers_folder(
+    path: str | Path, subfolder: str, model_type: str, class_names: set[str], variant: str | None
+) -> Path:
+    """`path` itself when its config.json is a `model_type` model's, else its `subfolder`."""
     config = Path(path) / "config.json"
-    if config.is_file() and read_json(config).get("model_type") == MODEL_TYPE:
+    if config.is_file() and read_json(config).get("model_type") == model_type:
         return Path(path)
-    return resolve_component(path, subfolder, set(_TEXT_CLASSES), variant=variant)
+    return resolve_component(path, subfolder, class_names, variant=variant)
 
 
-def _text_model_class(config: dict[str, Any], folder: Path) -> type[CLIPTextModel]:
+def _transformers_class(
+    config: dict[str, Any], folder: Path, classes: dict[str, type[nnx.Module]]
+) -> type[nnx.Module]:
     names = config.get("architectures") or [config.get("_class_name")]
-    if len(names) != 1 or names[0] not in _TEXT_CLASSES:
+    if len(names) != 1 or names[0] not in classes:
         raise ValueError(
             f"{folder / 'config.json'}: architectures {names!r} is not supported "
-            f"(use one of {sorted(_TEXT_CLASSES)})"
+            f"(use one of {sorted(classes)})"
         )
-    return _TEXT_CLASSES[names[0]]
+    return classes[names[0]]

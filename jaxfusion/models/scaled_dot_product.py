@@ -119,13 +119,32 @@ def _say_once(message: str) -> None:
     log.warning(message)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
-    """The reference: the whole (B, heads, Tq, Tk) logits in float32 (see `attention`)."""
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    key_mask: jax.Array | None = None,
+) -> jax.Array:
+    """The reference: the whole (B, heads, Tq, Tk) logits in float32 (see `attention`).
+
+    Beyond `attention`'s arguments, for attentions the kernels do not cover (T5's): the
+    logits are multiplied by `scale` (default head_dim ** -0.5), then `bias` (broadcast to
+    (B, heads, Tq, Tk), e.g. a relative position bias (heads, Tq, Tk)) is added in float32;
+    keys where `key_mask` (B, Tk) is False get no weight.
+    """
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * q.shape[-1] ** -0.5
+    logits = logits * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     if causal:
         mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
     return out.astype(v.dtype)
