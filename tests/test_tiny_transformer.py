@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers_models import SD_NOISE_SCHEDULE, relative_l2
 from flax import nnx
+from jaxprs import equations, kv_messages
 from tiny_transformer import EPSILON, MAX_PERIOD, TinyTransformer
 
 from jaxfusion import schedulers
@@ -281,16 +282,6 @@ def test_naive_equals_reference_and_differs_from_single(case):
     assert relative_l2(naive, case.jax(SINGLE)) > DISPLACED_MARGIN
 
 
-def equations(jaxpr, in_scan: bool = False):
-    """Every equation of `jaxpr` and of its inner programs, with whether a scan runs it."""
-    for eqn in jaxpr.eqns:
-        yield eqn, in_scan
-        for param in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns")):
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from equations(inner, in_scan or eqn.primitive.name == "scan")
-
-
 def label_products(jaxpr) -> tuple[int, int]:
     """(outside scans, inside scans): how many matrix products of `jaxpr` and its inner
     programs take the (2, LABEL) labels."""
@@ -315,11 +306,7 @@ def test_joint_attention_exchanges_only_image_tokens(mode):
     latents = jnp.zeros((1, LATENT, LATENT, CHANNELS))
     program = jax.make_jaxpr(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x, parallel))
     jaxpr = program(weights, sampling, latents).jaxpr
-    messages = [
-        eqn.invars[0].aval.shape
-        for eqn, _ in equations(jaxpr)
-        if eqn.primitive.name == "all_gather" and eqn.invars[0].aval.ndim == 4
-    ]
+    messages = kv_messages(jaxpr)
     image_tokens = (LATENT // devices // PATCH) * (LATENT // PATCH)
     assert messages and {shape[2] for shape in messages} == {image_tokens}, messages
 

@@ -87,14 +87,37 @@ class GEGLU(nnx.Module):
         return value * jax.nn.gelu(gate, approximate=False)
 
 
-class FeedForward(nnx.Module):
-    """`net` = [GEGLU, Dropout, Linear], as diffusers numbers them."""
+class GELU(nnx.Module):
+    """`proj`, then GELU with the tanh approximation (diffusers' `GELU(approximate="tanh")`,
+    the "gelu-approximate" of Flux's feed-forwards)."""
 
-    def __init__(self, dim: int, *, mult: int = 4, dtype: jnp.dtype, rngs: nnx.Rngs | None):
+    def __init__(self, dim_in: int, dim_out: int, *, dtype: jnp.dtype, rngs: nnx.Rngs | None):
+        self.proj = Linear(dim_in, dim_out, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+ACTIVATIONS = {"geglu": GEGLU, "gelu-approximate": GELU}
+
+
+class FeedForward(nnx.Module):
+    """`net` = [activation (`ACTIVATIONS`, diffusers' `activation_fn`), Dropout, Linear], as
+    diffusers numbers them: (..., dim) -> (..., dim), through dim * mult."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mult: int = 4,
+        activation_fn: str = "geglu",
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs | None,
+    ):
         inner_dim = dim * mult
         self.net = nnx.List(
             [
-                GEGLU(dim, inner_dim, dtype=dtype, rngs=rngs),
+                ACTIVATIONS[activation_fn](dim, inner_dim, dtype=dtype, rngs=rngs),
                 nnx.Dropout(0.0),
                 Linear(inner_dim, dim, dtype=dtype, rngs=rngs),
             ]

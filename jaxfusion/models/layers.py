@@ -1,4 +1,4 @@
-"""Dense layers (Linear, LayerNorm, Embed). Their parameters come from
+"""Dense layers (Linear, LayerNorm, RMSNorm, Embed). Their parameters come from
 `nnxtools.parameters.parameter` (abstract with `rngs=None`)."""
 
 import jax
@@ -39,6 +39,15 @@ class Linear(nnx.Module):
         return matmul_bias(x, self.kernel[...], bias, self.dtype)
 
 
+def normalize(x: jax.Array, epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) over the last axis, in float32 (biased variance, as
+    `torch.nn.LayerNorm`; with `elementwise_affine=False` that is the whole layer)."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon)
+
+
 class LayerNorm(nnx.Module):
     """`torch.nn.LayerNorm` over the last axis: `scale`, `bias` (dim,); statistics in float32."""
 
@@ -51,12 +60,26 @@ class LayerNorm(nnx.Module):
         self.bias = parameter(rngs, zeros, (dim,), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = x.mean(axis=-1, keepdims=True)
-        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-        normed = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        normed = normalize(x, self.epsilon)
         out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return out.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """`torch.nn.RMSNorm` over the last axis: x / sqrt(mean(x^2) + epsilon) * `scale` (dim,),
+    computed in float32, returned in `dtype`. (..., dim) -> (..., dim)."""
+
+    def __init__(
+        self, dim: int, *, epsilon: float, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None
+    ):
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = parameter(rngs, ones, (dim,), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.square(x).mean(axis=-1, keepdims=True) + self.epsilon)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Embed(nnx.Module):

@@ -24,6 +24,7 @@ from jaxfusion.models.clip import MODEL_TYPE as CLIP_MODEL_TYPE
 from jaxfusion.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from jaxfusion.models.t5 import MODEL_TYPE as T5_MODEL_TYPE
 from jaxfusion.models.t5 import T5Config, T5EncoderModel
+from jaxfusion.models.transformer_flux import FluxConfig, FluxTransformer2DModel
 from jaxfusion.models.unet_2d_condition import UNet2DConditionModel, UNetConfig
 from jaxfusion.models.vae import AutoencoderKL, VAEConfig
 
@@ -55,15 +56,12 @@ def load_unet(
       abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
         the weight files are found, without reading the weights (to check a request cheaply).
     """
-    dtype = parse_dtype(dtype)
-    folder = resolve_component(path, "unet", {"UNet2DConditionModel"}, variant=variant)
-    config = UNetConfig.from_diffusers(read_json(folder / "config.json"))
-    shapes = UNet2DConditionModel.abstract(config, dtype=dtype)
-    return load_weights(
-        shapes,
-        folder,
-        dtype,
-        weights_name=WEIGHTS_NAME,
+    return _load_diffusers_model(
+        UNet2DConditionModel,
+        UNetConfig,
+        path,
+        "unet",
+        dtype=dtype,
         variant=variant,
         allow_pickle=allow_pickle,
         abstract=abstract,
@@ -78,6 +76,54 @@ def save_unet(
     (an orbax checkpoint) instead of the safetensors file. Each file is written to a
     temporary name and renamed, so no half-written file is left behind."""
     return _write_folder(unet, path, unet.config.to_diffusers(), WEIGHTS_NAME, dtype, flax)
+
+
+def load_flux_transformer_config(path: str | Path) -> FluxConfig:
+    """The FluxConfig of a Flux transformer folder or pipeline folder (its `transformer/`)."""
+    folder = resolve_component(path, "transformer", {FluxTransformer2DModel.__name__})
+    return FluxConfig.from_diffusers(read_json(folder / "config.json"))
+
+
+def load_flux_transformer(
+    path: str | Path,
+    *,
+    dtype=jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    abstract: bool = False,
+) -> FluxTransformer2DModel:
+    """A ready Flux transformer from a diffusers folder (`config.json` + safetensors weights,
+    sharded or not).
+
+    Args:
+      path: the transformer's folder, a diffusers pipeline folder (its `transformer/` is
+        used), or a hub id.
+      dtype: float32, bfloat16 or float16; parameters are stored and run in it.
+      variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
+      allow_pickle: also read `.bin`/`.ckpt` pickle files, which run code when loaded.
+      abstract: return the model with `jax.ShapeDtypeStruct` parameters once the config and
+        the weight files are found, without reading the weights (to check a request cheaply).
+    """
+    return _load_diffusers_model(
+        FluxTransformer2DModel,
+        FluxConfig,
+        path,
+        "transformer",
+        dtype=dtype,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        abstract=abstract,
+    )
+
+
+def save_flux_transformer(
+    model: FluxTransformer2DModel, path: str | Path, *, dtype=None, flax: bool = False
+) -> Path:
+    """Writes `config.json` and `diffusion_pytorch_model.safetensors` (in `dtype`, default the
+    parameters' own) into `path`, a folder that diffusers' `FluxTransformer2DModel
+    .from_pretrained` loads; with `flax`, `flax_params/` (an orbax checkpoint) instead of the
+    safetensors file. Each file is written to a temporary name and renamed into place."""
+    return _write_folder(model, path, model.config.to_diffusers(), WEIGHTS_NAME, dtype, flax)
 
 
 def load_vae_config(path: str | Path) -> VAEConfig:
@@ -275,6 +321,34 @@ def _write_transformers_folder(model: nnx.Module, path: str | Path, dtype: Any, 
         dtype,
         flax,
         convert.text_encoder.METADATA,
+    )
+
+
+def _load_diffusers_model(
+    model_class: type[nnx.Module],
+    config_class: type,
+    path: str | Path,
+    component: str,
+    *,
+    dtype,
+    variant: str | None,
+    allow_pickle: bool,
+    abstract: bool,
+) -> nnx.Module:
+    """`model_class` (whose diffusers class name is its own) built from the `config_class` of
+    the folder of `component` that `path` leads to, filled with that folder's weights (see
+    `load_unet` for the arguments)."""
+    dtype = parse_dtype(dtype)
+    folder = resolve_component(path, component, {model_class.__name__}, variant=variant)
+    config = config_class.from_diffusers(read_json(folder / "config.json"))
+    return load_weights(
+        model_class.abstract(config, dtype=dtype),
+        folder,
+        dtype,
+        weights_name=WEIGHTS_NAME,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        abstract=abstract,
     )
 
 
