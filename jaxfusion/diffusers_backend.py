@@ -21,12 +21,14 @@ PIPELINE_CLASSES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionXLImg2ImgPipeline",
+    "FluxPipeline",
 )
 # Each pipeline class's image-to-image counterpart, on the same components (`from_pipe`).
 IMG2IMG_CLASSES = {
     "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
+    "FluxPipeline": "FluxImg2ImgPipeline",
 }
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -60,7 +62,7 @@ def load_diffusers_pipeline(
     Args:
       path: a diffusers pipeline folder of one of `PIPELINE_CLASSES`.
       dtype: "float32" | "float16" | "bfloat16", the weights' torch dtype.
-      scheduler: a jaxfusion scheduler kind ("euler", "ddim", "dpmpp", "euler_a", "lcm")
+      scheduler: a jaxfusion scheduler kind (`SCHEDULERS`: "euler", "ddim", ...)
         replaces the folder's scheduler by that diffusers class (`SCHEDULERS`), built
         from the folder's scheduler config (`from_config`); None keeps it.
       device: torch device; default "cuda" when available, else "cpu".
@@ -94,7 +96,7 @@ def load_diffusers_pipeline(
     kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
     if class_name == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    else:  # jaxfusion adds no invisible watermark
+    elif class_name in SDXL_CLASSES:  # jaxfusion adds no invisible watermark
         kwargs.update(add_watermarker=False)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

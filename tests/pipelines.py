@@ -1,12 +1,14 @@
-"""Tiny random diffusers pipelines (SDXL and SD 1.x shaped) written with `save_pretrained`, and
-helpers to compare generated images: both backends of a folder (`Backends`), the prompts and
-parity bound of the tests that compare them, and image-to-image's starting image and noise.
+"""Tiny random diffusers pipelines (SDXL, SD 1.x and Flux.1 shaped) written with
+`save_pretrained`, and helpers to compare generated images: both backends of a folder
+(`Backends`), the prompts and parity bound of the tests that compare them, and
+image-to-image's starting image and noise.
 A 4-step 32x32 generation takes well under a second."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import string
 import tempfile
 from pathlib import Path
 
@@ -74,11 +76,13 @@ def _text_encoder(model_class, tokenizer, seed: int, **config):
     return randomize(model_class(config), seed=seed)
 
 
-def _vae(scaling_factor: float, force_upcast: bool):
+def _vae(scaling_factor: float, force_upcast: bool, **config):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(10)
-    vae = AutoencoderKL(**VAE, scaling_factor=scaling_factor, force_upcast=force_upcast)
+    vae = AutoencoderKL(
+        **dict(VAE, **config), scaling_factor=scaling_factor, force_upcast=force_upcast
+    )
     return randomize(vae, seed=10)
 
 
@@ -175,7 +179,115 @@ def build_random_pipeline(kind: str):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    raise ValueError(f"kind={kind!r}: use 'sdxl', 'sdxl-light' or 'sd'")
+    if kind in FLUX_KINDS:
+        return _flux_pipeline(kind)
+    raise ValueError(f"kind={kind!r}: use 'sdxl', 'sdxl-light', 'sd', 'flux-dev' or 'flux-schnell'")
+
+
+# Flux.1 shaped: a transformer of 1 double- and 2 single-stream blocks on 4 latent channels
+# (16 packed), CLIP's pooled 16 features, T5's 32; FLUX.1 [dev]'s scheduler config (dynamic
+# shift) and guidance embedding, or [schnell]'s (static shift 1, no guidance embedding).
+FLUX_TRANSFORMER = dict(
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    in_channels=16,
+    axes_dims_rope=(2, 2, 4),
+)
+FLUX_KINDS = {
+    "flux-dev": (
+        dict(guidance_embeds=True),
+        dict(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    ),
+    "flux-schnell": (dict(guidance_embeds=False), dict(shift=1.0, use_dynamic_shifting=False)),
+}
+T5 = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=37,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+)
+
+
+def _flux_pipeline(kind: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer_config, schedule = FLUX_KINDS[kind]
+    tokenizer = _tokenizer("<|endoftext|>")
+    with tempfile.TemporaryDirectory() as folder:
+        write_t5_tokenizer(folder, WORDS)
+        tokenizer_2 = transformers.T5TokenizerFast.from_pretrained(folder)
+    text_encoder = _text_encoder(
+        transformers.CLIPTextModel,
+        tokenizer,
+        seed=1,
+        hidden_size=FLUX_TRANSFORMER["pooled_projection_dim"],
+        num_attention_heads=2,
+        hidden_act="quick_gelu",
+    )
+    torch.manual_seed(2)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer_2), **T5))
+    torch.manual_seed(3)
+    transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER, **transformer_config)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**schedule),
+        vae=_vae(
+            scaling_factor=0.3611,
+            force_upcast=True,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=randomize(t5, seed=2),
+        tokenizer_2=tokenizer_2,
+        transformer=randomize(transformer, seed=3),
+    )
+
+
+def write_t5_tokenizer(folder, words, model_max_length: int = 16) -> dict[str, int]:
+    """A tiny T5 tokenizer as Flux's tokenizer_2 is made (a Unigram model with `<pad>` 0,
+    `</s>` 1, `<unk>` 2, SentencePiece's word boundary "▁", one piece per word of `words`
+    and per letter, `</s>` appended), written with `save_pretrained`; returns its
+    vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    letters = string.ascii_lowercase
+    pieces = ["<pad>", "</s>", "<unk>", "▁", *("▁" + w for w in words), *letters]
+    scores = [0.0, 0.0, 0.0, -2.0] + [-1.0 - i / 100 for i in range(len(words))]
+    scores += [-5.0] * len(letters)
+    backend = Tokenizer(models.Unigram(list(zip(pieces, scores, strict=True)), unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = transformers.T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+    tokenizer.save_pretrained(folder)
+    return {piece: i for i, piece in enumerate(pieces)}
 
 
 def save_random_pipeline(folder: str | Path, kind: str) -> Path:
@@ -189,7 +301,7 @@ def save_random_pipeline(folder: str | Path, kind: str) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         tokenizer = getattr(pipe, name, None)
-        if tokenizer is not None:
+        if isinstance(tokenizer, transformers.CLIPTokenizer):
             shutil.rmtree(folder / name)
             write_tokenizer(folder / name, WORDS, pad_token=tokenizer.pad_token)
     return folder

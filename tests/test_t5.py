@@ -2,7 +2,6 @@
 its conversion both ways, its configuration, and the T5 tokenizer (Flux's `tokenizer_2`)."""
 
 import functools
-import string
 
 import jax
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import transformers
 from diffusers_models import assert_same_parameters, randomize, relative_l2
 from flax import nnx
+from pipelines import write_t5_tokenizer
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from transformers.models.t5.modeling_t5 import T5Attention
@@ -260,37 +260,9 @@ def test_config():
 WORDS = "a photo of an astronaut riding horse on the moon cat dog red blue big painting".split()  # noqa: SIM905
 
 
-def write_t5_tokenizer(folder, model_max_length: int = 16) -> dict[str, int]:
-    """A tiny T5 tokenizer as Flux's tokenizer_2 is made (a Unigram model with `<pad>` 0,
-    `</s>` 1, `<unk>` 2, SentencePiece's word boundary "▁", `</s>` appended), written with
-    `save_pretrained`; returns its vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    letters = string.ascii_lowercase
-    pieces = ["<pad>", "</s>", "<unk>", "▁", *("▁" + w for w in WORDS), *letters]
-    scores = [0.0, 0.0, 0.0, -2.0] + [-1.0 - i / 100 for i in range(len(WORDS))]
-    scores += [-5.0] * len(letters)
-    backend = Tokenizer(models.Unigram(list(zip(pieces, scores, strict=True)), unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)]
-    )
-    tokenizer = transformers.T5TokenizerFast(
-        tokenizer_object=backend,
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_ids=0,
-        model_max_length=model_max_length,
-    )
-    tokenizer.save_pretrained(folder)
-    return {piece: i for i, piece in enumerate(pieces)}
-
-
 def test_t5_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    vocab = write_t5_tokenizer(tmp_path / "tokenizer_2")
+    vocab = write_t5_tokenizer(tmp_path / "tokenizer_2", WORDS)
     tokenizer = load_t5_tokenizer(tmp_path)
     reference = transformers.T5TokenizerFast.from_pretrained(tmp_path / "tokenizer_2")
     length = 12

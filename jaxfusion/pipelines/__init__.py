@@ -1,18 +1,22 @@
 """Text-to-image and image-to-image pipelines that read diffusers pipeline folders and run
 in JAX: the core every model family shares (`base.TextToImagePipeline`, run on a
 `Request`), and a module per family that supplies its parts (`stable_diffusion`: SD 1.x/2.x,
-`stable_diffusion_xl`: SDXL and its refiner). `PIPELINES` names each family's classes by the
-diffusers pipeline class that a folder's `model_index.json` names."""
+`stable_diffusion_xl`: SDXL and its refiner, `flux`: Flux.1 [dev] and [schnell]).
+`PIPELINES` names each family's classes by the diffusers pipeline class that a folder's
+`model_index.json` names."""
 
 from pathlib import Path
 
 from convert.files import read_model_index
 from jaxfusion.pipelines.base import Stage, TextToImagePipeline, no_display
+from jaxfusion.pipelines.flux import FluxPipeline
 from jaxfusion.pipelines.request import Request
 from jaxfusion.pipelines.stable_diffusion import SDPipeline
 from jaxfusion.pipelines.stable_diffusion_xl import SDXLImg2ImgPipeline, SDXLPipeline
 
-PIPELINES = {cls.pipeline_class: cls for cls in (SDXLPipeline, SDXLImg2ImgPipeline, SDPipeline)}
+PIPELINES = {
+    cls.pipeline_class: cls for cls in (SDXLPipeline, SDXLImg2ImgPipeline, SDPipeline, FluxPipeline)
+}
 
 
 BUILTIN = "builtin"
@@ -37,6 +41,7 @@ def load_pipeline(path: str | Path = BUILTIN, **kwargs) -> TextToImagePipeline:
 __all__ = [
     "BUILTIN",
     "PIPELINES",
+    "FluxPipeline",
     "Request",
     "SDPipeline",
     "SDXLImg2ImgPipeline",

@@ -605,7 +605,8 @@ class TextToImagePipeline(abc.ABC):
         if parallel.cfg == 2 and not guidance:
             raise ValueError(
                 "cfg=2 splits the two halves of classifier-free guidance over devices, but "
-                "guidance is off (guidance_scale <= 1): use cfg=1"
+                "guidance is off (guidance_scale <= 1, or a model guided otherwise, such as "
+                "FLUX.1 [dev]): use cfg=1"
             )
         parallel.mesh()
 
