@@ -3,10 +3,13 @@ same tiny random folders ([dev]: guidance embedding and dynamic shift; [schnell]
 from the same packed latents; its patch-parallel runs against one device; its folder written
 back; and what it refuses, before anything compiles."""
 
+import re
+
 import diffusers
 import numpy as np
 import pytest
 import torch
+from commands import jaxfusion_command
 from diffusers_models import relative_l2
 from pipelines import FLUX_KINDS, MIN_PSNR, PROMPT, save_random_pipeline
 
@@ -130,3 +133,18 @@ def test_refusals(pipes, arguments, message):
 def test_lora_refused(pipes):
     with pytest.raises(ValueError, match="LoRAs for Flux are not supported"):
         pipes["flux-dev"].load_lora("any/flux-lora.safetensors")
+
+
+def test_compare_command_with_packed_latents(folders, tmp_path):
+    """`jaxfusion compare --model FLUX_FOLDER --latents FILE.npy`: the file holds what
+    FluxPipeline takes as latents (packed tokens), and both backends draw the same image."""
+    latents = np.random.default_rng(5).standard_normal((1, 10 * 12, 16)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    result = jaxfusion_command(
+        tmp_path / "cache", "compare", "--model", str(folders["flux-dev"]), "--prompt", PROMPT,
+        "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS),
+        "--latents", str(tmp_path / "latents.npy"), "--runs", "1",
+    )  # fmt: skip
+    match = re.search(r"PSNR ([\d.]+|inf) dB", result.stderr)
+    assert match, result.stderr
+    assert float(match.group(1)) >= MIN_PSNR
