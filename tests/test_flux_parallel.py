@@ -137,12 +137,14 @@ def test_displaced_equals_reference_and_differs_from_single(case, height, device
     assert relative_l2(expected, case.reference(height, "single")) > DISPLACED_MARGIN
 
 
-def test_naive_equals_reference_and_differs_from_single(case):
+@HEIGHTS
+def test_naive_equals_reference_and_differs_from_single(case, height):
     """Each of 4 patches attends to its own text and image tokens only, its image ids those
-    of its rows in the whole token grid."""
-    naive, expected = case.jax(16, ParallelConfig(4, mode="naive")), case.reference(16, "naive", 4)
+    of its rows in the whole token grid, on unequal slabs too (token rows from 0, 2, 3, 4)."""
+    naive = case.jax(height, ParallelConfig(4, mode="naive"))
+    expected = case.reference(height, "naive", 4)
     assert relative_l2(naive, expected) < REFERENCE_TOLERANCE
-    assert relative_l2(expected, case.reference(16, "single")) > DISPLACED_MARGIN
+    assert relative_l2(expected, case.reference(height, "single")) > DISPLACED_MARGIN
 
 
 def test_kv_refresh_equals_reference(case):
