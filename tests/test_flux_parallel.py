@@ -10,7 +10,8 @@ This checks *which* keys and values each attention reads in a displaced step: th
 text and fresh image ones, the other patches' image ones from the step before, in the double-
 and the single-stream blocks alike; each patch's text stream its own. Heights: 16 latent rows
 (8 token rows: 4 + 4 on 2 patches, 2 + 2 + 2 + 2 on 4) and 10 (5 token rows: 3 + 2 and
-2 + 1 + 1 + 1), whose slabs are unequal.
+2 + 1 + 1 + 1), whose slabs are unequal. About 60 s in all on 2 busy cores, 40 s without
+the tests marked slow.
 """
 
 import diffusers
@@ -128,9 +129,10 @@ def test_single_equals_reference(case, height):
 
 
 @HEIGHTS
-@pytest.mark.parametrize("devices", [2, 4])
+@pytest.mark.parametrize("devices", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_displaced_equals_reference_and_differs_from_single(case, height, devices):
-    """Steps 0..WARMUP synchronous, steps WARMUP+1..3 displaced."""
+    """Steps 0..WARMUP synchronous, steps WARMUP+1..3 displaced. The fast tier keeps 4
+    patches, where each patch reads three others' stale keys and values."""
     parallel = ParallelConfig(devices, mode="displaced", warmup_steps=WARMUP)
     expected = case.reference(height, "displaced", devices, warmup_steps=WARMUP)
     assert relative_l2(case.jax(height, parallel), expected) < REFERENCE_TOLERANCE
@@ -147,6 +149,7 @@ def test_naive_equals_reference_and_differs_from_single(case, height):
     assert relative_l2(expected, case.reference(height, "single")) > DISPLACED_MARGIN
 
 
+@pytest.mark.slow
 def test_kv_refresh_equals_reference(case):
     """kv_refresh=2 with W = 0 on 4 unequal slabs: steps 1..3 displaced, the stale keys and
     values replaced after step 2 only (step 2 reads step 0's, step 3 step 2's)."""
