@@ -72,6 +72,9 @@ class PatchContext:
         height h.
     width: the latent's width, with `split` (to find a token sequence's rows:
         `uneven_tokens`).
+    naive_rows: in naive steps on row slabs of unequal real rows, where each device runs
+        its real rows alone (`sharding.loops.predict_real`) and `split` is None: the
+        latent's split, which says where each patch's rows begin (`first_row`); else None.
     """
 
     patches: int
@@ -85,6 +88,7 @@ class PatchContext:
     hold_kv: bool = False
     split: Split | None = None
     width: int = 0
+    naive_rows: Split | None = None
 
     def index(self) -> jax.Array:
         """This device's patch, i."""
@@ -119,7 +123,12 @@ class PatchContext:
 
     def first_row(self, rows: int) -> jax.Array:
         """This patch's first real row in the whole feature map whose device arrays hold
-        `rows` rows."""
+        `rows` rows (in a naive step on unequal slabs, `naive_rows`, its real rows: this
+        patch's first latent row scaled by rows over its latent rows, exact where those are
+        whole multiples of the scale, as a transformer's token rows are)."""
+        if self.naive_rows is not None:
+            split, index = self.naive_rows, self.index()
+            return split.first_row(index) * rows // split.real_rows(index)
         split = self.uneven(rows)
         if split is None:
             return self.index() * rows

@@ -399,10 +399,15 @@ def step_context(
 ) -> PatchContext | None:
     """How the primitives behave in a step of `kind` (see `ParallelConfig.schedule`) on a
     latent of `width` columns whose rows split as `split` says; None on one device. Naive
-    steps run each slab's real rows alone (`predict_real`): their primitives see no split."""
+    steps run each slab's real rows alone (`predict_real`): their primitives see no split,
+    but on unequal row slabs still learn where their rows begin (`PatchContext.first_row`:
+    a transformer's positions are those of the whole image)."""
     if kind == "single":
         return None
     exchange = {"sync": "sync", "warm-up": "sync", "naive": "none", "displaced": "displaced"}
+    naive_rows = None
+    if kind == "naive" and parallel.naive_split == "row" and split is not None and not split.even:
+        naive_rows = split
     return PatchContext(
         parallel.patches,
         exchange[kind],
@@ -412,6 +417,7 @@ def step_context(
         hold_kv=parallel.kv_refresh > 1,
         split=None if kind == "naive" else split,
         width=width,
+        naive_rows=naive_rows,
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers_models import SD_NOISE_SCHEDULE, randomize, relative_l2
 from flax import nnx
+from flux_models import FLUX_CONFIG
 from jaxprs import kv_messages
 from safetensors.numpy import load_file, save_file
 
@@ -30,16 +31,7 @@ from jaxfusion.models.transformer_flux import FluxConfig
 from sharding import ParallelConfig
 from sharding.loops import Sampling, denoise
 
-CONFIG = dict(
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    pooled_projection_dim=10,
-    in_channels=16,  # 4 latent channels, packed 2x2
-    axes_dims_rope=(2, 2, 4),
-)
+CONFIG = FLUX_CONFIG
 CHANNELS, TEXT_TOKENS = 4, 5
 HEIGHT, WIDTH = 8, 12  # a 4 x 6 token grid: rows and columns not interchangeable
 TIMESTEP, GUIDANCE = 751.3, 3.5

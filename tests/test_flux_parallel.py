@@ -1,0 +1,160 @@
+"""Flux.1's patch parallelism against an independent sequential reference: jaxfusion's
+displaced loop (`sharding.loops.denoise`, DistriFusion) on the [dev]-like transformer
+(`jaxfusion.models.transformer_flux`, guidance embedding, no classifier-free guidance)
+equals `flux_reference.py`, diffusers' own FluxTransformer2DModel in float64 run patch by
+patch with explicit stale keys and values, both stepped by flow-matching Euler as FluxPipeline
+schedules it. The reference shares only the weights (diffusers writes the folder we load) and
+the slab boundaries (`sharding.split.Split`) with the code under test.
+
+This checks *which* keys and values each attention reads in a displaced step: the patch's own
+text and fresh image ones, the other patches' image ones from the step before, in the double-
+and the single-stream blocks alike; each patch's text stream its own. Heights: 16 latent rows
+(8 token rows: 4 + 4 on 2 patches, 2 + 2 + 2 + 2 on 4) and 10 (5 token rows: 3 + 2 and
+2 + 1 + 1 + 1), whose slabs are unequal. About 60 s in all on 2 busy cores, 40 s without
+the tests marked slow.
+"""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers_models import randomize, relative_l2
+from flax import nnx
+from flux_models import FLUX_CONFIG
+from flux_reference import FluxReference
+
+from jaxfusion import schedulers
+from jaxfusion.models.pretrained import load_flux_transformer
+from sharding import ParallelConfig
+from sharding.loops import Sampling, denoise
+
+STEPS, WARMUP, GUIDANCE = 4, 1, 3.5
+CHANNELS, WIDTH, TEXT_TOKENS = 4, 12, 5  # 6 token columns
+# FLUX.1 [dev]'s scheduler: its shift of the noise levels depends on the image's token count.
+SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True)
+# JAX (float32) vs the float64 reference: measured 7.8e-7 .. 1.0e-6 in every case below
+# (displaced, naive, kv_refresh; 9.8e-7 and 7.8e-7 for one device): float32 rounding of every
+# activation, which one device alone shows too (the float32 parity with diffusers is 2.3e-6
+# for one prediction), carried through 4 Euler steps. 10x headroom; displaced differs from
+# single by 1.7e-3 .. 3.7e-3, over 100x the tolerance, so a displaced step that read this
+# step's keys and values, or the wrong patches' stale ones, would fail.
+REFERENCE_TOLERANCE = 1e-5
+DISPLACED_MARGIN = 1e-3  # displaced (naive, kv_refresh) vs single must differ by more
+
+
+class Case:
+    """The random [dev]-like transformer written by diffusers and loaded by jaxfusion, one
+    sample of inputs per height; JAX runs compiled once per (height, parallel config),
+    reference runs once per (height, mode and its arguments)."""
+
+    def __init__(self, folder):
+        torch.manual_seed(0)
+        model = diffusers.FluxTransformer2DModel(**FLUX_CONFIG, guidance_embeds=True)
+        model = randomize(model, seed=1)
+        model.save_pretrained(folder)
+        self.model = load_flux_transformer(folder)
+        self.reference_model = FluxReference(model)
+        self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+        self._runs, self._references = {}, {}
+
+    @staticmethod
+    def inputs(height: int) -> dict[str, np.ndarray]:
+        """NHWC latents (1, height, WIDTH, 4), prompt embeddings (1, T, 12), pooled (1, 10)."""
+        rng = np.random.default_rng(2)
+        return {
+            "latents": rng.standard_normal((1, height, WIDTH, CHANNELS)).astype(np.float32),
+            "prompt_embeds": rng.standard_normal(
+                (1, TEXT_TOKENS, FLUX_CONFIG["joint_attention_dim"])
+            ).astype(np.float32),
+            "pooled_prompt_embeds": rng.standard_normal(
+                (1, FLUX_CONFIG["pooled_projection_dim"])
+            ).astype(np.float32),
+        }
+
+    def jax(self, height: int, parallel: ParallelConfig) -> np.ndarray:
+        """Final latents (1, height, WIDTH, 4) of `sharding.loops.denoise`."""
+        if (height, parallel) not in self._runs:
+            data = self.inputs(height)
+            config = schedulers.SchedulerConfig.from_diffusers(self.scheduler.config, "flow_match")
+            image_seq_len = (height // 2) * (WIDTH // 2)
+            schedule = schedulers.make_schedule(config, STEPS, image_seq_len=image_seq_len)
+            conditioning = {
+                "prompt_embeds": jnp.asarray(data["prompt_embeds"]),
+                "pooled_prompt_embeds": jnp.asarray(data["pooled_prompt_embeds"]),
+                "guidance": jnp.full((1,), GUIDANCE, jnp.float32),
+            }
+            graphdef, weights = nnx.split(self.model)
+            run = jax.jit(lambda w, s, x: denoise(nnx.merge(graphdef, w), s, x, parallel))
+            out = run(weights, Sampling(schedule, conditioning, None), data["latents"])
+            self._runs[height, parallel] = np.asarray(out)
+        return self._runs[height, parallel]
+
+    def reference(self, height: int, mode: str, patches: int = 1, **options) -> np.ndarray:
+        """Final latents (1, height, WIDTH, 4) of `FluxReference.denoise` (NHWC here)."""
+        key = (height, mode, patches, tuple(sorted(options.items())))
+        if key not in self._references:
+            data = self.inputs(height)
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+            out = self.reference_model.denoise(
+                scheduler,
+                data["latents"].transpose(0, 3, 1, 2),
+                data["prompt_embeds"],
+                data["pooled_prompt_embeds"],
+                GUIDANCE,
+                steps=STEPS,
+                patches=patches,
+                mode=mode,
+                **options,
+            )
+            self._references[key] = out.transpose(0, 2, 3, 1)
+        return self._references[key]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return Case(tmp_path_factory.mktemp("flux-dev") / "transformer")
+
+
+HEIGHTS = pytest.mark.parametrize("height", [16, 10], ids=["even-slabs", "uneven-slabs"])
+
+
+@HEIGHTS
+def test_single_equals_reference(case, height):
+    """The oracle itself first: one device, every step diffusers' model on the whole latent
+    (through the reference's attention processor)."""
+    single = case.jax(height, ParallelConfig())
+    assert relative_l2(single, case.reference(height, "single")) < REFERENCE_TOLERANCE
+
+
+@HEIGHTS
+@pytest.mark.parametrize("devices", [pytest.param(2, marks=pytest.mark.slow), 4])
+def test_displaced_equals_reference_and_differs_from_single(case, height, devices):
+    """Steps 0..WARMUP synchronous, steps WARMUP+1..3 displaced. The fast tier keeps 4
+    patches, where each patch reads three others' stale keys and values."""
+    parallel = ParallelConfig(devices, mode="displaced", warmup_steps=WARMUP)
+    expected = case.reference(height, "displaced", devices, warmup_steps=WARMUP)
+    assert relative_l2(case.jax(height, parallel), expected) < REFERENCE_TOLERANCE
+    assert relative_l2(expected, case.reference(height, "single")) > DISPLACED_MARGIN
+
+
+@HEIGHTS
+def test_naive_equals_reference_and_differs_from_single(case, height):
+    """Each of 4 patches attends to its own text and image tokens only, its image ids those
+    of its rows in the whole token grid, on unequal slabs too (token rows from 0, 2, 3, 4)."""
+    naive = case.jax(height, ParallelConfig(4, mode="naive"))
+    expected = case.reference(height, "naive", 4)
+    assert relative_l2(naive, expected) < REFERENCE_TOLERANCE
+    assert relative_l2(expected, case.reference(height, "single")) > DISPLACED_MARGIN
+
+
+@pytest.mark.slow
+def test_kv_refresh_equals_reference(case):
+    """kv_refresh=2 with W = 0 on 4 unequal slabs: steps 1..3 displaced, the stale keys and
+    values replaced after step 2 only (step 2 reads step 0's, step 3 step 2's)."""
+    parallel = ParallelConfig(4, mode="displaced", warmup_steps=0, kv_refresh=2)
+    expected = case.reference(10, "displaced", 4, warmup_steps=0, kv_refresh=2)
+    assert relative_l2(case.jax(10, parallel), expected) < REFERENCE_TOLERANCE
+    every_step = case.reference(10, "displaced", 4, warmup_steps=0)
+    assert relative_l2(expected, every_step) > DISPLACED_MARGIN
