@@ -12,6 +12,7 @@ from nnxtools.lazy import lazy_attributes
 __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
+        "FluxPipeline": "jaxfusion.pipelines",
         "ParallelConfig": "sharding.parallel",
         "SDPipeline": "jaxfusion.pipelines",
         "SDXLImg2ImgPipeline": "jaxfusion.pipelines",
@@ -24,10 +25,17 @@ __getattr__, __dir__ = lazy_attributes(
 
 if TYPE_CHECKING:
     from jaxfusion.models import UNet2DConditionModel, UNetConfig
-    from jaxfusion.pipelines import SDPipeline, SDXLImg2ImgPipeline, SDXLPipeline, load_pipeline
+    from jaxfusion.pipelines import (
+        FluxPipeline,
+        SDPipeline,
+        SDXLImg2ImgPipeline,
+        SDXLPipeline,
+        load_pipeline,
+    )
     from sharding.parallel import ParallelConfig
 
 __all__ = [
+    "FluxPipeline",
     "ParallelConfig",
     "SDPipeline",
     "SDXLImg2ImgPipeline",
