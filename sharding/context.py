@@ -46,6 +46,12 @@ class Received:
 class PatchContext:
     """How the primitives behave in this denoising step on this device.
 
+    Where this device's slab sits in the whole image (what a transformer's token positions
+    need: `first_row`, `first_column`), one rule: along the side the patches cut (`side`),
+    at this patch's first real row (column) of that side's split (`naive_slabs` in naive
+    steps, `split` in the others, P equal slabs where it is None), scaled to the feature
+    map; along the other side at 0, since the slab holds all of it.
+
     patches: P, the devices along the mesh axis `AXIS`; this device's patch is
         `jax.lax.axis_index(AXIS)`, its rows of every feature map as `split` says.
     exchange: "sync" (context from the other patches' current activations: exact),
@@ -72,9 +78,12 @@ class PatchContext:
         height h.
     width: the latent's width, with `split` (to find a token sequence's rows:
         `uneven_tokens`).
-    naive_rows: in naive steps on row slabs of unequal real rows, where each device runs
-        its real rows alone (`sharding.loops.predict_real`) and `split` is None: the
-        latent's split, which says where each patch's rows begin (`first_row`); else None.
+    naive_slabs: in naive steps, where each device runs its slab's real rows (columns)
+        alone (`sharding.loops.predict_real`) and `split` is None: the latent's split of
+        `side`, which says where each patch's slab begins; else None.
+    side: the side the patches cut: "row" (row slabs, in every mode), or "col" (the
+        column slabs of naive steps: `ParallelConfig.naive_split` "col", and the odd steps
+        of "alternate").
     """
 
     patches: int
@@ -88,7 +97,8 @@ class PatchContext:
     hold_kv: bool = False
     split: Split | None = None
     width: int = 0
-    naive_rows: Split | None = None
+    naive_slabs: Split | None = None
+    side: Literal["row", "col"] = "row"
 
     def index(self) -> jax.Array:
         """This device's patch, i."""
@@ -123,16 +133,32 @@ class PatchContext:
 
     def first_row(self, rows: int) -> jax.Array:
         """This patch's first real row in the whole feature map whose device arrays hold
-        `rows` rows (in a naive step on unequal slabs, `naive_rows`, its real rows: this
-        patch's first latent row scaled by rows over its latent rows, exact where those are
-        whole multiples of the scale, as a transformer's token rows are)."""
-        if self.naive_rows is not None:
-            split, index = self.naive_rows, self.index()
-            return split.first_row(index) * rows // split.real_rows(index)
-        split = self.uneven(rows)
+        `rows` rows: 0 on column slabs (see the class's rule)."""
+        if self.side == "col":
+            return jnp.int32(0)
+        return self._first_along_cut(rows)
+
+    def first_column(self, columns: int) -> jax.Array:
+        """This patch's first real column in the whole feature map whose device arrays hold
+        `columns` columns: 0 on row slabs (see the class's rule)."""
+        if self.side == "row":
+            return jnp.int32(0)
+        return self._first_along_cut(columns)
+
+    def _first_along_cut(self, size: int) -> jax.Array:
+        """This patch's first real row (column) along the cut side, in a feature map whose
+        device arrays hold `size` of them. In a naive step (`naive_slabs`) the model runs on
+        the real ones alone: this patch's first latent row scaled by `size` over its real
+        latent rows, exact where those are whole multiples of the scale, as a transformer's
+        token rows are."""
+        index = self.index()
+        if self.naive_slabs is not None:
+            split = self.naive_slabs
+            return split.first_row(index) * size // split.real_rows(index)
+        split = self.uneven(size)
         if split is None:
-            return self.index() * rows
-        return split.first_row(self.index())
+            return index * size
+        return split.first_row(index)
 
     @property
     def exchanges(self) -> bool:

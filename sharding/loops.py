@@ -335,7 +335,12 @@ class Loop:
             latents, state = step_with(model.predict)(latents, state, noise)
         elif parallel.naive_split == "alternate":
             rows = step_with(predict_real(model.predict, split, 1))
-            columns = step_with(predict_real(model.predict, layout.columns, 2))
+            # The odd steps' column slabs: a copy of the model that knows it (a module is not
+            # changed inside the branches of `cond`).
+            on_columns = nnx.merge(self.graphdef, self.weights)
+            column_context = dataclasses.replace(context, side="col", naive_slabs=layout.columns)
+            set_patch_context(on_columns, column_context)
+            columns = step_with(predict_real(on_columns.predict, layout.columns, 2))
             columns = column_step(columns, split, layout.columns)
             latents, state = jax.lax.cond(i % 2, columns, rows, latents, state, noise)
         else:
@@ -398,16 +403,17 @@ def step_context(
     kind: StepKind, parallel: ParallelConfig, split: Split | None = None, width: int = 0
 ) -> PatchContext | None:
     """How the primitives behave in a step of `kind` (see `ParallelConfig.schedule`) on a
-    latent of `width` columns whose rows split as `split` says; None on one device. Naive
-    steps run each slab's real rows alone (`predict_real`): their primitives see no split,
-    but on unequal row slabs still learn where their rows begin (`PatchContext.first_row`:
-    a transformer's positions are those of the whole image)."""
+    latent of `width` columns whose rows (columns, for naive column slabs: `split_axis`)
+    split as `split` says; None on one device. Naive steps run each slab's real rows
+    (columns) alone (`predict_real`): their primitives see no split, but learn where their
+    slab begins (`PatchContext.naive_slabs`: a transformer's positions are those of the
+    whole image). Naive "alternate" steps: the context of their row slabs (the even steps;
+    `Loop.step` gives the odd ones the column slabs)."""
     if kind == "single":
         return None
     exchange = {"sync": "sync", "warm-up": "sync", "naive": "none", "displaced": "displaced"}
-    naive_rows = None
-    if kind == "naive" and parallel.naive_split == "row" and split is not None and not split.even:
-        naive_rows = split
+    naive = kind == "naive"
+    columns = naive and parallel.naive_split == "col"
     return PatchContext(
         parallel.patches,
         exchange[kind],
@@ -415,9 +421,10 @@ def step_context(
         keep_stale=kind == "warm-up",
         compress=parallel.compress,
         hold_kv=parallel.kv_refresh > 1,
-        split=None if kind == "naive" else split,
+        split=None if naive else split,
         width=width,
-        naive_rows=naive_rows,
+        naive_slabs=split if naive else None,
+        side="col" if columns else "row",
     )
 
 

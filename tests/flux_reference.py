@@ -31,7 +31,10 @@ The rule (P patches along height, steps t = 0..T-1 in sampling order, W = warmup
 
 Other modes: "naive" (every step, each patch runs the model on [text, its own image tokens]
 alone, image ids of its rows in the whole grid, no warm-up), "single" (diffusers' model on the
-whole latent every step; the processor changes nothing).
+whole latent every step; the processor changes nothing). Naive mode's slabs may also be
+columns (`split` "col"; "alternate": rows at even steps, columns at odd ones): the latent cut
+by columns as `Split.of(w, P, 2)` says, each patch's image tokens those of its columns (all
+rows), packed 2x2, with the image ids (0, row, column) of those columns in the whole grid.
 
 The sampler is diffusers' FlowMatchEulerDiscreteScheduler with its timesteps set as
 FluxPipeline sets them (`fake_sampling.set_timesteps`); it steps the whole latent with the
@@ -59,6 +62,7 @@ from fake_sampling import set_timesteps
 from sharding.split import Split
 
 MODES = ("displaced", "naive", "single")
+SPLITS = ("row", "col", "alternate")  # naive mode's slabs
 PACK = 2  # latent rows (and columns) per token
 VAE_SCALE = 8  # what FluxPipeline._unpack_latents divides the pixel size by
 
@@ -194,13 +198,15 @@ class FluxReference:
         self.model = copy.deepcopy(model).to(torch.float64).eval()
         self.guidance_embeds = self.model.config.guidance_embeds
 
-    def _call(self, x, row, prompt_embeds, pooled, guidance, timestep):
-        """The prediction (B, C, rows, w) for the latent slab `x` (B, C, rows, w) whose first
-        token row is `row` of the whole grid, as FluxPipeline calls its transformer."""
+    def _call(self, x, row, col, prompt_embeds, pooled, guidance, timestep):
+        """The prediction (B, C, rows, cols) for the latent slab `x` (B, C, rows, cols) whose
+        first token is at (`row`, `col`) of the whole grid, as FluxPipeline calls its
+        transformer."""
         b, c, h, w = x.shape
         tokens = FluxPipeline._pack_latents(x, b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // PACK, w // PACK, "cpu", x.dtype)
         img_ids[:, 1] += row
+        img_ids[:, 2] += col
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, dtype=x.dtype)
         out = self.model(
             hidden_states=tokens,
@@ -226,19 +232,23 @@ class FluxReference:
         warmup_steps: int = 0,
         mode: str = "displaced",
         kv_refresh: int = 1,
+        split: str = "row",
     ) -> np.ndarray:
         """The final latents (B, C, h, w), float64, of a FluxPipeline-like loop from the
         initial noise `latents` (B, C, h, w) NCHW, whose model predictions follow `mode`
         (see the module docstring). `scheduler`: a FlowMatchEulerDiscreteScheduler, its
         timesteps set here for `steps` steps and the image's token count. `guidance`: the
-        guidance scale ([dev]'s embedding), None without one."""
+        guidance scale ([dev]'s embedding), None without one. `split`: naive mode's slabs,
+        "row", "col" or "alternate"."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {MODES}")
+        if split not in SPLITS or (split != "row" and mode != "naive"):
+            raise ValueError(f"split={split!r}: use one of {SPLITS}, other than 'row' in naive")
         if (guidance is None) == self.guidance_embeds:
             raise ValueError("give a guidance scale exactly when the model has guidance_embeds")
         b, _, h, w = latents.shape
         counts = Split.of(h, patches, PACK).counts if mode != "single" else (h,)
-        starts = np.cumsum([0, *counts[:-1]])
+        column_counts = Split.of(w, patches, PACK).counts if mode == "naive" else (w,)
         state = _State(len(counts), [count // PACK * (w // PACK) for count in counts])
         x = torch.from_numpy(np.asarray(latents, np.float64))
         prompt = torch.from_numpy(np.asarray(prompt_embeds, np.float64))
@@ -249,22 +259,27 @@ class FluxReference:
             scale = torch.full([b], guidance, dtype=torch.float32)
         set_timesteps(scheduler, steps, (h // PACK) * (w // PACK))
 
-        def run(slab, start, t):
-            return self._call(slab, start // PACK, prompt, pooled, scale, t)
+        def run(slab, row, col, t):
+            return self._call(slab, row // PACK, col // PACK, prompt, pooled, scale, t)
 
         with torch.no_grad(), _processors(self.model, state):
             for step, t in enumerate(scheduler.timesteps):
                 if mode == "single" or (mode == "displaced" and step <= warmup_steps):
                     state.phase = "full" if mode == "displaced" else "alone"
-                    out = run(x, 0, t)
+                    out = run(x, 0, 0, t)
                 else:
                     state.phase = "patch" if mode == "displaced" else "alone"
                     state.refresh_kv = (step - warmup_steps) % kv_refresh == 0
-                    outs = []
-                    for i, (start, count) in enumerate(zip(starts, counts, strict=True)):
+                    on_columns = split == "col" or (split == "alternate" and step % 2 == 1)
+                    dim = 3 if on_columns else 2  # NCHW: cut the columns or the rows
+                    outs, start = [], 0
+                    for i, count in enumerate(column_counts if on_columns else counts):
                         state.index = i
-                        outs.append(run(x[:, :, start : start + count], start, t))
-                    out = torch.cat(outs, dim=2)
+                        slab = x.narrow(dim, start, count)
+                        first = (0, start) if on_columns else (start, 0)
+                        outs.append(run(slab, *first, t))
+                        start += count
+                    out = torch.cat(outs, dim=dim)
                 if mode == "displaced":
                     state.end_step()
                 x = scheduler.step(out, t, x).prev_sample

@@ -7,6 +7,8 @@ EulerDiscreteScheduler. Under joint attention every patch keeps its own text tok
 displaced step they attend to the other patches' stale image keys, so each patch's text
 states differ, as the reference computes them."""
 
+import copy
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -82,10 +84,10 @@ class Reference:
     def __init__(self, model: TinyTransformer):
         self.w = jax.tree.map(f64, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-    def forward(self, slab, index, t, label, text, context):
-        """The prediction (B, rows, W, C) for `slab` (B, rows, W, C), patch `index` of
-        equal row slabs (0 for the whole latent), at timestep `t`, labels (B, label_dim),
-        text (B, T, text_dim) or None.
+    def forward(self, slab, start, t, label, text, context):
+        """The prediction (B, rows, cols, C) for `slab` (B, rows, cols, C), whose first
+        latent (row, column) in the whole latent is `start` ((0, 0) for the whole latent),
+        at timestep `t`, labels (B, label_dim), text (B, T, text_dim) or None.
 
         context(layer, k, v): the image keys and values (B, N_kv, heads, head_dim) that
         layer's attention uses, given this slab's fresh ones (B, N, heads, head_dim); the
@@ -100,8 +102,8 @@ class Reference:
         x = np.einsum("nrcijk,ijkd->nrcd", patches, kernel) + w["patch_embed"]["bias"]
         x = x.reshape(b, tr * tc, WIDTH)
         half = WIDTH // 2
-        row = np_sinusoidal(index * tr + np.arange(tr), half)
-        col = np_sinusoidal(np.arange(tc), half)
+        row = np_sinusoidal(start[0] // p + np.arange(tr), half)
+        col = np_sinusoidal(start[1] // p + np.arange(tc), half)
         grid = np.concatenate(
             [np.repeat(row[:, None], tc, 1), np.repeat(col[None, :], tr, 0)], axis=-1
         )
@@ -136,31 +138,39 @@ class Reference:
         out = out.reshape(b, tr, tc, p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, rows, cols, c), fresh
 
-    def predict(self, step, sample, t, label, text, mode, patches, stale):
+    def predict(self, step, sample, t, label, text, mode, patches, stale, slabs=None):
         """The prediction at `step` for the whole `sample` (B, h, w, C) under `mode`; `stale`
         holds every layer's (K, V) of the whole image from the previous step and is updated
-        in place with this step's (each patch's own fresh ones)."""
+        in place with this step's (each patch's own fresh ones). `slabs`: a naive step's
+        (axis, latent rows or columns of each patch along it), axis 1 (row slabs) or 2
+        (column slabs)."""
 
         def own(layer, k, v):
             return k, v
 
         if mode == "single" or (mode == "displaced" and step <= WARMUP):
-            out, fresh = self.forward(sample, 0, t, label, text, own)
+            out, fresh = self.forward(sample, (0, 0), t, label, text, own)
             stale[:] = fresh
             return out
+        if mode == "naive":  # each slab alone, at its rows and columns of the whole latent
+            axis, counts = slabs
+            outs, start = [], 0
+            for count in counts:
+                slab = np.take(sample, np.arange(start, start + count), axis=axis)
+                first = (start, 0) if axis == 1 else (0, start)
+                outs.append(self.forward(slab, first, t, label, text, own)[0])
+                start += count
+            return np.concatenate(outs, axis=axis)
         outs, fresh_slabs = [], []
         for i, slab in enumerate(np.split(sample, patches, axis=1)):
-            if mode == "naive":
-                context = own
-            else:
 
-                def context(layer, k, v, i=i):
-                    n = k.shape[1]
-                    keys, values = (a.copy() for a in stale[layer])
-                    keys[:, i * n : (i + 1) * n], values[:, i * n : (i + 1) * n] = k, v
-                    return keys, values
+            def context(layer, k, v, i=i):
+                n = k.shape[1]
+                keys, values = (a.copy() for a in stale[layer])
+                keys[:, i * n : (i + 1) * n], values[:, i * n : (i + 1) * n] = k, v
+                return keys, values
 
-            out, fresh = self.forward(slab, i, t, label, text, context)
+            out, fresh = self.forward(slab, (i * slab.shape[1], 0), t, label, text, context)
             outs.append(out)
             fresh_slabs.append(fresh)
         stale[:] = [
@@ -169,17 +179,24 @@ class Reference:
         ]
         return np.concatenate(outs, axis=1)
 
-    def denoise(self, latents, label, text, mode, patches=1):
+    def denoise(self, latents, label, text, mode, patches=1, split="row", rows=None, cols=None):
         """Final latents (B, h, w, C) from the initial noise `latents` (B, h, w, C, before
         init_noise_sigma), labels (2B, label_dim) and text (2B, T, text_dim) or None,
-        unconditional first, with guidance."""
+        unconditional first, with guidance. Naive slabs: `split` "row", "col" or
+        "alternate" (row slabs at even steps, column slabs at odd ones); `rows`, `cols`:
+        each patch's latent rows (columns) along them, default P equal ones."""
+        _, h, w, _ = latents.shape
+        rows = rows or (h // patches,) * patches
+        cols = cols or (w // patches,) * patches
         scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
         scheduler.set_timesteps(STEPS)
         x = torch.from_numpy(latents.astype(np.float64)) * scheduler.init_noise_sigma
         stale = [None] * len(self.w["blocks"])
         for step, t in enumerate(scheduler.timesteps):
+            on_columns = split == "col" or (split == "alternate" and step % 2 == 1)
+            slabs = (2, cols) if on_columns else (1, rows)
             sample = scheduler.scale_model_input(torch.cat([x, x]), t).numpy()
-            noise = self.predict(step, sample, float(t), label, text, mode, patches, stale)
+            noise = self.predict(step, sample, float(t), label, text, mode, patches, stale, slabs)
             uncond, cond = np.split(noise, 2)
             guided = torch.from_numpy(uncond + GUIDANCE * (cond - uncond))
             x = scheduler.step(guided, t, x).prev_sample
@@ -192,7 +209,7 @@ class Reference:
 class Case:
     """The random tiny transformer (with joint attention if `joint`), an Euler schedule and
     one CFG batch of inputs; JAX runs compiled once per parallel configuration, reference runs
-    once per (mode, patches)."""
+    once per (mode, patches, naive slabs)."""
 
     def __init__(self, joint: bool):
         text_dim = TEXT_DIM if joint else None
@@ -204,7 +221,19 @@ class Case:
         self.text = text if joint else None
         self.schedule = self.schedule_of()
         self.reference_model = Reference(self.model)
-        self._runs, self._references = {}, {}
+        self._runs, self._references, self._crops = {}, {}, {}
+
+    def cropped(self, rows: int, cols: int) -> "Case":
+        """This case on the first `rows` x `cols` of its latents (same model and inputs,
+        runs and references of its own)."""
+        if (rows, cols) == self.latents.shape[1:3]:
+            return self
+        if (rows, cols) not in self._crops:
+            crop = copy.copy(self)
+            crop.latents = self.latents[:, :rows, :cols]
+            crop._runs, crop._references, crop._crops = {}, {}, {}
+            self._crops[rows, cols] = crop
+        return self._crops[rows, cols]
 
     @staticmethod
     def schedule_of() -> schedulers.Schedule:
@@ -226,14 +255,16 @@ class Case:
             self._runs[parallel] = np.asarray(run(weights, self.sampling(), latents))
         return self._runs[parallel]
 
-    def reference(self, mode: str, patches: int = 1) -> np.ndarray:
-        if (mode, patches) not in self._references:
+    def reference(self, mode: str, patches: int = 1, **slabs) -> np.ndarray:
+        """`Reference.denoise`'s final latents; `slabs`: its naive `split`, `rows`, `cols`."""
+        key = (mode, patches, tuple(sorted(slabs.items())))
+        if key not in self._references:
             text = None if self.text is None else self.text.astype(np.float64)
             out = self.reference_model.denoise(
-                self.latents, self.label.astype(np.float64), text, mode, patches
+                self.latents, self.label.astype(np.float64), text, mode, patches, **slabs
             )
-            self._references[mode, patches] = out
-        return self._references[mode, patches]
+            self._references[key] = out
+        return self._references[key]
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["self-attention", "joint"])
@@ -280,6 +311,29 @@ def test_naive_equals_reference_and_differs_from_single(case):
     naive = case.jax(ParallelConfig(4, mode="naive"))
     assert relative_l2(naive, case.reference("naive", 4)) < REFERENCE_TOLERANCE
     assert relative_l2(naive, case.jax(SINGLE)) > DISPLACED_MARGIN
+
+
+# Naive slabs other than P equal row slabs: (split, patches, latent rows x columns, each
+# patch's latent rows, its columns), the unequal ones at whole 2x2 patches as
+# `sharding.split` cuts them (written out here; None: P equal ones).
+NAIVE_SLABS = [
+    pytest.param("col", 4, (16, 16), None, None, id="col-even"),
+    pytest.param("col", 3, (16, 10), None, (4, 4, 2), id="col-uneven"),
+    pytest.param("alternate", 4, (16, 16), None, None, id="alternate-even"),
+    pytest.param("alternate", 3, (10, 14), (4, 4, 2), (6, 4, 4), id="alternate-uneven"),
+]
+
+
+@pytest.mark.parametrize(("split", "patches", "shape", "rows", "cols"), NAIVE_SLABS)
+def test_naive_slabs_equal_reference(case, split, patches, shape, rows, cols):
+    """Column slabs, and alternate ones (row slabs at even steps, column slabs at odd
+    ones): each patch's tokens sit at their rows and columns of the whole token grid, on
+    unequal slabs too."""
+    cropped = case.cropped(*shape)
+    naive = cropped.jax(ParallelConfig(patches, mode="naive", naive_split=split))
+    expected = cropped.reference("naive", patches, split=split, rows=rows, cols=cols)
+    assert relative_l2(naive, expected) < REFERENCE_TOLERANCE
+    assert relative_l2(expected, cropped.reference("single")) > DISPLACED_MARGIN
 
 
 def label_products(jaxpr) -> tuple[int, int]:

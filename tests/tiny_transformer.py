@@ -47,17 +47,18 @@ class CachedLabel(nnx.Variable):
 
 class SlabPosition(PatchPrimitive):
     """2-D sin-cos position embeddings of a slab's tokens in the whole token grid: the first
-    half of the width encodes the token row, the second the column. The slab's first row is the
-    patch context's `first_row` (0 on one device)."""
+    half of the width encodes the token row, the second the column. The slab's first row and
+    column are the patch context's `first_row` and `first_column` (0 on one device)."""
 
     def __init__(self, width: int):
         self.width = width
 
     def __call__(self, rows: int, cols: int) -> jax.Array:
         """(rows * cols, D), row-major, for a slab of `rows` x `cols` tokens."""
-        first = 0 if self.patch is None else self.patch.first_row(rows)
-        row = sinusoidal(first + jnp.arange(rows), self.width // 2)
-        col = sinusoidal(jnp.arange(cols), self.width // 2)
+        first_row = 0 if self.patch is None else self.patch.first_row(rows)
+        first_col = 0 if self.patch is None else self.patch.first_column(cols)
+        row = sinusoidal(first_row + jnp.arange(rows), self.width // 2)
+        col = sinusoidal(first_col + jnp.arange(cols), self.width // 2)
         grid = jnp.concatenate(
             [
                 jnp.broadcast_to(row[:, None], (rows, cols, self.width // 2)),
@@ -146,7 +147,7 @@ class TinyTransformer(nnx.Module):
         self.cached_label = CachedLabel(self.label_proj(conditioning["label"]))
 
     def predict(self, latents: jax.Array, timestep: jax.Array, conditioning: dict) -> jax.Array:
-        """latents (B, h, w, C), the whole latent or a row slab (h a multiple of p), at
+        """latents (B, h, w, C), the whole latent or a slab (h, w multiples of p), at
         `timestep` () -> the prediction (B, h, w, C)."""
         b, _, _, c = latents.shape
         p, d = self.patch, self.width

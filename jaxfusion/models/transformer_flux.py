@@ -13,8 +13,8 @@ Attention is joint: the text tokens come first, then the image's; rotary positio
 embeddings rotate queries and keys by each token's (0, row, column) in the whole latent's
 token grid (text tokens at (0, 0, 0), no rotation). The keys and values go through a
 `sharding.KVExchange` whose shared tokens are the text's, so on a row slab (patch
-parallelism) only the image tokens' keys and values travel; the slab's token rows start at
-the row the patch context says (`FluxPosEmbed`).
+parallelism) only the image tokens' keys and values travel; the slab's token rows (columns,
+on naive column slabs) start at the row (column) the patch context says (`FluxPosEmbed`).
 
 Timestep and guidance convention: `predict` and `__call__` take the sampler's timestep
 t = sigma * 1000 (FlowMatchEulerDiscreteScheduler's `timesteps`) and the guidance scale
@@ -164,8 +164,9 @@ class FluxPosEmbed(PatchPrimitive):
     pairs (interleaved: features 2j and 2j+1 share the angle pos * f_j). Float32 (diffusers
     computes the angles in float64 on CPU, then rounds the tables to float32).
 
-    On a row slab the image's first token row is the patch context's `first_row` (0 on one
-    device): the only thing a slab cannot know by itself.
+    On a slab the image's first token row and column are the patch context's `first_row`
+    and `first_column` (0 on one device; row slabs start at column 0, naive column slabs at
+    row 0): the only thing a slab cannot know by itself.
     """
 
     def __init__(self, axes_dims: tuple[int, ...]):
@@ -174,9 +175,10 @@ class FluxPosEmbed(PatchPrimitive):
     def __call__(self, text_tokens: int, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
         """(cos, sin), each (text_tokens + rows * cols, head_dim) float32, for `text_tokens`
         then a slab of `rows` x `cols` image tokens, row-major."""
-        first = 0 if self.patch is None else self.patch.first_row(rows)
-        row = jnp.broadcast_to((first + jnp.arange(rows))[:, None], (rows, cols))
-        col = jnp.broadcast_to(jnp.arange(cols)[None, :], (rows, cols))
+        first_row = 0 if self.patch is None else self.patch.first_row(rows)
+        first_col = 0 if self.patch is None else self.patch.first_column(cols)
+        row = jnp.broadcast_to((first_row + jnp.arange(rows))[:, None], (rows, cols))
+        col = jnp.broadcast_to((first_col + jnp.arange(cols))[None, :], (rows, cols))
         image = jnp.stack([jnp.zeros_like(row), row, col], axis=-1).reshape(rows * cols, 3)
         ids = jnp.concatenate([jnp.zeros((text_tokens, 3), image.dtype), image])
         ids = ids.astype(jnp.float32)
@@ -548,7 +550,7 @@ class FluxTransformer2DModel(nnx.Module):
     def predict(
         self, latents: jax.Array, timestep: jax.Array, conditioning: Mapping[str, jax.Array]
     ) -> jax.Array:
-        """latents (B, h, w, C) NHWC, the whole latent or a row slab (h even), at the
+        """latents (B, h, w, C) NHWC, the whole latent or a slab (h, w even), at the
         sampler's `timestep` () (sigma * 1000) -> the prediction (B, h, w, C_out)."""
         self.check_inputs(latents.shape)
         _, h, w, _ = latents.shape
