@@ -2,7 +2,11 @@
 (text encoders, denoising loop, VAE decode), compiled from shapes alone (no weights;
 simulated devices), read for their per-device cost: FLOPs and bytes accessed
 (`cost_analysis`), memory (`memory_analysis`), the collectives of the optimized HLO, and the
-traffic the reference PyTorch implementation would need for the same step."""
+traffic the reference PyTorch implementation would need for the same step.
+
+The denoiser is a UNet (SD 1.x/2.x, SDXL) or FLUX.1's transformer; what differs between the
+two (conditioning, latent channels, slab unit, CFG) is their adapter's
+(`jaxfusion.bench.families`)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from flax import nnx
 
 from jaxfusion import schedulers
 from jaxfusion.bench import overlap, targets
+from jaxfusion.bench.families import SD_SCHEDULER, Family, FluxRun, family_of, tree_bytes
 from jaxfusion.bench.options import AnalyzeOptions
 from jaxfusion.bench.schedule import Schedule, plot_schedule, read_schedule, traffic_by_kind
 from jaxfusion.bench.targets import Target
@@ -28,16 +33,26 @@ from jaxfusion.models import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    Conditioning,
+    FluxConfig,
+    FluxTransformer2DModel,
+    T5Config,
+    T5EncoderModel,
     UNet2DConditionModel,
     UNetConfig,
     VAEConfig,
 )
-from jaxfusion.models.configs import TEXT_ENCODER_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
+from jaxfusion.models.configs import (
+    FLUX_CONFIGS,
+    SCHEDULER_CONFIGS,
+    T5_CONFIGS,
+    TEXT_ENCODER_CONFIGS,
+    UNET_CONFIGS,
+    VAE_CONFIGS,
+)
 from jaxfusion.models.scaled_dot_product import AttentionBackend, set_attention
 from jaxfusion.pipelines import PIPELINES, SDPipeline, SDXLPipeline, TextToImagePipeline
 from jaxfusion.pipelines.base import Inputs, Options
-from jaxfusion.pipelines.stable_diffusion import TEXT_TOKENS, Models
+from jaxfusion.pipelines.stable_diffusion import Models
 from sharding.analysis import host_links, laid_out, trace_step
 from sharding.loops import (
     NO_BUFFERS,
@@ -51,7 +66,9 @@ from sharding.loops import (
 from sharding.parallel import ParallelConfig
 from sharding.placement import Placement
 
-SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"}
+SCHEDULER = SD_SCHEDULER
+# A denoiser's configuration: a UNet's, or FLUX.1's transformer's.
+DenoiserConfig = UNetConfig | FluxConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +115,15 @@ class StepAnalysis(Configuration):
         encoders, warm-up and displaced scans, VAE decode): `weights_bytes_per_device` (all
         networks' weights, replicated, all of them held even where the program uses
         fewer) + `temp_bytes_generation_per_device` (every intermediate, the stale buffers
-        included) + the request and the image slab.
+        included) + the request and the image slab. FLUX.1's, until its pipeline exists:
+        put together from two compiled programs, the prompt's encoding and the loop with
+        the decode (`families.FluxRun`), every weight held for the whole run (as a
+        pipeline that keeps its networks in one state holds them);
+        `memory_bytes_generation_t5_freed_per_device`: the same with T5's weights freed
+        once the prompt is encoded (None for the UNets: no T5);
+        `weights_bytes_by_component`: each network's weights by its folder's name (Flux;
+        None for the UNets); `temp_bytes_generation_per_device` is then the loop and
+        decode's temporaries.
     FLOPs come from the step with `xla` attention: `cost_analysis` counts a loop's body
     once, and chunked attention is a loop. Memory comes from the programs with `attention`.
     None: not measured (the whole generation of a model whose pipeline is not known).
@@ -112,6 +137,9 @@ class StepAnalysis(Configuration):
         traced traffic is then the mean over K displaced steps (one exchanges K/V, K - 1 do
         not); the HLO's, memory and FLOPs are the step's that exchanges them.
     projected_step_model: `projected_step_seconds`, a model, not a measurement.
+    batch: the denoiser's batch in one step of one image (on one device without
+        --cfg-parallel): 2 with classifier-free guidance (the UNets), 1 without (FLUX.1:
+        [dev] embeds the guidance scale, [schnell] takes none).
     latent_rows_per_patch: each patch's real latent rows (columns for naive column slabs);
     latent_rows_per_device: the rows each device's arrays hold (`sharding.split`: more than
         the real rows where the height does not split into equal slabs, the rest padding
@@ -142,6 +170,9 @@ class StepAnalysis(Configuration):
     data: int = 1
     latent_rows_per_patch: list[int] | None = None
     latent_rows_per_device: int | None = None
+    batch: int = 2
+    weights_bytes_by_component: dict[str, int] | None = None
+    memory_bytes_generation_t5_freed_per_device: int | None = None
 
     @property
     def padding(self) -> float:
@@ -153,25 +184,26 @@ class StepAnalysis(Configuration):
 
 
 def abstract_inputs(
-    config: UNetConfig, latent_height: int, latent_width: int, dtype, steps: int = 50
-) -> tuple[UNet2DConditionModel, Sampling, jax.ShapeDtypeStruct]:
-    """(UNet, sampling inputs of a `steps`-step DDIM run, latents) as shapes: the CFG batch
-    of 2 with 77 text tokens, one (1, latent_height, latent_width, C) latent."""
-    unet = UNet2DConditionModel.abstract(config, dtype=dtype)
-    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_diffusers(SCHEDULER), steps)
-    text = jax.ShapeDtypeStruct((2, TEXT_TOKENS, config.cross_attention_dim), dtype)
-    embeds = time_ids = None
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        embeds = jax.ShapeDtypeStruct((2, pooled), dtype)
-        time_ids = jax.ShapeDtypeStruct((2, 6), jnp.float32)
-    sampling = Sampling(schedule, Conditioning(text, embeds, time_ids), jnp.float32(5.0))
-    latents = jax.ShapeDtypeStruct((1, latent_height, latent_width, config.in_channels), dtype)
-    return unet, sampling, latents
+    config: DenoiserConfig | Family,
+    latent_height: int,
+    latent_width: int,
+    dtype,
+    steps: int = 50,
+) -> tuple[UNet2DConditionModel | FluxTransformer2DModel, Sampling, jax.ShapeDtypeStruct]:
+    """(denoiser, sampling inputs of a `steps`-step run, latents) as shapes, for a UNet
+    the CFG batch of 2 with 77 text tokens and DDIM, for FLUX.1's transformer batch 1 with
+    T5's and CLIP's embeddings and flow matching (`families`); one (1, latent_height,
+    latent_width, C) latent."""
+    return as_family(config).abstract_inputs(latent_height, latent_width, dtype, steps)
+
+
+def as_family(config: DenoiserConfig | Family) -> Family:
+    """The family adapter of a denoiser configuration (or the adapter itself)."""
+    return config if isinstance(config, Family) else family_of(config)
 
 
 def single_step(
-    config: UNetConfig,
+    config: DenoiserConfig | Family,
     height: int,
     width: int,
     dtype,
@@ -179,14 +211,14 @@ def single_step(
     *,
     downscale: int,
 ) -> jax.stages.Lowered:
-    """One single-device step (CFG batch 2) for a height x width image with `attention`,
-    lowered from shapes; `downscale`: the VAE's image pixels per latent pixel
-    (`downscale_factor`)."""
-    unet, sampling, latents = abstract_inputs(
+    """One single-device step (the family's batch: 2 with CFG) for a height x width image
+    with `attention`, lowered from shapes; `downscale`: the VAE's image pixels per latent
+    pixel (`downscale_factor`)."""
+    denoiser, sampling, latents = abstract_inputs(
         config, height // downscale, width // downscale, dtype
     )
-    set_attention(unet, attention)
-    graphdef, weights = nnx.split(unet)
+    set_attention(denoiser, attention)
+    graphdef, weights = nnx.split(denoiser)
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, latents)
 
     def step(weights, sampling, latents, state):
@@ -197,7 +229,7 @@ def single_step(
 
 
 def single_step_cost(
-    config: UNetConfig,
+    config: DenoiserConfig | Family,
     height: int,
     width: int,
     dtype,
@@ -213,7 +245,8 @@ def single_step_cost(
 
 def downscale_factor(model: str) -> int:
     """Image pixels per latent pixel of `model` (as `load_config` names it): its VAE's, or 8
-    when only its UNet is known (every Stable Diffusion VAE downscales by 8)."""
+    when only its denoiser is known (every Stable Diffusion and FLUX.1 VAE downscales by
+    8)."""
     if model in VAE_CONFIGS:
         return VAEConfig.from_diffusers(VAE_CONFIGS[model]).downscale_factor
     if (Path(model) / "vae" / "config.json").is_file():
@@ -223,11 +256,15 @@ def downscale_factor(model: str) -> int:
     return 8
 
 
-def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
-    """The whole pipeline `model` names (sd15, sd21, sdxl, or a diffusers pipeline folder)
-    with shapes for weights, or None when only its UNet is known (a UNet folder, the SDXL
-    refiner)."""
-    if model in VAE_CONFIGS:
+def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | FluxRun | None:
+    """The whole pipeline `model` names (sd15, sd21, sdxl, flux-dev, flux-schnell, or a
+    diffusers pipeline folder) with shapes for weights (FLUX.1's: its networks,
+    `families.FluxRun`), or None when only its denoiser is known (a UNet or transformer
+    folder, the SDXL refiner)."""
+    flux = flux_run(model, dtype)
+    if flux is not None:
+        return flux
+    if model in UNET_CONFIGS and model in VAE_CONFIGS:
         cls = SDXLPipeline if model == "sdxl" else SDPipeline
         unet = UNetConfig.from_diffusers(UNET_CONFIGS[model])
         vae = VAEConfig.from_diffusers(VAE_CONFIGS[model])
@@ -236,6 +273,8 @@ def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
         from jaxfusion.models import pretrained
 
         index = json.loads((Path(model) / "model_index.json").read_text())
+        if index.get("_class_name") not in PIPELINES:
+            return None
         cls = PIPELINES[index["_class_name"]]
         unet, vae = pretrained.load_unet_config(model), pretrained.load_vae_config(model)
         texts = [
@@ -254,6 +293,56 @@ def abstract_pipeline(model: str, dtype) -> TextToImagePipeline | None:
         [c.abstract(config, dtype=dtype) for c, config in zip(classes, texts, strict=True)],
     )
     return cls(models, (), SCHEDULER)
+
+
+def flux_run(model: str, dtype) -> FluxRun | None:
+    """FLUX.1's networks as shapes (flux-dev, flux-schnell, or a FluxPipeline folder), or
+    None for another model (or a folder without the four networks' configs). T5 and CLIP
+    in `dtype`, the VAE in its own compute dtype."""
+    folder = Path(model)
+    if model in FLUX_CONFIGS:
+        transformer = FluxConfig.from_diffusers(FLUX_CONFIGS[model])
+        vae = VAEConfig.from_diffusers(VAE_CONFIGS[model])
+        (clip,) = TEXT_ENCODER_CONFIGS[model]
+        t5, scheduler = T5_CONFIGS[model], SCHEDULER_CONFIGS[model]
+    elif all(
+        (folder / name / "config.json").is_file()
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
+    ):
+        from jaxfusion.models import pretrained
+
+        def config(name: str) -> dict:
+            return json.loads((folder / name / "config.json").read_text())
+
+        transformer = pretrained.load_flux_transformer_config(model)
+        vae = pretrained.load_vae_config(model)
+        clip, t5 = config("text_encoder"), config("text_encoder_2")
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
+    else:
+        return None
+    family = family_of(transformer, scheduler)
+    return FluxRun(
+        family,
+        jnp.dtype(dtype),
+        FluxTransformer2DModel.abstract(transformer, dtype=dtype),
+        AutoencoderKL.abstract(vae, dtype=vae.compute_dtype(dtype)),
+        CLIPTextModel.abstract(CLIPTextConfig.from_transformers(clip), dtype=dtype),
+        T5EncoderModel.abstract(T5Config.from_transformers(t5), dtype=dtype),
+    )
+
+
+def run_memory(
+    pipeline: TextToImagePipeline | FluxRun,
+    height: int,
+    width: int,
+    parallel: ParallelConfig,
+    attention: AttentionBackend,
+) -> dict:
+    """The whole generation's memory per device and its parts (`StepAnalysis`'s fields)."""
+    if isinstance(pipeline, FluxRun):
+        return pipeline.generation_memory(height, width, parallel, attention)
+    return generation_memory(pipeline, height, width, parallel, attention)
 
 
 def generation_memory(
@@ -279,13 +368,10 @@ def generation_memory(
     options = Options(True, prompts.encoding, parallel, attention)
     memory = pipe.lower(inputs, options).compile().memory_analysis()
 
-    def size(tree) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
     # Every weight counts: the pipeline holds them all on each device, also those the
     # program leaves out of its arguments (unused: the text encoders' last layers).
-    weights = size(nnx.state(pipe.models))
-    held = weights + size(inputs) + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    weights = tree_bytes(nnx.state(pipe.models))
+    held = weights + tree_bytes(inputs) + memory.output_size_in_bytes + memory.temp_size_in_bytes
     return dict(
         memory_bytes_generation_per_device=held - memory.alias_size_in_bytes,
         weights_bytes_per_device=weights,
@@ -295,14 +381,14 @@ def generation_memory(
 
 def analyze(
     model: str,
-    config: UNetConfig,
+    config: DenoiserConfig | Family,
     height: int,
     width: int,
     parallel: ParallelConfig,
     dtype,
     single: dict | None = None,
     attention: AttentionBackend = "auto",
-    pipeline: TextToImagePipeline | None = None,
+    pipeline: TextToImagePipeline | FluxRun | None = None,
     hosts: int = 1,
     *,
     downscale: int,
@@ -314,16 +400,19 @@ def analyze(
     `abstract_pipeline`; None: not measured); with `hosts` > 1, what crosses hosts
     (`host_links`, the whole (D, C, P) mesh's bytes per step). `downscale`: the VAE's
     image pixels per latent pixel (`downscale_factor`)."""
+    family = as_family(config)
+    refuse_cfg_split(family, parallel.cfg > 1, model)
     data, parallel = parallel.data, data_group(parallel)
     latent_height, latent_width = height // downscale, width // downscale
-    unet, sampling, latents = abstract_inputs(config, latent_height, latent_width, dtype)
-    single = single or single_step_cost(config, height, width, dtype, downscale=downscale)
+    denoiser, sampling, latents = abstract_inputs(family, latent_height, latent_width, dtype)
+    single = single or single_step_cost(family, height, width, dtype, downscale=downscale)
     generation = {}
     if pipeline is not None:
-        generation = generation_memory(pipeline, height, width, parallel, attention)
+        generation = run_memory(pipeline, height, width, parallel, attention)
     record = dict(
         **Configuration.fields(model, height, width, parallel, dtype, data),
         data=data,
+        batch=family.batch,
         flops_single_step=float(single["flops"]),
         attention=attention,
         hosts=hosts,
@@ -334,7 +423,7 @@ def analyze(
     if parallel.mode == "single":
         memory = single["memory"]  # the xla step's: FLOPs stay its, memory is `attention`'s
         if attention != "xla":
-            memory = single_step_cost(config, height, width, dtype, attention, downscale=downscale)[
+            memory = single_step_cost(family, height, width, dtype, attention, downscale=downscale)[
                 "memory"
             ]
         return StepAnalysis(
@@ -349,8 +438,8 @@ def analyze(
             collectives={},
         )
     exchange = {"displaced": "displaced", "sync": "sync", "naive": "none"}[parallel.mode]
-    traced = trace_step(unet, sampling, latents, parallel, exchange)
-    layout, laid_out_latents = laid_out(unet, latents, parallel)
+    traced = trace_step(denoiser, sampling, latents, parallel, exchange)
+    layout, laid_out_latents = laid_out(denoiser, latents, parallel)
     record.update(
         latent_rows_per_patch=list(layout.split.counts),
         latent_rows_per_device=layout.split.slab,
@@ -359,19 +448,20 @@ def analyze(
     state = jax.eval_shape(schedulers.init_state, sampling.schedule, laid_out_latents)
     received = sum(c.received_bytes for c in traced.collectives())
     if parallel.kv_refresh > 1 and exchange == "displaced":
-        kept = trace_step(unet, sampling, latents, parallel, exchange, exchange_kv=False)
+        kept = trace_step(denoiser, sampling, latents, parallel, exchange, exchange_kv=False)
         kept_bytes = sum(c.received_bytes for c in kept.collectives())
         received = (received + (parallel.kv_refresh - 1) * kept_bytes) // parallel.kv_refresh
     uncompressed = traced
     if parallel.compress != "none":
         uncompressed = trace_step(
-            unet, sampling, latents, dataclasses.replace(parallel, compress="none"), exchange
+            denoiser, sampling, latents, dataclasses.replace(parallel, compress="none"), exchange
         )
 
     def compile_step(backend: AttentionBackend):
-        set_attention(unet, backend)
-        step = jax.jit(step_function(unet, parallel, context, layout=layout))
-        args = (nnx.state(unet), traced.buffers, sampling, laid_out_latents, state, jnp.int32(10))
+        set_attention(denoiser, backend)
+        step = jax.jit(step_function(denoiser, parallel, context, layout=layout))
+        weights = nnx.state(denoiser)
+        args = (weights, traced.buffers, sampling, laid_out_latents, state, jnp.int32(10))
         return step.lower(*args).compile()
 
     compiled = compile_step("xla")
@@ -384,7 +474,7 @@ def analyze(
         bytes_accessed_per_device_step=float(cost["bytes accessed"]),
         comm_bytes_per_device_step=received,
         comm_bytes_hlo_per_device_step=sum(c.received_bytes for c in hlo),
-        comm_bytes_reference_per_device_step=reference_bytes(uncompressed, config, latents),
+        comm_bytes_reference_per_device_step=reference_bytes(uncompressed, family, latents),
         memory_bytes_per_device=_memory_bytes(memory),
         stale_bytes_per_device=traced.stale_bytes_per_device(),
         collectives=traffic_by_kind(hlo),
@@ -395,7 +485,7 @@ def analyze(
 
 
 def target_loop(
-    config: UNetConfig,
+    config: DenoiserConfig | Family,
     height: int,
     width: int,
     parallel: ParallelConfig,
@@ -412,12 +502,12 @@ def target_loop(
     per chip and the overlap of the displaced loop's collectives (`overlap.loop_overlap`;
     the synchronous loop's for sync mode)."""
     parallel = dataclasses.replace(parallel, device_pool=tuple(targets.devices(target)))
-    unet, sampling, latents = abstract_inputs(
+    denoiser, sampling, latents = abstract_inputs(
         config, height // downscale, width // downscale, dtype, steps=steps
     )
     sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sampling)
-    set_attention(unet, attention)
-    graphdef, weights = nnx.split(unet)
+    set_attention(denoiser, attention)
+    graphdef, weights = nnx.split(denoiser)
     placement = Placement(weights)
     replicated = placement.replicated(parallel)
     rows = placement.rows(parallel, latents.shape[1])
@@ -492,21 +582,26 @@ def projected_step_seconds(
     }
 
 
-def reference_bytes(traced, config: UNetConfig, latents: jax.ShapeDtypeStruct) -> int:
+def reference_bytes(traced, config: DenoiserConfig | Family, latents: jax.ShapeDtypeStruct) -> int:
     """What one device receives per step under the reference PyTorch scheme for the same
     step: every other device's boundary rows of each k > 1 conv but conv_in (all-gathered,
     where ours go to the two neighbours), K/V and GroupNorm moments (all-gathered, as ours),
-    and every other device's UNet output (all-gathered each step; ours stays sharded)."""
+    and every other device's denoiser output (all-gathered each step; ours stays sharded).
+    FLUX.1's transformer has no convolution and no GroupNorm: the scheme carried over to it
+    is its K/V (all-gathered, as ours) and the output's all-gather."""
+    family = as_family(config)
     parallel = traced.parallel
     patches = parallel.patches
     total = 0
     for c in traced.collectives():
         if c.kind == "ppermute":
-            total += 0 if c.shape[-1] == config.in_channels else (patches - 1) * c.received_bytes
+            conv_in = c.shape[-1] == family.latent_channels
+            total += 0 if conv_in else (patches - 1) * c.received_bytes
         elif c.axes == ("patch",):
             total += c.received_bytes
     _, height, width, _ = latents.shape
-    output = (2 // parallel.cfg) * (height // patches) * width * config.out_channels
+    batch = family.batch // parallel.cfg
+    output = batch * (height // patches) * width * family.output_channels
     return total + (patches - 1) * output * jnp.dtype(latents.dtype).itemsize
 
 
@@ -525,14 +620,46 @@ def _cost(compiled) -> dict:
     return cost[0] if isinstance(cost, list) else cost
 
 
-def load_config(model: str) -> UNetConfig:
-    """A built-in configuration by name (sd15, sd21, sdxl, sdxl-refiner) or a folder's
-    UNet config.json (a UNet folder or a pipeline folder)."""
+def load_config(model: str) -> DenoiserConfig:
+    """A built-in configuration by name (sd15, sd21, sdxl, sdxl-refiner, flux-dev,
+    flux-schnell) or a folder's denoiser config.json: a UNet's or a Flux transformer's (its
+    own folder or a pipeline folder)."""
     if model in UNET_CONFIGS:
         return UNetConfig.from_diffusers(UNET_CONFIGS[model])
+    if model in FLUX_CONFIGS:
+        return FluxConfig.from_diffusers(FLUX_CONFIGS[model])
     from jaxfusion.models import pretrained
 
+    folder = Path(model)
+    own = folder / "config.json"
+    own_class = json.loads(own.read_text()).get("_class_name") if own.is_file() else None
+    if own_class == FluxTransformer2DModel.__name__ or (
+        own_class is None and (folder / "transformer" / "config.json").is_file()
+    ):
+        return pretrained.load_flux_transformer_config(model)
     return pretrained.load_unet_config(model)
+
+
+def load_family(model: str) -> Family:
+    """The family adapter of `model` (see `load_config`), with a Flux pipeline folder's own
+    scheduler."""
+    config = load_config(model)
+    flux = SCHEDULER_CONFIGS.get(model)
+    scheduler_file = Path(model) / "scheduler" / "scheduler_config.json"
+    if flux is None and isinstance(config, FluxConfig) and scheduler_file.is_file():
+        flux = json.loads(scheduler_file.read_text())
+    return family_of(config, flux)
+
+
+def refuse_cfg_split(family: Family, cfg_parallel: bool, model: str) -> None:
+    """Refuses CFG halves on separate devices (`cfg_parallel`) for a family without
+    classifier-free guidance (ValueError)."""
+    if cfg_parallel and not family.guided:
+        raise ValueError(
+            f"--cfg-parallel: {model} has no classifier-free guidance (FLUX.1 [dev] takes the "
+            "guidance scale as conditioning, [schnell] none), so each step has one batch, "
+            "not two halves to split over devices; drop --cfg-parallel"
+        )
 
 
 def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[StepAnalysis]:
@@ -540,12 +667,13 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
     writes the JSON file and the plot `options` asks for, and returns the records."""
     display = display or StageDisplay()
     model, dtype = options.model, options.dtype
-    config, downscale = load_config(model), downscale_factor(model)
+    family, downscale = load_family(model), downscale_factor(model)
+    refuse_cfg_split(family, options.cfg_parallel, model)
     if options.target is not None:
         targets.devices(targets.target(options.target))  # its compiler is there
     pipeline = abstract_pipeline(model, dtype)
     if pipeline is None:
-        display.note(f"{model}: only the UNet is known, the whole generation is not measured")
+        display.note(f"{model}: only the denoiser is known, the whole generation is not measured")
     if options.mode != "displaced" and (
         set(options.compress) != {"none"} or options.kv_refresh > 1
     ):
@@ -576,14 +704,14 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
                     compress=compress,
                     kv_refresh=options.kv_refresh if mode == "displaced" else 1,
                 )
-                parallel.check_size(height, width, downscale, 2 ** (config.num_levels - 1))
+                parallel.check_size(height, width, downscale, family.row_unit)
                 if devices > 1 and devices % options.hosts:
                     raise ValueError(
                         f"--devices {devices} do not spread evenly over --hosts {options.hosts}"
                     )
                 rows.append((height, width, parallel))
     if options.target is not None:
-        return run_on_target(options, rows, config, downscale, display)
+        return run_on_target(options, rows, family, downscale, display)
     records = []
     singles = {}  # the single-device step, compiled once per size
     for height, width, parallel in rows:
@@ -591,11 +719,11 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
         with display(f"{model} {height}x{width}, {devices} device(s), {mode} {compress}"):
             if (height, width) not in singles:
                 singles[height, width] = single_step_cost(
-                    config, height, width, dtype, downscale=downscale
+                    family, height, width, dtype, downscale=downscale
                 )
             record = analyze(
                 model,
-                config,
+                family,
                 height,
                 width,
                 parallel,
@@ -622,10 +750,24 @@ def run(options: AnalyzeOptions, display: StageDisplay | None = None) -> list[St
         )
         display.note(
             "  memory per device: whole run "
-            f"{_scaled(record.memory_bytes_generation_per_device, 1e-6, ',.0f')} MB; one step "
-            f"compiled alone {record.memory_bytes_per_device / 1e6:,.0f} MB (its own program: "
-            "stale buffers in and out, nothing shared with a run)"
+            f"{_scaled(record.memory_bytes_generation_per_device, 1e-6, ',.0f')} MB"
+            + (
+                ""
+                if record.memory_bytes_generation_t5_freed_per_device is None
+                else f" ({record.memory_bytes_generation_t5_freed_per_device / 1e6:,.0f} MB "
+                "with T5 freed after encoding)"
+            )
+            + f"; one step compiled alone {record.memory_bytes_per_device / 1e6:,.0f} MB (its "
+            "own program: stale buffers in and out, nothing shared with a run)"
         )
+        if record.weights_bytes_by_component:
+            display.note(
+                "  weights: "
+                + ", ".join(
+                    f"{name} {size / 1e6:,.0f} MB"
+                    for name, size in record.weights_bytes_by_component.items()
+                )
+            )
         if record.host_links:
             crossing = {k: v["cross_host"] for k, v in record.host_links.items()}
             display.note(
@@ -677,7 +819,7 @@ def write_records(path: str | None, records: list) -> None:
 
 
 def run_on_target(
-    options: AnalyzeOptions, rows: list, config: UNetConfig, downscale: int, display
+    options: AnalyzeOptions, rows: list, config: DenoiserConfig | Family, downscale: int, display
 ) -> list[TargetRecord]:
     """`bench analyze --target`: `target_loop` of every row, a table, the JSON records and
     the schedule pictures `options` asks for."""
@@ -802,9 +944,11 @@ TABLE_LEGEND = {
     "ref. recv MB": "the same under the reference PyTorch scheme",
     "run MB": "memory of the whole generation per device (text encoders, every step, VAE "
     "decode): what a device needs",
+    "run, T5 freed MB": "the same with T5's weights freed once the prompt is encoded (FLUX.1; "
+    "its run MB holds every network for the whole run, as its pipeline keeps them)",
     "weights MB": "all networks' weights, part of run MB",
     "stale MB": "the buffers displaced steps keep from the step before, part of run MB",
-    "step alone MB": "one step compiled as a program of its own (UNet weights, stale buffers "
+    "step alone MB": "one step compiled as a program of its own (denoiser weights, stale buffers "
     "in and out, temporaries); not part of run MB, and it can exceed it",
 }
 
@@ -812,7 +956,10 @@ TABLE_LEGEND = {
 def print_table(records: list[StepAnalysis], display) -> None:
     from rich.table import Table
 
-    table = Table(title="per device, CFG batch 2: the CPU compiler's estimates")
+    batches = " or ".join(f"{b}" for b in sorted({r.batch for r in records}))
+    table = Table(
+        title=f"per device, denoiser batch {batches} (2: CFG): the CPU compiler's estimates"
+    )
     for column in ("model", "size", "devices", "mode", *TABLE_LEGEND):
         table.add_column(column, justify="right")
     for r in records:
@@ -827,6 +974,7 @@ def print_table(records: list[StepAnalysis], display) -> None:
             f"{r.comm_bytes_per_device_step / 1e6:,.1f}",
             f"{r.comm_bytes_reference_per_device_step / 1e6:,.1f}",
             _scaled(r.memory_bytes_generation_per_device, 1e-6, ",.0f"),
+            _scaled(r.memory_bytes_generation_t5_freed_per_device, 1e-6, ",.0f"),
             _scaled(r.weights_bytes_per_device, 1e-6, ",.0f"),
             f"{r.stale_bytes_per_device / 1e6:,.1f}",
             f"{r.memory_bytes_per_device / 1e6:,.0f}",

@@ -142,11 +142,12 @@ class EvalOptions(Generation):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AnalyzeOptions:
-    """`bench analyze`, from shapes alone: `model` ("sd15", "sd21", "sdxl", or a model
-    folder) at each height of `heights` (width: `width`, or the height) on each count of
-    `devices` (1 runs single, more run `mode`), CFG halves on separate devices with
-    `cfg_parallel`, split into `data` groups (D: the data mesh axis; each group's devices
-    run one image, so the per-device figures are one group's); `hosts`: also count what
+    """`bench analyze`, from shapes alone: `model` ("sd15", "sd21", "sdxl", "flux-dev",
+    "flux-schnell", or a model folder) at each height of `heights` (width: `width`, or the
+    height) on each count of `devices` (1 runs single, more run `mode`), CFG halves on
+    separate devices with `cfg_parallel` (models with classifier-free guidance: not
+    FLUX.1), split into `data` groups (D: the data mesh axis; each group's devices run one
+    image, so the per-device figures are one group's); `hosts`: also count what
     crosses hosts with the devices spread over that many (`sharding.analysis.host_links`,
     data groups exchanging nothing); each codec of `compress` (multi-device displaced
     runs), K/V exchanged every `kv_refresh`-th displaced step; a projected step time per

@@ -33,7 +33,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "analyze", help="per-device FLOPs, memory and traffic of one step, from shapes alone"
     )
     analyze.add_argument(
-        "--model", default=AnalyzeOptions.model, help="sd15, sd21, sdxl, or a model folder"
+        "--model",
+        default=AnalyzeOptions.model,
+        help="sd15, sd21, sdxl, flux-dev, flux-schnell, or a model folder",
     )
     analyze.add_argument("--height", type=int, nargs="+", default=list(AnalyzeOptions.heights))
     analyze.add_argument("--width", type=int, help="default: the height")
