@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -495,12 +495,14 @@ def target_loop(
     *,
     downscale: int,
     steps: int = 50,
+    xla_options: Mapping[str, Any] | None = None,
 ) -> TargetAnalysis:
     """The denoising loop of `steps` steps (warm-up and displaced scans) for `parallel` (one
     data group), compiled from shapes for `target`'s chips by its own compiler (a
     `ProgramTooLarge` where it does not fit one chip), and read from its schedule: memory
     per chip and the overlap of the displaced loop's collectives (`overlap.loop_overlap`;
-    the synchronous loop's for sync mode)."""
+    the synchronous loop's for sync mode). `xla_options`: XLA options compiled with, after
+    jaxfusion's own."""
     parallel = dataclasses.replace(parallel, device_pool=tuple(targets.devices(target)))
     denoiser, sampling, latents = abstract_inputs(
         config, height // downscale, width // downscale, dtype, steps=steps
@@ -519,7 +521,11 @@ def target_loop(
         run,
         in_shardings=(replicated, replicated, rows),
         out_shardings=rows,
-        compiler_options={**parallel.compiler_options(), **target.compiler_options},
+        compiler_options={
+            **parallel.compiler_options(),
+            **target.compiler_options,
+            **(xla_options or {}),
+        },
     )
     compiled = targets.compile_for(target, program.lower(weights, sampling, latents))
     schedule = read_schedule(compiled.as_text())
@@ -793,7 +799,8 @@ class TargetRecord(Configuration):
     them hidden, compute and exposed exchange time per step and their sum; the projected
     speed-up over the same target's one-device row (None without one). A program that does
     not fit the chip has `loop` "does not fit", the memory the compiler said it needs (None
-    where it did not say) and None for the rest."""
+    where it did not say) and None for the rest. `xla_options`: the XLA options given
+    beside jaxfusion's own (`--xla-option`)."""
 
     target: str
     loop: str
@@ -807,6 +814,7 @@ class TargetRecord(Configuration):
     step_s: float | None = None
     speedup: float | None = None
     collectives: list[dict] = dataclasses.field(default_factory=list)
+    xla_options: dict = dataclasses.field(default_factory=dict)
 
 
 def write_records(path: str | None, records: list) -> None:
@@ -830,6 +838,7 @@ def run_on_target(
         identity = dict(
             **Configuration.fields(options.model, height, width, parallel, options.dtype),
             target=target.name,
+            xla_options=dict(options.xla_options),
         )
         try:
             with display(f"{name}, {parallel.mode}: compiling with the {target.platform} compiler"):
@@ -842,6 +851,7 @@ def run_on_target(
                     target,
                     options.attention,
                     downscale=downscale,
+                    xla_options=dict(options.xla_options),
                 )
         except targets.ProgramTooLarge as error:
             display.note(f"  {name}: {error}")

@@ -159,7 +159,9 @@ class AnalyzeOptions:
     accelerator (`jaxfusion.bench.targets`: "v5e-8", "h100-8", ...) with its own compiler
     and report memory per chip, the overlap of the displaced loop's exchange and the
     projected step (`jaxfusion.bench.overlap`); `schedule`: a folder (made if absent) for a
-    picture of each loop body's schedule."""
+    picture of each loop body's schedule; `xla_options`: (name, value) pairs of XLA options
+    compiled with, after jaxfusion's own (`sharding.compiler_options`), to try the
+    compiler's scheduler settings."""
 
     model: str = "sdxl"
     heights: Sequence[int] = (1024, 2048)
@@ -180,10 +182,13 @@ class AnalyzeOptions:
     plot: str | Path | None = None
     target: str | None = None
     schedule: str | Path | None = None
+    xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.schedule is not None and self.target is None:
             raise ValueError("--schedule pictures a target's schedule: add --target NAME")
+        if self.xla_options and self.target is None:
+            raise ValueError("--xla-option sets the target compiler's options: add --target NAME")
         if self.target is not None and (self.plot is not None or self.hosts > 1):
             raise ValueError("--plot and --hosts describe the CPU compile: drop them with --target")
         if self.plot is not None and Path(self.plot).suffix.lower() != ".png":

@@ -80,6 +80,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     analyze.add_argument(
         "--schedule", metavar="FOLDER", help="with --target: a .png of each loop's schedule"
     )
+    analyze.add_argument(
+        "--xla-option",
+        metavar="NAME=VALUE",
+        type=xla_option,
+        action="append",
+        default=[],
+        help="with --target: compile with this XLA option too (after jaxfusion's own), e.g. "
+        "xla_tpu_enable_scheduler_memory_pressure_tracking=false; repeatable",
+    )
     analyze.set_defaults(command=run_analyze, cpu_only=True)
 
     timing = bench.add_parser(
@@ -104,6 +113,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     timing.set_defaults(command=run_time)
 
 
+def xla_option(text: str) -> tuple[str, bool | int | float | str]:
+    """NAME=VALUE -> (NAME, VALUE as a bool, int, float or else the text)."""
+    name, equals, value = text.partition("=")
+    if not (name and equals and value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
     options = AnalyzeOptions(
         model=args.model,
@@ -125,6 +149,7 @@ def run_analyze(args: argparse.Namespace, display: StageDisplay) -> int:
         plot=args.plot,
         target=args.target,
         schedule=args.schedule,
+        xla_options=tuple(args.xla_option),
     )
     from jaxfusion.bench import analyze
 
