@@ -115,10 +115,11 @@ class StepAnalysis(Configuration):
         encoders, warm-up and displaced scans, VAE decode): `weights_bytes_per_device` (all
         networks' weights, replicated, all of them held even where the program uses
         fewer) + `temp_bytes_generation_per_device` (every intermediate, the stale buffers
-        included) + the request and the image slab. FLUX.1's, until its pipeline exists:
-        put together from two compiled programs, the prompt's encoding and the loop with
-        the decode (`families.FluxRun`), every weight held for the whole run (as a
-        pipeline that keeps its networks in one state holds them);
+        included) + the request and the image slab. FLUX.1's: put together from two
+        compiled programs, the prompt's encoding and the loop with the decode
+        (`families.FluxRun`; not yet `pipelines.flux`'s one program), every weight held
+        for the whole run (as that pipeline, which keeps its networks in one state, holds
+        them);
         `memory_bytes_generation_t5_freed_per_device`: the same with T5's weights freed
         once the prompt is encoded (None for the UNets: no T5);
         `weights_bytes_by_component`: each network's weights by its folder's name (Flux;

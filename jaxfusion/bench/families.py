@@ -10,7 +10,7 @@ whether it runs classifier-free guidance (a CFG batch of 2 that `--cfg-parallel`
         the flow-matching sampler.
 
 `family_of(config)` picks the adapter of a configuration. The whole generation of FLUX.1 is
-`FluxRun`'s, measured from two programs until Flux's pipeline exists (see there)."""
+`FluxRun`'s, measured from two programs (see there)."""
 
 from __future__ import annotations
 
@@ -226,8 +226,8 @@ class FluxRun:
     VAE decodes the latent split by rows (`sharding.rows.map_rows`), as diffusers'
     FluxPipeline does it.
 
-    Flux's pipeline is not there yet, so the run is measured as two compiled programs, the
-    prompt's encoding (on each device, as a pipeline runs it replicated; compiled once) and
+    The run is measured as two compiled programs (not yet through `pipelines.flux`, which
+    compiles one), the prompt's encoding (on each device, as a pipeline runs it replicated; compiled once) and
     the loop with the decode (for the devices of each configuration), and put together
     (`generation_memory`): every network's weights are held for the whole run, as a
     pipeline that keeps all networks in one state holds them, or T5's are freed once the
