@@ -227,8 +227,9 @@ class FluxRun:
     FluxPipeline does it.
 
     The run is measured as two compiled programs (not yet through `pipelines.flux`, which
-    compiles one), the prompt's encoding (on each device, as a pipeline runs it replicated; compiled once) and
-    the loop with the decode (for the devices of each configuration), and put together
+    compiles one), the prompt's encoding (on each device, as a pipeline runs it
+    replicated; compiled once) and the loop with the decode (for the devices of each
+    configuration), and put together
     (`generation_memory`): every network's weights are held for the whole run, as a
     pipeline that keeps all networks in one state holds them, or T5's are freed once the
     prompt is encoded."""
