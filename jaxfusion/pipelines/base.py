@@ -259,7 +259,9 @@ class TextToImagePipeline(abc.ABC):
         dynamic shift), or None where it depends on no size."""
         return None
 
-    def latents_to_nhwc(self, name: str, array: Any, batch: int, height: int, width: int):
+    def latents_to_nhwc(
+        self, name: str, array: Any, batch: int, height: int, width: int
+    ) -> jax.Array:
         """Latents as diffusers' pipeline takes them (`latents`, `image_latents`), checked
         (finite, the shape of `batch` images of height x width) -> (B, h, w, C) float32
         NHWC. Here NCHW (B, C, h, w)."""
@@ -453,9 +455,8 @@ class TextToImagePipeline(abc.ABC):
         batch = request.batch
         if request.from_image and not self.takes_image:
             raise ValueError(
-                f"a {self.pipeline_class} does not start from an image here (no image "
-                "or image_latents): image-to-image is not supported for it yet; run "
-                "text-to-image"
+                f"image-to-image is not supported for a {self.pipeline_class} yet: leave "
+                "out image and image_latents (text-to-image), or use an SD or SDXL pipeline"
             )
         pixels, start, height, width = self._starting_image(request)
         strength = request.strength

@@ -233,7 +233,9 @@ class FluxPipeline(TextToImagePipeline):
         f = self.size_multiple
         return (height // f) * (width // f)
 
-    def latents_to_nhwc(self, name: str, array: Any, batch: int, height: int, width: int):
+    def latents_to_nhwc(
+        self, name: str, array: Any, batch: int, height: int, width: int
+    ) -> jax.Array:
         """FluxPipeline's packed latents (B, h/2 * w/2, 4C) -> (B, h, w, C) NHWC."""
         _, channels, h, w = self.latent_shape(batch, height, width)
         expected = (batch, (h // PACK) * (w // PACK), channels * PACK * PACK)

@@ -37,12 +37,13 @@ class Request:
       the conditional batch alone, as diffusers). None: the model's default, as diffusers.
     seed: the noise `jax.random.normal(jax.random.key(seed), ...)`; euler_a and lcm also
       draw fresh noise at each step from it (`step_noises`), also with `latents`.
-    latents: explicit noise instead, as diffusers draws it: (B, C, h, w) NCHW unit noise;
-      from noise, the initial latents before the scheduler's init_noise_sigma; from an
-      image, the noise added to its latents.
+    latents: explicit noise instead, as diffusers draws it: (B, C, h, w) NCHW unit noise
+      (Flux: FluxPipeline's packed (B, h/2 * w/2, 4C)); from noise, the initial latents
+      before the scheduler's init_noise_sigma; from an image, the noise added to its
+      latents.
     scheduler: "euler", "ddim", "dpmpp", "euler_a" (Euler ancestral) or "lcm" (latent
-      consistency, for LCM-LoRA) on the folder's noise schedule; None: the folder's own
-      scheduler.
+      consistency, for LCM-LoRA) on the folder's noise schedule, or "flow_match" (Flux's,
+      its only one); None: the folder's own scheduler.
     parallel: how the denoising loop and the VAE encode and decode run over devices
       (default: one device). The latent stays split by rows from the encoded image or the
       first step to the decoded image; the weights are placed on the mesh once and reused
