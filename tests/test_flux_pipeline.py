@@ -3,6 +3,7 @@ same tiny random folders ([dev]: guidance embedding and dynamic shift; [schnell]
 from the same packed latents; its patch-parallel runs against one device; its folder written
 back; and what it refuses, before anything compiles."""
 
+import json
 import re
 
 import diffusers
@@ -19,7 +20,7 @@ from jaxfusion.images import psnr
 from sharding import ParallelConfig
 
 # 40 x 48 pixels: latents 20 x 24 (the VAE halves), 10 x 12 tokens: 10 token rows split
-# unevenly over 4 patches (3, 3, 2, 2) and evenly over 2.
+# evenly over 2 patches and unevenly over 4 and 8.
 HEIGHT, WIDTH, STEPS, GUIDANCE = 40, 48, 4, 4.0
 PROMPTS = [PROMPT, "a blue square at the bottom"]
 ROUNDING = 1e-5  # sync on P devices vs one device, float32: reordered sums only
@@ -75,10 +76,11 @@ def test_t5_options_and_latents_output_match_diffusers(folders, pipes):
     assert relative_l2(without_prompt_2, ours) > 1e-3  # prompt_2 reached T5
 
 
-@pytest.mark.parametrize("devices", [2, 4])
+@pytest.mark.parametrize("devices", [2, 4, 8])
 def test_sync_patches_equal_one_device(pipes, devices):
-    """Sync patch parallelism over 10 token rows (4 devices: unequal slabs) is one device's
-    image to float32 rounding; the row-split VAE decode included."""
+    """Sync patch parallelism over 10 token rows (4 and 8 devices: unequal slabs, 3 + 3 +
+    2 + 2 and 2 + 2 + 1 x 6) is one device's image to float32 rounding; the row-split VAE
+    decode included."""
     pipe = pipes["flux-dev"]
     call = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, seed=3)
     single = pipe(PROMPTS, **call)
@@ -148,3 +150,10 @@ def test_compare_command_with_packed_latents(folders, tmp_path):
     match = re.search(r"PSNR ([\d.]+|inf) dB", result.stderr)
     assert match, result.stderr
     assert float(match.group(1)) >= MIN_PSNR
+
+
+@pytest.mark.parametrize("pipeline_class", ["FluxKontextPipeline", "Flux2Pipeline"])
+def test_other_flux_pipelines_refused_by_name(tmp_path, pipeline_class):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    with pytest.raises(ValueError, match=rf"names '{pipeline_class}'.*FluxPipeline runs"):
+        jaxfusion.load_pipeline(tmp_path)

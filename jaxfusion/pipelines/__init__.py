@@ -32,8 +32,14 @@ def load_pipeline(path: str | Path = BUILTIN, **kwargs) -> TextToImagePipeline:
         path = builtin_model_path()
     name = read_model_index(path).get("_class_name")
     if name not in PIPELINES:
+        flux = (
+            " (of the Flux family, FluxPipeline runs: FLUX.1 [dev] and [schnell], "
+            "text-to-image; Kontext, Fill, image-to-image and FLUX.2 are not supported yet)"
+            if str(name).startswith("Flux")
+            else ""
+        )
         raise ValueError(
-            f"{path}/model_index.json names {name!r}; supported pipelines: {list(PIPELINES)}"
+            f"{path}/model_index.json names {name!r}; supported pipelines: {list(PIPELINES)}{flux}"
         )
     return PIPELINES[name].from_pretrained(path, **kwargs)
 
