@@ -28,6 +28,18 @@ The rule (P patches along height, steps t = 0..T-1 in sampling order, W = warmup
 * `kv_refresh` K: the stale keys/values are replaced only after displaced steps W+K, W+2K,
   ...; the other displaced steps leave them as they were (steps W+1..W+K read step W's,
   steps W+K+1..W+2K step W+K's). Each patch's own keys/values are always fresh.
+* `compress` (a codec of `codec_reference.py`): the stale image keys/values another patch
+  reads are what a receiver of that codec holds, as the UNet reference
+  (`distrifusion_reference.py`) has them: one message stream (`codec_reference.Channel`)
+  per (attention, sending patch), whose message is the patch's keys and values stacked as
+  (2, B, tokens, heads * head_dim): a row per (key or value, sample, token), a column per
+  head and channel, as `sharding.KVExchange` sends it. Each step that replaces the stale
+  keys/values sends every patch's message through its stream (synchronous steps exactly;
+  residual codecs start their base there) and the receivers then hold what `Channel.send`
+  returns. Only what another patch reads goes through the codec: each patch's own
+  keys/values, and the text's, are its exact fresh ones. Whether a block exchanges at the
+  start of the step that reads (the default) or right after producing
+  (`sends_when_produced`) changes nothing here: both read what the previous step sent.
 
 Other modes: "naive" (every step, each patch runs the model on [text, its own image tokens]
 alone, image ids of its rows in the whole grid, no warm-up), "single" (diffusers' model on the
@@ -56,6 +68,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from codec_reference import Channel
 from diffusers import FluxPipeline
 from fake_sampling import set_timesteps
 
@@ -70,11 +83,13 @@ VAE_SCALE = 8  # what FluxPipeline._unpack_latents divides the pixel size by
 class _State:
     """What the processors share: the phase of the current model call, the patch being run,
     the text's token count and the keys/values, keyed by the attention's name, each a list of
-    P per-patch (keys, values) (B, tokens, heads, head_dim)."""
+    P per-patch (keys, values) (B, tokens, heads, head_dim); the codec's message streams."""
 
-    def __init__(self, patches: int, image_tokens: list[int]):
+    def __init__(self, patches: int, image_tokens: list[int], compress: str = "none"):
         self.patches = patches
         self.image_tokens = image_tokens  # each patch's image tokens
+        self.compress = compress
+        self.channels: dict[tuple[str, int], Channel] = {}  # (attention, patch): its stream
         self.text_tokens = 0
         self.phase = "full"  # "full": synchronous; "patch": displaced; "alone": naive
         self.index = 0  # the patch of a "patch" or "alone" call
@@ -97,7 +112,21 @@ class _State:
         if self.phase == "patch" and not self.refresh_kv:
             self.fresh = {}
             return
-        self.stale, self.fresh = self.fresh, {}
+        self.stale = {
+            name: [self._send(name, i, *slot) for i, slot in enumerate(slots)]
+            for name, slots in self.fresh.items()
+        }
+        self.fresh = {}
+
+    def _send(self, name: str, i: int, key: torch.Tensor, value: torch.Tensor) -> tuple:
+        """What the receivers of patch i's keys and values (B, tokens, heads, head_dim) in
+        attention `name` hold once this step sent them: its message (2, B, tokens, heads *
+        head_dim) through the stream's codec."""
+        channel = self.channels.setdefault((name, i), Channel(self.compress))
+        message = torch.stack([key, value]).flatten(3).double().numpy()
+        held = torch.from_numpy(channel.send(message, exact=self.phase == "full"))
+        held = held.unflatten(3, key.shape[2:]).to(key.dtype)
+        return held[0], held[1]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -233,23 +262,27 @@ class FluxReference:
         mode: str = "displaced",
         kv_refresh: int = 1,
         split: str = "row",
+        compress: str = "none",
     ) -> np.ndarray:
         """The final latents (B, C, h, w), float64, of a FluxPipeline-like loop from the
         initial noise `latents` (B, C, h, w) NCHW, whose model predictions follow `mode`
         (see the module docstring). `scheduler`: a FlowMatchEulerDiscreteScheduler, its
         timesteps set here for `steps` steps and the image's token count. `guidance`: the
         guidance scale ([dev]'s embedding), None without one. `split`: naive mode's slabs,
-        "row", "col" or "alternate"."""
+        "row", "col" or "alternate". `compress`: the codec of the stale keys and values
+        ("displaced" only)."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {MODES}")
         if split not in SPLITS or (split != "row" and mode != "naive"):
             raise ValueError(f"split={split!r}: use one of {SPLITS}, other than 'row' in naive")
+        if compress != "none" and mode != "displaced":
+            raise ValueError(f"compress={compress!r}: displaced mode only")
         if (guidance is None) == self.guidance_embeds:
             raise ValueError("give a guidance scale exactly when the model has guidance_embeds")
         b, _, h, w = latents.shape
         counts = Split.of(h, patches, PACK).counts if mode != "single" else (h,)
         column_counts = Split.of(w, patches, PACK).counts if mode == "naive" else (w,)
-        state = _State(len(counts), [count // PACK * (w // PACK) for count in counts])
+        state = _State(len(counts), [count // PACK * (w // PACK) for count in counts], compress)
         x = torch.from_numpy(np.asarray(latents, np.float64))
         prompt = torch.from_numpy(np.asarray(prompt_embeds, np.float64))
         pooled = torch.from_numpy(np.asarray(pooled_prompt_embeds, np.float64))

@@ -13,8 +13,13 @@ and the single-stream blocks alike; each patch's text stream its own. Heights: 1
 2 + 1 + 1 + 1), whose slabs are unequal. Naive mode also on column slabs (and alternate
 ones): the 6 token columns as 3 + 3 on 2 patches and 2 + 2 + 1 + 1 on 4, where every patch's
 image ids must be those of its columns in the whole grid (before that was fixed, a column
-slab's ids started at column 0 and row index x rows: 6e-3 .. 1.9e-2 from the reference). About
-55 s in all on 2 busy cores, 35 s without the tests marked slow.
+slab's ids started at column 0 and row index x rows: 6e-3 .. 1.9e-2 from the reference).
+Displaced mode also with each codec of the exchanged image keys and values
+(`ParallelConfig.compress`), against the reference whose stale keys and values are what a
+receiver of that codec holds (`codec_reference.Channel`), on the first double-stream block
+(which sends when it produces) as on the others. About 55 s in all on 2 busy cores, 35 s
+without the tests marked slow, before the codec tests: those add about 8 s to the fast tier
+and 35 s in all.
 """
 
 import diffusers
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from codec_reference import CODEC_NAMES
 from diffusers_models import randomize, relative_l2
 from flax import nnx
 from flux_models import FLUX_CONFIG
@@ -45,6 +51,18 @@ SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True)
 # step's keys and values, or the wrong patches' stale ones, would fail.
 REFERENCE_TOLERANCE = 1e-5
 DISPLACED_MARGIN = 1e-3  # displaced (naive, kv_refresh) vs single must differ by more
+# With a codec, the same tolerance: measured 7.8e-7 .. 2.0e-6 (fp8 2.0e-6 on even slabs,
+# int8 1.1e-6 and 1.2e-6; every other codec and slab 7.8e-7 .. 9.9e-7, as without one). A
+# float32 t = x / s can round to another code than the float64 one where t sits at a decision
+# boundary: a few of the 3840 .. 6144 values a step sends are within 1e-5 (relative) of one
+# (`codec_reference.ambiguous`: 2 .. 13 for fp8 and int8, 0 .. 1 for the residual codecs), and
+# one flip moves the run by about one quantization step of one key or value: the 1e-6 over
+# the float32 rounding that fp8 shows. Each codec moves the run from uncompressed displaced by
+# 4.0e-5 (int8) .. 9.8e-4 (residual-1bit), over twice the tolerance: a run that ignored the
+# codec would fail. So would one whose warm-up did not round what fp8 sends (1.6e-4; 8.4e-5 in
+# the first double-stream block alone, which sends when it produces), or one that ignored the
+# codec in that block alone (1.2e-4 fp8, 5.8e-5 residual-int4, 3.3e-4 residual-1bit).
+CODEC_MARGIN = 2 * REFERENCE_TOLERANCE  # a codec vs uncompressed displaced must differ by more
 
 
 class Case:
@@ -180,3 +198,43 @@ def test_kv_refresh_equals_reference(case):
     assert relative_l2(case.jax(10, parallel), expected) < REFERENCE_TOLERANCE
     every_step = case.reference(10, "displaced", 4, warmup_steps=0)
     assert relative_l2(expected, every_step) > DISPLACED_MARGIN
+
+
+def slow_but(fast, cases):
+    """`cases` as parameters, all but those in `fast` marked slow."""
+    return [c if c in fast else pytest.param(*c, marks=pytest.mark.slow) for c in cases]
+
+
+CODEC_CASES = [(codec, 16) for codec in CODEC_NAMES[1:]] + [("residual-1bit", 10)]
+
+
+@pytest.mark.parametrize(
+    ("compress", "height"), slow_but({("fp8", 16), ("residual-1bit", 16)}, CODEC_CASES)
+)
+def test_displaced_with_codec_equals_reference(case, compress, height):
+    """4 patches, steps 0..WARMUP synchronous (fp8 and int8 keep what they would send, rounded;
+    the residual codecs' base starts exact), then displaced steps whose stale keys and values
+    went through the codec: the other patches' as their receivers hold them. The fast tier
+    keeps one codec of each kind (`sharding.codecs`: quantized, residual) on even slabs; the
+    uneven ones send zero tokens as padding, which must not change the codec's scales."""
+    parallel = ParallelConfig(4, mode="displaced", warmup_steps=WARMUP, compress=compress)
+    actual = case.jax(height, parallel)
+    expected = case.reference(height, "displaced", 4, warmup_steps=WARMUP, compress=compress)
+    assert relative_l2(actual, expected) < REFERENCE_TOLERANCE
+    uncompressed = case.reference(height, "displaced", 4, warmup_steps=WARMUP)
+    assert relative_l2(actual, uncompressed) > CODEC_MARGIN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compress", ["fp8", "residual-int4"])
+def test_kv_refresh_with_codec_equals_reference(case, compress):
+    """kv_refresh=2 with W = 0 on 4 unequal slabs: steps 1 and 2 read step 0's exact keys and
+    values (fp8: rounded), step 3 what step 2 sent through the codec; where nothing is
+    exchanged a block reads what it last received (kept beside fp8's payload, in the residual
+    base)."""
+    parallel = ParallelConfig(4, mode="displaced", warmup_steps=0, kv_refresh=2, compress=compress)
+    actual = case.jax(10, parallel)
+    expected = case.reference(10, "displaced", 4, warmup_steps=0, kv_refresh=2, compress=compress)
+    assert relative_l2(actual, expected) < REFERENCE_TOLERANCE
+    uncompressed = case.reference(10, "displaced", 4, warmup_steps=0, kv_refresh=2)
+    assert relative_l2(actual, uncompressed) > CODEC_MARGIN
