@@ -30,6 +30,7 @@ from jaxfusion import files
 SIGNALS = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 STOP_KEY = "jaxfusion/stop"  # "STATUS WHY": a process was stopped, every process ends
 ENDED_KEY = "jaxfusion/ended/{}"  # process I has read the stop and ends
+FAILED_KEY = "jaxfusion/failed/{}"  # process I ends on an error, its line printed
 POLL_S = 0.1  # how often a process of a multi-process run looks for a stop
 ENDED_WAIT_S = 5.0  # how long process 0 waits for the others to end before it does
 SERVICE_GRACE_S = 0.2  # then for their exit to complete, before the service goes
@@ -142,6 +143,19 @@ def end_if_peer_stopped() -> None:
     told = _peers.told() if _peers is not None else None
     if told is not None:
         _peers.end(told)
+
+
+def end_last_after_error() -> None:
+    """In a multi-process run, where this process ends on an error whose line it has
+    printed: process 0 waits (`end_last`, at most ENDED_WAIT_S) for the others to say the
+    same, so that the coordination service it serves outlives their error lines (a process
+    whose service goes first is aborted by JAX, maybe before it prints); the others say so
+    and go. A peer that does not say so in time (busy in a collective) is not waited for:
+    the service's heartbeats end it."""
+    if _peers is None:
+        return
+    with contextlib.suppress(TimeoutError):
+        end_last(_peers.client, FAILED_KEY, _peers.index, _peers.count, ENDED_WAIT_S)
 
 
 def watch_peers(client: Any, index: int, count: int) -> None:

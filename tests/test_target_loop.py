@@ -147,29 +147,6 @@ def test_a_row_that_does_not_fit_is_recorded(monkeypatch, tmp_path):
     assert written["loop"] == "does not fit" and written["memory_bytes_per_chip"] == needed
 
 
-@pytest.mark.slow
-def test_xla_options_reach_the_compiler(model, displaced):
-    """`--xla-option` compiles with the options given after jaxfusion's own: one all-gather
-    in flight at a time (libtpu's default without `sharding.compiler_options`) leaves less
-    of the same exchange beside compute."""
-    config, downscale = model
-    parallel, record = displaced
-    one_at_a_time = analyze.target_loop(
-        config,
-        64,
-        64,
-        parallel,
-        "bfloat16",
-        targets.target("v5e-8"),
-        "xla",
-        downscale=downscale,
-        steps=STEPS,
-        xla_options={"xla_max_concurrent_async_all_gathers": 1},
-    )
-    assert one_at_a_time.overlap.received_bytes == record.overlap.received_bytes
-    assert one_at_a_time.overlap.hidden_share < record.overlap.hidden_share - 0.2
-
-
 def test_xla_option_values():
     assert xla_option("xla_flag=false") == ("xla_flag", False)
     assert xla_option("xla_limit=32") == ("xla_limit", 32)

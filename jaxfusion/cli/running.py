@@ -64,8 +64,10 @@ def run_command(args: argparse.Namespace, display: StageDisplay) -> int:
         else:
             raise
     if joined:  # the others may wait for this one in a collective: end now, not at exit
+        from jaxfusion.interrupts import end_last_after_error
         from sharding.distributed import exit_now
 
+        end_last_after_error()
         exit_now(code)
     return code
 
