@@ -3,23 +3,29 @@ detector of tests/test_builtin_model.py (the oracle the shipped model's tests us
 size, the detector's accuracy on its 18 one-shape prompts, the share drawn as one dominant
 shape, the share of its 12 two-shape prompts ("a red circle at the top left and a green
 square at the top right") with both colours in their asked thirds, and which of seeds 0-3
-draw the README's quick-start prompt as asked. For a training run's snapshots (`jaxfusion
-train --snapshots DIR`) before one is shipped.
+draw the README's quick-start prompt as asked. With `--vocabulary-seeds N`, also the share
+of the vocabulary's one-shape prompts (every colour and shape, plain, with a place, a size
+word, a background, and all three: `judge.FORMS`) drawn as one shape of the asked colour
+and kind at the asked place, per form, each form's 18 prompts on N seeds. For a training
+run's snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
 
     python benchmarks/builtin_accuracy.py [FOLDER ...] [--sizes 64 256] [--images DIR]
-        [--first-seed N]
+        [--first-seed N] [--vocabulary-seeds N] [--no-pairs]
 
 FOLDER defaults to the shipped model. `--images DIR` also writes the judged images of each
 folder and size as DIR/NAME-SIZE.png, two rows of 11: the 18 prompts, then the quick-start
-prompt from seeds 0-3; and the two-shape prompts as DIR/NAME-SIZE-pairs.png, one row.
+prompt from seeds 0-3; the two-shape prompts as DIR/NAME-SIZE-pairs.png, one row; and the
+vocabulary's first seed as DIR/NAME-SIZE-vocabulary.png, a row per form.
 `--first-seed N` draws prompt i from seed N + i instead of i (the quick start from N to
-N + 3): seeds the tests never see, to compare snapshots without choosing one on the tests'
-own images.
+N + 3, the vocabulary from seeds N to N + N' - 1): seeds the tests never see, to compare
+snapshots without choosing one on the tests' own images.
 """
 
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -35,12 +41,32 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--images", type=Path, help="write the judged images to this folder")
     parser.add_argument("--first-seed", type=int, default=0, help="draw prompt i from seed N + i")
+    parser.add_argument(
+        "--vocabulary-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="judge the vocabulary on N seeds",
+    )
+    parser.add_argument(
+        "--no-pairs",
+        action="store_true",
+        help="only the vocabulary: skip the 18 prompts, the two-shape prompts and the quick start",
+    )
     args = parser.parse_args()
     seed = args.first_seed
     pair_prompts = [judge.pair_prompt(pair) for pair in judge.PAIRS]
     for folder in args.folders:
         pipe = jaxfusion.load_pipeline(folder)
         for size in args.sizes:
+            name = f"{Path(folder).name}-{size}"
+            if args.images:
+                args.images.mkdir(parents=True, exist_ok=True)
+            if args.vocabulary_seeds:
+                vocabulary(pipe, folder, size, range(seed, seed + args.vocabulary_seeds),
+                           args.images and args.images / f"{name}-vocabulary.png")  # fmt: skip
+            if args.no_pairs:
+                continue
             images = judge.generate(pipe, size, seed)
             drawn = judge.quick_start(pipe, size, seed)
             quick_start = [judge.quick_start_ok(image) for image in drawn]
@@ -54,12 +80,31 @@ def main() -> None:
                 flush=True,
             )
             if args.images:
-                args.images.mkdir(parents=True, exist_ok=True)
                 judged = [*images, *drawn]
                 rows = [judged[: len(judged) // 2], judged[len(judged) // 2 :]]
-                name = f"{Path(folder).name}-{size}"
                 save_image(grid(rows), args.images / f"{name}.png")
                 save_image(grid([list(pairs)]), args.images / f"{name}-pairs.png")
+
+
+def vocabulary(pipe, folder: str, size: int, seeds: range, image_file: Path | None) -> None:
+    """Prints the share of each form's prompts drawn as asked on `seeds`, and of all; writes
+    the first seed's images to `image_file`, a row per form."""
+    judged = {form: [] for form in judge.FORMS}
+    for seed in seeds:
+        cases, images = judge.draw_vocabulary(pipe, size, seed)
+        for k, (case, image) in enumerate(zip(cases, images, strict=True)):
+            judged[judge.FORMS[k // 18]].append(judge.drawn_as_asked(image, case))
+        if image_file and seed == seeds[0]:
+            save_image(
+                grid([list(images[k : k + 18]) for k in range(0, len(images), 18)]), image_file
+            )
+    shares = ", ".join(f"{form} {np.mean(ok):.1%}" for form, ok in judged.items())
+    every = [ok for oks in judged.values() for ok in oks]
+    print(
+        f"{folder} at {size}x{size}, one-shape prompts drawn as asked on seeds "
+        f"{seeds[0]}-{seeds[-1]}: {np.mean(every):.1%} of {len(every)} ({shares})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

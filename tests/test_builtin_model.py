@@ -3,6 +3,7 @@ meaning of colour words (hue) and place words (thirds of the image), judges each
 diffusers loads the shipped folder and draws the same image."""
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -44,6 +45,40 @@ PAIRS = [
     for i, (first, second) in enumerate(itertools.permutations(CORNERS, 2))
 ]
 STEPS = 25
+# The one-shape prompts of the model's whole vocabulary, in five forms: "a red circle", with
+# a place ("... at the top left"), with a size word ("a big red circle"), on a named
+# background ("... on a black background"), and with all three.
+FORMS = ("plain", "place", "size", "background", "all")
+SIZE_WORDS = ("small", "big")
+BACKGROUNDS = ("white", "black", "gray")
+
+
+class OneShapeCase(NamedTuple):
+    colour: str
+    shape: str
+    place: str | None = None
+    size: str = ""
+    background: str | None = None
+
+    def prompt(self) -> str:
+        """ "a small red circle at the top left on a gray background", or less of it."""
+        words = " ".join(word for word in (self.size, self.colour, self.shape) if word)
+        text = f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+        text += f" {self.place}" if self.place else ""
+        return text + (f" on a {self.background} background" if self.background else "")
+
+
+def one_shape_cases(form: str, seed: int) -> list[OneShapeCase]:
+    """The 18 prompts of `form` (one of FORMS) for `seed`: every colour with every shape, the
+    place, size word and background turning with the case and the seed."""
+    cases = []
+    for i, (colour, shape) in enumerate(itertools.product(HUES, SHAPES)):
+        k = i + seed
+        place = list(PLACES)[k % len(PLACES)] if form in ("place", "all") else None
+        size = SIZE_WORDS[k % 2] if form in ("size", "all") else ""
+        background = BACKGROUNDS[k % 3] if form in ("background", "all") else None
+        cases.append(OneShapeCase(colour, shape, place, size, background))
+    return cases
 
 
 def prompt(colour: str, place: str, shape: str) -> str:
@@ -101,11 +136,57 @@ def one_shape(image: np.ndarray, colour: str) -> bool:
     return bool(mask.mean() >= 0.01 and largest_share(mask) >= 0.8)
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The (H, W) bool mask of a non-empty mask's largest 8-connected component."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def shape_kind(mask: np.ndarray) -> str:
+    """The shape word ("circle", "square" or "triangle") of a non-empty (H, W) mask's
+    largest component: the one whose ideal outline, of the component's area and centred on
+    its centroid (an upright square; a triangle apex up, as the training scenes draw them),
+    overlaps it most (intersection over union)."""
+    component = largest_component(mask)
+    rows, cols = np.nonzero(component)
+    area, centre_row, centre_col = len(rows), rows.mean(), cols.mean()
+    y, x = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]].astype(np.float64)
+    y, x = y - centre_row, x - centre_col
+    half = np.sqrt(area) / 2
+    # The training triangle at scale s: apex at -s, base 2s wide at 0.8s, centroid at 0.2s.
+    s = np.sqrt(area / 1.8)
+    ty, tx = y / s + 0.2, x / s
+    outlines = {
+        "circle": x**2 + y**2 <= area / np.pi,
+        "square": (np.abs(x) <= half) & (np.abs(y) <= half),
+        "triangle": (ty >= -1.0) & (ty <= 0.8) & (np.abs(tx) <= (ty + 1.0) / 1.8),
+    }
+    overlap = {
+        kind: (outline & component).sum() / (outline | component).sum()
+        for kind, outline in outlines.items()
+    }
+    return max(overlap, key=overlap.get)
+
+
+def drawn_as_asked(image: np.ndarray, case: OneShapeCase) -> bool:
+    """(H, W, 3) in [0, 1] -> whether it shows one shape of the case's colour and kind (at
+    its third, where the case names a place) and no other: the colour covers at least 0.5%
+    of the image (a small triangle at 64x64 covers 1.5%), 80% of its pixels form one
+    component, and the other colours together have under a quarter of its pixels."""
+    masks = colour_masks(image)
+    mask = masks[case.colour]
+    others = sum(masks[name].sum() for name in masks if name != case.colour)
+    if mask.mean() < 0.005 or largest_share(mask) < 0.8 or others >= mask.sum() / 4:
+        return False
+    if shape_kind(mask) != case.shape:
+        return False
+    return case.place is None or third_of(largest_component(mask)) == PLACES[case.place]
+
+
 def fill_ratio(mask: np.ndarray) -> float:
     """The largest 8-connected component of a non-empty (H, W) mask: its pixels over its
     bounding box's area; a square fills ~1, a circle pi/4 = 0.79, a triangle 0.5."""
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
-    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    largest = largest_component(mask)
     rows, cols = np.nonzero(largest)
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     return float(largest.sum() / box)
@@ -130,14 +211,22 @@ def pipe():
     return jaxfusion.load_pipeline(builtin_model_path())
 
 
-def draw(pipe, prompts: list[str], size: int, first_seed: int = 0) -> np.ndarray:
-    """prompts[i] from seed first_seed + i at STEPS steps: (len(prompts), size, size, 3) in
-    [0, 1]."""
-    seeds = range(first_seed, first_seed + len(prompts))
+def draw(pipe, prompts: list[str], size: int, first_seed: int = 0, seeds=None) -> np.ndarray:
+    """prompts[i] from seed first_seed + i (or seeds[i]) at STEPS steps: (len(prompts), size,
+    size, 3) in [0, 1]."""
+    seeds = range(first_seed, first_seed + len(prompts)) if seeds is None else seeds
     latents = np.concatenate([pipe.initial_latents(1, size, size, seed) for seed in seeds])
     return np.asarray(
         pipe(prompts, height=size, width=size, num_inference_steps=STEPS, latents=latents)
     )
+
+
+def draw_vocabulary(pipe, size: int, seed: int) -> tuple[list[OneShapeCase], np.ndarray]:
+    """The 18 cases of each of FORMS for `seed`, all drawn from that seed's initial noise:
+    (90 cases, (90, size, size, 3) in [0, 1])."""
+    cases = [case for form in FORMS for case in one_shape_cases(form, seed)]
+    prompts = [case.prompt() for case in cases]
+    return cases, draw(pipe, prompts, size, seeds=[seed] * len(cases))
 
 
 def generate(pipe, size: int, first_seed: int = 0) -> np.ndarray:
@@ -258,6 +347,34 @@ def test_pair_check_reads_rendered_scenes():
         elsewhere = set(CORNERS) - {place for _, place, _ in pair}
         moved = [asked[0], asked[1]._replace(place=min(elsewhere))]
         assert not pair_placed(render(moved, "white", 64), pair)
+
+
+def test_shape_kind_reads_rendered_shapes():
+    from jaxfusion.train.shapes import SIZES, ShapeSpec, render
+
+    rng = np.random.default_rng(0)
+    for size, places in ((64, list(PLACES)), (256, ["at the top left", "in the center"])):
+        for (colour, shape), place, scale in itertools.product(
+            itertools.product(HUES, SHAPES), places, SIZES
+        ):
+            spec = ShapeSpec(colour, shape, place, scale)
+            image = render([spec], "gray", size, rng.uniform(-0.03, 0.03, (1, 2)))
+            assert shape_kind(colour_masks(image)[colour]) == shape, spec
+
+
+def test_one_shape_check_reads_rendered_scenes():
+    from jaxfusion.train.shapes import ShapeSpec, render
+
+    case = OneShapeCase("blue", "square", "at the bottom", "small", "white")
+    assert case.prompt() == "a small blue square at the bottom on a white background"
+    asked = ShapeSpec("blue", "square", "at the bottom", "small")
+    assert drawn_as_asked(render([asked], "white", 64), case)
+    assert drawn_as_asked(render([asked], "black", 64), case._replace(place=None))
+    assert not drawn_as_asked(render([asked._replace(shape="circle")], "white", 64), case)
+    assert not drawn_as_asked(render([asked._replace(place="at the top")], "white", 64), case)
+    second = ShapeSpec("red", "triangle", "at the top left")
+    assert not drawn_as_asked(render([asked, second], "white", 64), case)
+    assert not drawn_as_asked(render([], "white", 64), case)
 
 
 def test_draws_the_asked_colour_and_place_at_64(drawn):

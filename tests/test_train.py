@@ -100,6 +100,7 @@ def sinusoids(positions: int, dim: int) -> np.ndarray:
         (["--text-encoder-heads", "3"], "--text-encoder-heads"),
         (["--text-encoder-layers", "0"], "--text-encoder-layers"),
         (["--object-counts", "0.5", "0.5", "0.5"], "--object-counts"),
+        (["--unplaced", "1.5"], "--unplaced"),
     ],
 )
 def test_train_refuses_flags_that_do_not_apply_before_loading(tmp_path, capsys, flags, named):
@@ -135,6 +136,38 @@ def test_scenes_by_default_hold_one_object_half_the_time_else_two_or_three_alike
     np.testing.assert_allclose(shares[1:], [0.5, 0.25, 0.25], atol=0.04)
 
 
+def test_unplaced_captions_leave_out_every_place_in_the_asked_share():
+    """A caption names its objects' places or none of them, and names none in the asked
+    share; without the option every caption names them."""
+    place_words = {"top", "bottom", "left", "right", "center"}
+    _, captions = shapes.batch(5, 0, 2000, 4, (0.4, 0.45, 0.15), unplaced=0.35)
+    unnamed = [not place_words & set(caption.split()) for caption in captions]
+    for caption, none in zip(captions, unnamed, strict=True):
+        named_phrases = [bool(place_words & set(p.split())) for p in caption.split(" and ")]
+        assert none or sum(named_phrases) == caption.count(" and ") + 1, caption
+    # binomial standard deviation at n = 2000: 0.011
+    assert np.mean(unnamed) == pytest.approx(0.35, abs=0.04)
+    _, named = shapes.batch(5, 0, 200, 4, (0.4, 0.45, 0.15))
+    assert all(place_words & set(caption.split()) for caption in named)
+
+
+def test_decoder_phase_trains_the_decoder_alone_on_every_size():
+    """Two decoder steps at 32 and 16 pixels move the decoder and post_quant_conv, and
+    nothing of the encoder (so the latent space a UNet learned stays); the first loss is the
+    reconstruction error of the initial weights at 32 pixels (`first_vae_loss`)."""
+    config = dataclasses.replace(CONFIG, decoder_steps=2, decoder_scales=((32, 2), (16, 3)))
+    vae = trainer.initial_pipeline(config).models.vae
+    phase = trainer.decoder_phase(config)
+    expected, _ = first_vae_loss(vae, phase, config)
+    before = {path: np.asarray(leaf) for path, leaf in nnx.to_flat_state(nnx.state(vae))}
+    losses = []
+    trainer.train_vae(vae, phase, config, losses, trainer.no_progress)
+    assert len(losses) == 2 and losses[0] == pytest.approx(expected, rel=1e-5)
+    after = dict(nnx.to_flat_state(nnx.state(vae)))
+    moved = {path[0] for path, old in before.items() if not np.array_equal(old, after[path])}
+    assert moved == {"decoder", "post_quant_conv"}
+
+
 def block_mean_std(noise: jax.Array, block: int) -> float:
     """The standard deviation of the means of (block x block) blocks of (B, h, w, C) noise."""
     b, h, w, c = noise.shape
@@ -165,22 +198,30 @@ def scaled_linear_alpha_bar() -> np.ndarray:
 CONFIG = TrainConfig(image_size=32, vae_batch_size=2, kl_weight=0.5, unconditional_probability=0.5)
 
 
-def test_vae_loss_follows_the_formula():
-    """The loss the VAE phase records for its first step (the initial weights) against numpy
-    float64 from the VAE's outputs: the MSE of the reconstruction of a latent sample +
-    kl_weight x the mean over images of sum 1/2 (mu^2 + sigma^2 - 1 - log sigma^2) (a
-    kl_weight that makes the KL term count). The sample is the trainer's draw from the
-    step's key."""
-    vae = trainer.initial_pipeline(CONFIG).models.vae
-    images, _ = shapes.batch(CONFIG.seed, 0, 2, 32, None)
+def first_vae_loss(vae, phase: trainer.AutoencoderPhase, config: TrainConfig):
+    """(loss, KL term) of an autoencoder phase's first step, numpy float64 from the VAE's
+    outputs: the MSE of the reconstruction of a latent sample + kl_weight x the mean over
+    images of sum 1/2 (mu^2 + sigma^2 - 1 - log sigma^2). The batch and the sample are the
+    trainer's draws for step 0."""
+    size, batch_size = phase.scales[0]
+    images, _ = shapes.batch(phase.data_seed, 0, batch_size, size, config.object_counts)
     posterior = vae.encode(images)
-    sample = posterior.sample(jax.random.fold_in(jax.random.key(CONFIG.seed), 0))
+    sample = posterior.sample(jax.random.fold_in(jax.random.key(phase.data_seed), 0))
     reconstruction = np.asarray(vae.decode(sample), np.float64)
     mu, log_var = (np.asarray(a, np.float64) for a in (posterior.mean, posterior.logvar))
     kl = 0.5 * (mu**2 + np.exp(log_var) - 1 - log_var).sum(axis=(1, 2, 3)).mean()
-    expected = np.mean((reconstruction - images) ** 2) + CONFIG.kl_weight * kl
+    return np.mean((reconstruction - images) ** 2) + config.kl_weight * kl, kl
+
+
+def test_vae_loss_follows_the_formula():
+    """The loss the VAE phase records for its first step (the initial weights) against
+    `first_vae_loss`, with a kl_weight that makes the KL term count."""
+    config = dataclasses.replace(CONFIG, vae_steps=1)
+    vae = trainer.initial_pipeline(config).models.vae
+    phase = trainer.vae_phase(config)
+    expected, kl = first_vae_loss(vae, phase, config)
     losses = []
-    trainer.train_vae(vae, dataclasses.replace(CONFIG, vae_steps=1), losses, trainer.no_progress)
+    trainer.train_vae(vae, phase, config, losses, trainer.no_progress)
     assert kl > 1 and losses[0] == pytest.approx(expected, rel=1e-5)
 
 

@@ -22,6 +22,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="new pipeline folder (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--vae-steps", type=int, default=TRAIN_DEFAULTS.vae_steps)
+    train.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=TRAIN_DEFAULTS.decoder_steps,
+        help="steps that fine-tune the VAE's decoder alone (on the frozen encoder's latents at "
+        "64, 128 and 256 pixels: the latent space, so the UNet, stays as it was), before the "
+        "UNet steps",
+    )
     train.add_argument("--unet-steps", type=int, default=TRAIN_DEFAULTS.unet_steps)
     train.add_argument(
         "--scale-steps",
@@ -74,6 +82,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="probability that a training scene holds 1, 2, 3 objects (default: 1 half the "
         "time, else 2 or 3 alike)",
     )
+    train.add_argument(
+        "--unplaced",
+        type=float,
+        default=TRAIN_DEFAULTS.unplaced,
+        metavar="P",
+        help="probability that a caption leaves out its objects' places, as in 'a red circle' "
+        f"(default: {TRAIN_DEFAULTS.unplaced})",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace the output folder")
     train.add_argument(
         "--snapshots", help="also write the pipeline every N diffusion steps to DIR/step-N"
@@ -113,10 +129,12 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
     config = TrainConfig(
         seed=args.seed,
         vae_steps=args.vae_steps,
+        decoder_steps=args.decoder_steps,
         unet_steps=args.unet_steps,
         scale_steps=args.scale_steps,
         scale_rounds=args.scale_rounds,
         object_counts=None if args.object_counts is None else tuple(args.object_counts),
+        unplaced=args.unplaced,
         **encoder,
     )
     return TrainOptions(

@@ -20,6 +20,9 @@ class TrainConfig:
     # Probability that a training scene holds 1, 2, 3 objects; None: the stream of the first
     # run (one object in half the scenes, else two or three alike).
     object_counts: tuple[float, float, float] | None = None
+    # Probability that a caption leaves out the places of its objects ("a red circle and a
+    # blue square"): the runs that made the model shipped before this one named every place.
+    unplaced: float = 0.0
     # New text encoders (from scratch, or `jaxfusion train --new-text-encoders`): layers,
     # heads, and position embeddings that start as `trainer.sinusoids` rather than random.
     text_encoder_layers: int = 2
@@ -29,6 +32,11 @@ class TrainConfig:
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
+    # Then the decoder alone, on the frozen encoder's latents at each (image size, batch
+    # size) of decoder_scales in turn: sharper shapes from the same latent space.
+    decoder_steps: int = 0
+    decoder_scales: tuple[tuple[int, int], ...] = ((64, 16), (128, 4), (256, 1))
+    decoder_learning_rate: float = 5e-4
     unet_steps: int = 5000
     unet_batch_size: int = 32
     unet_learning_rate: float = 1e-3
@@ -57,6 +65,8 @@ class TrainConfig:
         counts = self.object_counts
         if counts is not None and (min(counts) < 0 or abs(sum(counts) - 1) > 1e-6):
             raise ValueError(f"--object-counts {list(counts)} are not probabilities summing to 1")
+        if not 0 <= self.unplaced <= 1:
+            raise ValueError(f"--unplaced {self.unplaced} is not a probability (0 to 1)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -42,12 +42,15 @@ class ShapeSpec(NamedTuple):
     shape: str
     place: str
     size: str = ""
+    place_named: bool = True  # whether its phrase says where it is
 
     def phrase(self) -> str:
-        """ "a big red circle at the top left", "an orange square in the center"."""
+        """ "a big red circle at the top left", "an orange square in the center", and with
+        the place unnamed "a big red circle"."""
         description = " ".join(word for word in (self.size, self.colour, self.shape) if word)
         article = "an" if description[0] in "aeiou" else "a"
-        return f"{article} {description} {self.place}"
+        words = f"{article} {description}"
+        return f"{words} {self.place}" if self.place_named else words
 
 
 def caption(objects: list[ShapeSpec], background: str | None) -> str:
@@ -78,11 +81,13 @@ def render(objects: list[ShapeSpec], background: str, size: int, offsets=None) -
 
 
 def random_scene(
-    rng: np.random.Generator, object_counts: tuple[float, ...] | None
+    rng: np.random.Generator, object_counts: tuple[float, ...] | None, unplaced: float = 0.0
 ) -> tuple[list[ShapeSpec], str, bool]:
     """(objects at distinct places, background, whether the caption names the background).
     The scene holds n objects with probability object_counts[n - 1]; without them, one
-    object half the time, else two or three (the draws of the built-in model's first run)."""
+    object half the time, else two or three (the draws of the built-in model's first run).
+    The caption leaves every place out with probability `unplaced` (at 0, the stream draws
+    nothing for it: the scenes of the runs before it existed)."""
     if object_counts is None:
         count = 1 if rng.random() < 0.5 else int(rng.integers(2, 4))
     else:
@@ -97,7 +102,10 @@ def random_scene(
         )
         for place in places
     ]
-    return objects, str(rng.choice(list(BACKGROUNDS))), bool(rng.random() < 0.5)
+    background, named = str(rng.choice(list(BACKGROUNDS))), bool(rng.random() < 0.5)
+    if unplaced > 0 and rng.random() < unplaced:
+        objects = [spec._replace(place_named=False) for spec in objects]
+    return objects, background, named
 
 
 def batch(
@@ -106,13 +114,14 @@ def batch(
     batch_size: int,
     size: int,
     object_counts: tuple[float, ...] | None = None,
+    unplaced: float = 0.0,
 ) -> tuple[np.ndarray, list[str]]:
     """Batch `index` of the stream `seed`: (images (B, size, size, 3) float32 in [-1, 1]
-    NHWC, B captions), scenes drawn by `random_scene(rng, object_counts)`."""
+    NHWC, B captions), scenes drawn by `random_scene(rng, object_counts, unplaced)`."""
     rng = np.random.default_rng([seed, index])
     images, captions = [], []
     for _ in range(batch_size):
-        objects, background, named = random_scene(rng, object_counts)
+        objects, background, named = random_scene(rng, object_counts, unplaced)
         offsets = rng.uniform(-JITTER, JITTER, size=(len(objects), 2))
         images.append(render(objects, background, size, offsets))
         captions.append(caption(objects, background if named else None))

@@ -91,6 +91,7 @@ class History:
     """The loss of every step of each phase, and the phase's wall time in seconds."""
 
     vae: list[float] = dataclasses.field(default_factory=list)
+    decoder: list[float] = dataclasses.field(default_factory=list)
     unet: list[float] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -219,7 +220,8 @@ def train(
 ) -> tuple[SDXLPipeline, History]:
     """Trains the built-in model from scratch, or, from `start` (a pipeline folder of the
     built-in architecture), continues the diffusion phases from its weights and keeps its
-    VAE; with `new_text_encoders`, from its UNet and VAE but `initial_text_encoders`.
+    VAE; with `new_text_encoders`, from its UNet and VAE but `initial_text_encoders`. With
+    `config.decoder_steps`, the decoder is fine-tuned (`decoder_phase`) before the UNet.
     `progress(description, total, losses)` yields each phase's step indices (a progress bar,
     say) and may read its losses as they grow; `snapshot(step, pipeline, history)` receives
     the pipeline with the averaged weights every `snapshot_every` diffusion steps (counted
@@ -235,12 +237,16 @@ def train(
         pipe = initial_pipeline(config)
         vae = pipe.models.vae
         begin = time.perf_counter()
-        train_vae(vae, config, history.vae, progress)
+        train_vae(vae, vae_phase(config), config, history.vae, progress)
         history.seconds["vae"] = time.perf_counter() - begin
         vae.config = dataclasses.replace(
             vae.config, scaling_factor=latent_scaling_factor(vae, config)
         )
     models = pipe.models
+    if config.decoder_steps:
+        begin = time.perf_counter()
+        train_vae(models.vae, decoder_phase(config), config, history.decoder, progress)
+        history.seconds["decoder"] = time.perf_counter() - begin
 
     def pipeline_with(weights: nnx.State) -> SDXLPipeline:
         nnx.update(models, weights)
@@ -261,14 +267,51 @@ def train(
     return pipe, history
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoencoderPhase:
+    """One phase of VAE training: `steps` steps, learning rate warming up to `peak`; step i
+    draws a batch of `scales[i % len(scales)]` = (image size, batch size) from the scene
+    stream `data_seed`. With `decoder_only` the encoder is frozen, so its latent space (and
+    a UNet trained on it) stays as it was."""
+
+    description: str
+    steps: int
+    peak: float
+    scales: tuple[tuple[int, int], ...]
+    data_seed: int
+    decoder_only: bool
+
+
+def vae_phase(config: TrainConfig) -> AutoencoderPhase:
+    """The whole VAE at `config.image_size`, from scratch."""
+    scale = (config.image_size, config.vae_batch_size)
+    return AutoencoderPhase(
+        "training the VAE", config.vae_steps, config.vae_learning_rate, (scale,), config.seed, False
+    )
+
+
+def decoder_phase(config: TrainConfig) -> AutoencoderPhase:
+    """The decoder alone at every size of `config.decoder_scales`, on its own scenes."""
+    return AutoencoderPhase(
+        "fine-tuning the VAE's decoder",
+        config.decoder_steps,
+        config.decoder_learning_rate,
+        config.decoder_scales,
+        config.seed + 4,
+        True,
+    )
+
+
 def train_vae(
     vae: AutoencoderKL,
+    phase: AutoencoderPhase,
     config: TrainConfig,
     losses: list[float],
     progress: Progress,
 ) -> None:
     """The VAE as an autoencoder: mean squared error of the reconstruction from a latent
-    sample, plus `kl_weight` x the KL divergence to N(0, 1). Updates `vae` in place."""
+    sample, plus `kl_weight` x the KL divergence to N(0, 1) (constant when only the decoder
+    learns). Updates `vae` in place."""
 
     def loss_fn(vae: AutoencoderKL, images: jax.Array, key: jax.Array) -> jax.Array:
         posterior = vae.encode(images)
@@ -278,15 +321,15 @@ def train_vae(
         )
         return jnp.mean((reconstruction - images) ** 2) + config.kl_weight * kl
 
-    optimizer = optax.adamw(schedule(config.vae_learning_rate, config.vae_steps, config))
+    decoder = nnx.All(nnx.Param, lambda path, _: path[0] in ("decoder", "post_quant_conv"))
+    optimizer = optax.adamw(schedule(phase.peak, phase.steps, config))
     step = training_step(loss_fn, optimizer)
-    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(vae, decoder if phase.decoder_only else nnx.Param, ...)
     opt_state = optimizer.init(params)
-    key = jax.random.key(config.seed)
-    for i in progress("training the VAE", config.vae_steps, losses):
-        images, _ = shapes.batch(
-            config.seed, i, config.vae_batch_size, config.image_size, config.object_counts
-        )
+    key = jax.random.key(phase.data_seed)
+    for i in progress(phase.description, phase.steps, losses):
+        size, batch_size = phase.scales[i % len(phase.scales)]
+        images, _ = shapes.batch(phase.data_seed, i, batch_size, size, config.object_counts)
         params, opt_state, loss = step(
             graphdef, params, rest, opt_state, jax.random.fold_in(key, i), images
         )
@@ -349,7 +392,7 @@ def train_diffusion(
     for i in progress(phase.description, phase.steps, losses):
         image_size, batch_size = phase.scales[i % len(phase.scales)]
         images, captions = shapes.batch(
-            phase.data_seed, i, batch_size, image_size, config.object_counts
+            phase.data_seed, i, batch_size, image_size, config.object_counts, config.unplaced
         )
         size = (
             size_ids[i, :batch_size, None]
@@ -414,7 +457,11 @@ def save_loss_curve(history: History, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = (("VAE reconstruction", history.vae), ("diffusion (UNet)", history.unet))
+    phases = (
+        ("VAE reconstruction", history.vae),
+        ("decoder reconstruction", history.decoder),
+        ("diffusion (UNet)", history.unet),
+    )
     phases = [(name, losses) for name, losses in phases if losses]  # --from: no VAE phase
     figure, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
     for ax, (name, losses) in zip(axes[0], phases, strict=True):
@@ -430,7 +477,7 @@ def save_loss_curve(history: History, path: Path) -> None:
 
 def final_losses(history: History) -> dict[str, float]:
     """Each phase's loss, as the mean of its last 100 steps."""
-    phases = (("vae", history.vae), ("unet", history.unet))
+    phases = (("vae", history.vae), ("decoder", history.decoder), ("unet", history.unet))
     return {name: float(np.mean(losses[-100:])) for name, losses in phases if losses}
 
 
