@@ -6,11 +6,13 @@ square at the top right") with both colours in their asked thirds, and which of 
 draw the README's quick-start prompt as asked. With `--vocabulary-seeds N`, also the share
 of the vocabulary's one-shape prompts (every colour and shape, plain, with a place, a size
 word, a background, and all three: `judge.FORMS`) drawn as one shape of the asked colour
-and kind at the asked place, per form, each form's 18 prompts on N seeds. For a training
-run's snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
+and kind at the asked place, per form, each form's 18 prompts on N seeds; with
+`--reconstruction-seeds N`, the same judge on the VAE's reconstructions of rendered scenes
+of those prompts (what a perfect UNet could reach through that VAE). For a training run's
+snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
 
     python benchmarks/builtin_accuracy.py [FOLDER ...] [--sizes 64 256] [--images DIR]
-        [--first-seed N] [--vocabulary-seeds N] [--no-pairs]
+        [--first-seed N] [--vocabulary-seeds N] [--reconstruction-seeds N] [--no-pairs]
 
 FOLDER defaults to the shipped model. `--images DIR` also writes the judged images of each
 folder and size as DIR/NAME-SIZE.png, two rows of 11: the 18 prompts, then the quick-start
@@ -49,6 +51,13 @@ def main() -> None:
         help="judge the vocabulary on N seeds",
     )
     parser.add_argument(
+        "--reconstruction-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="judge the VAE's reconstructions of the vocabulary's scenes on N seeds",
+    )
+    parser.add_argument(
         "--no-pairs",
         action="store_true",
         help="only the vocabulary: skip the 18 prompts, the two-shape prompts and the quick start",
@@ -65,6 +74,8 @@ def main() -> None:
             if args.vocabulary_seeds:
                 vocabulary(pipe, folder, size, range(seed, seed + args.vocabulary_seeds),
                            args.images and args.images / f"{name}-vocabulary.png")  # fmt: skip
+            if args.reconstruction_seeds:
+                reconstructions(pipe, folder, size, range(seed, seed + args.reconstruction_seeds))
             if args.no_pairs:
                 continue
             images = judge.generate(pipe, size, seed)
@@ -98,11 +109,42 @@ def vocabulary(pipe, folder: str, size: int, seeds: range, image_file: Path | No
             save_image(
                 grid([list(images[k : k + 18]) for k in range(0, len(images), 18)]), image_file
             )
+    report(f"{folder} at {size}x{size}, one-shape prompts drawn as asked", seeds, judged)
+
+
+def reconstructions(pipe, folder: str, size: int, seeds: range) -> None:
+    """Prints the share of the vocabulary's scenes, rendered as the training data draws them
+    (a place and background drawn where the prompt names none, the centre jittered), that
+    the judge passes after the VAE's encoder (latent means) and decoder."""
+    import jax
+
+    from jaxfusion.train import shapes
+
+    vae = pipe.models.vae
+    autoencode = jax.jit(lambda x: vae.decode(vae.encode(x).mean))
+    judged = {form: [] for form in judge.FORMS}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        cases = [case for form in judge.FORMS for case in judge.one_shape_cases(form, seed)]
+        scenes = []
+        for case in cases:
+            place = case.place or str(rng.choice(list(shapes.PLACES)))
+            spec = shapes.ShapeSpec(case.colour, case.shape, place, case.size)
+            background = case.background or str(rng.choice(list(shapes.BACKGROUNDS)))
+            offset = rng.uniform(-shapes.JITTER, shapes.JITTER, (1, 2))
+            scenes.append(shapes.render([spec], background, size, offset))
+        images = np.clip((np.asarray(autoencode(np.stack(scenes) * 2 - 1)) + 1) / 2, 0, 1)
+        for k, (case, image) in enumerate(zip(cases, images, strict=True)):
+            judged[judge.FORMS[k // 18]].append(judge.drawn_as_asked(image, case))
+    report(f"{folder} at {size}x{size}, VAE reconstructions judged as asked", seeds, judged)
+
+
+def report(what: str, seeds: range, judged: dict[str, list[bool]]) -> None:
+    """Prints `what` with the share of all judged images passed, and of each form's."""
     shares = ", ".join(f"{form} {np.mean(ok):.1%}" for form, ok in judged.items())
     every = [ok for oks in judged.values() for ok in oks]
     print(
-        f"{folder} at {size}x{size}, one-shape prompts drawn as asked on seeds "
-        f"{seeds[0]}-{seeds[-1]}: {np.mean(every):.1%} of {len(every)} ({shares})",
+        f"{what} on seeds {seeds[0]}-{seeds[-1]}: {np.mean(every):.1%} of {len(every)} ({shares})",
         flush=True,
     )
 
