@@ -1,6 +1,7 @@
 """The shipped built-in model draws what it is asked for: a detector written here, from the
-meaning of colour words (hue) and place words (thirds of the image), judges each image; and
-diffusers loads the shipped folder and draws the same image."""
+meaning of colour words (hue), place words (thirds of the image) and shape words (the ideal
+outline that overlaps most), judges each image; and diffusers loads the shipped folder and
+draws the same image."""
 
 import itertools
 from typing import NamedTuple
