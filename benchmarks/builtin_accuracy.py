@@ -103,8 +103,7 @@ def vocabulary(pipe, folder: str, size: int, seeds: range, image_file: Path | No
     judged = {form: [] for form in judge.FORMS}
     for seed in seeds:
         cases, images = judge.draw_vocabulary(pipe, size, seed)
-        for k, (case, image) in enumerate(zip(cases, images, strict=True)):
-            judged[judge.FORMS[k // 18]].append(judge.drawn_as_asked(image, case))
+        tally(judged, cases, images)
         if image_file and seed == seeds[0]:
             save_image(
                 grid([list(images[k : k + 18]) for k in range(0, len(images), 18)]), image_file
@@ -134,9 +133,16 @@ def reconstructions(pipe, folder: str, size: int, seeds: range) -> None:
             offset = rng.uniform(-shapes.JITTER, shapes.JITTER, (1, 2))
             scenes.append(shapes.render([spec], background, size, offset))
         images = np.clip((np.asarray(autoencode(np.stack(scenes) * 2 - 1)) + 1) / 2, 0, 1)
-        for k, (case, image) in enumerate(zip(cases, images, strict=True)):
-            judged[judge.FORMS[k // 18]].append(judge.drawn_as_asked(image, case))
+        tally(judged, cases, images)
     report(f"{folder} at {size}x{size}, VAE reconstructions judged as asked", seeds, judged)
+
+
+def tally(judged: dict[str, list[bool]], cases: list, images) -> None:
+    """Appends to judged[form] whether each image of a seed's vocabulary (its cases in the
+    order of judge.FORMS, 18 a form) is drawn as asked."""
+    per_form = len(cases) // len(judge.FORMS)
+    for k, (case, image) in enumerate(zip(cases, images, strict=True)):
+        judged[judge.FORMS[k // per_form]].append(judge.drawn_as_asked(image, case))
 
 
 def report(what: str, seeds: range, judged: dict[str, list[bool]]) -> None:
