@@ -241,7 +241,7 @@ def test_diffusion_loss_follows_the_formula():
     images, captions = shapes.batch(phase.data_seed, 0, 4, 32, None)
     token_ids = tuple(tokenize(tokenizer, captions) for tokenizer in pipe.tokenizers)
     time_ids = np.tile(np.float32([32, 32, 0, 0, 32, 32]), (4, 1))
-    latents = 0.5 * np.asarray(vae.encode(images).mean, np.float64)
+    latents = 0.5 * np.asarray(jax.jit(lambda x: vae.encode(x).mean)(images), np.float64)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(phase.data_seed), 0), 3)
     keep = np.asarray(jax.random.uniform(keys[0], (4,))) >= CONFIG.unconditional_probability
     t = np.asarray(jax.random.randint(keys[1], (4,), 0, 1000))
@@ -253,7 +253,8 @@ def test_diffusion_loss_follows_the_formula():
     conditioning = pipe.encode_prompt(pipe.models, token_ids, time_ids, None)
     states = np.asarray(conditioning.encoder_hidden_states) * keep[:, None, None]
     pooled = np.asarray(conditioning.text_embeds) * keep[:, None]
-    prediction = pipe.models.unet(noisy.astype(np.float32), t, states, pooled, time_ids)
+    # One compiled program, not hundreds of eagerly dispatched operations.
+    prediction = jax.jit(pipe.models.unet)(noisy.astype(np.float32), t, states, pooled, time_ids)
     snr = alpha_bar / (1 - alpha_bar)
     weight = np.minimum(snr, CONFIG.min_snr_gamma)[t] / snr[t]
     errors = ((np.asarray(prediction, np.float64) - noise) ** 2).mean(axis=(1, 2, 3))
