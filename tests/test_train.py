@@ -13,6 +13,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxfusion import cli
+from jaxfusion.builtin import builtin_model_path
+from jaxfusion.cli.train import train_options
 from jaxfusion.tokenizer import tokenize
 from jaxfusion.train import shapes, trainer
 from jaxfusion.train.config import TrainConfig
@@ -101,12 +103,27 @@ def sinusoids(positions: int, dim: int) -> np.ndarray:
         (["--text-encoder-layers", "0"], "--text-encoder-layers"),
         (["--object-counts", "0.5", "0.5", "0.5"], "--object-counts"),
         (["--unplaced", "1.5"], "--unplaced"),
+        (["--decoder-sizes", "96"], "--decoder-sizes"),
     ],
 )
 def test_train_refuses_flags_that_do_not_apply_before_loading(tmp_path, capsys, flags, named):
     out = tmp_path / "out"
     assert cli.main(["train", "--out", str(out), *flags]) == 2  # before reading FOLDER
     assert named in capsys.readouterr().err and not out.exists()
+
+
+def test_decoder_sizes_keep_the_pixels_of_a_step():
+    args = cli.build_parser().parse_args(["train", "--out", "x", "--decoder-sizes", "64", "256"])
+    assert train_options(args).config.decoder_scales == ((64, 16), (256, 1))
+    default = train_options(cli.build_parser().parse_args(["train", "--out", "x"])).config
+    assert default.decoder_scales == ((64, 16), (128, 4), (256, 1))
+
+
+def test_training_continues_from_the_shipped_model_by_name():
+    pipe, history = trainer.train(TrainConfig(unet_steps=0, scale_rounds=0), start="builtin")
+    shipped = json.loads((builtin_model_path() / "vae" / "config.json").read_text())
+    assert pipe.models.vae.config.scaling_factor == shipped["scaling_factor"] != 1.0
+    assert history.seconds == {}
 
 
 def parameters(module: nnx.Module) -> list[np.ndarray]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig, TrainOptions
+from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig, TrainOptions, scales_of_equal_pixels
 
 if TYPE_CHECKING:
     from jaxfusion.display import StageDisplay
 
 TRAIN_DEFAULTS = TrainConfig()
+DECODER_SIZES = (64, 128, 256)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -27,8 +28,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=TRAIN_DEFAULTS.decoder_steps,
         help="steps that fine-tune the VAE's decoder alone (on the frozen encoder's latents at "
-        "64, 128 and 256 pixels: the latent space, so the UNet, stays as it was), before the "
-        "UNet steps",
+        "each of --decoder-sizes in turn: the latent space, so the UNet, stays as it was), "
+        "before the UNet steps",
+    )
+    train.add_argument(
+        "--decoder-sizes",
+        type=int,
+        nargs="+",
+        default=[size for size, _ in TRAIN_DEFAULTS.decoder_scales],
+        metavar="SIZE",
+        help="image sizes of the decoder steps, 64, 128 or 256 (default: 64 128 256; 16 images "
+        "a step at 64, 4 at 128, 1 at 256)",
     )
     train.add_argument("--unet-steps", type=int, default=TRAIN_DEFAULTS.unet_steps)
     train.add_argument(
@@ -48,8 +58,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--from",
         dest="start",
         metavar="FOLDER",
-        help="continue from this trained built-in pipeline: keep its VAE, run the diffusion "
-        "phases from its weights (with --unet-steps 0: the multi-scale phase only)",
+        help="continue from this trained built-in pipeline (builtin: the shipped model): keep "
+        "its VAE, run the diffusion phases from its weights (with --unet-steps 0: the "
+        "multi-scale phase only)",
     )
     train.add_argument(
         "--new-text-encoders",
@@ -126,10 +137,15 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
             "--text-encoder-layers, --text-encoder-heads and --sinusoidal-positions shape new "
             "text encoders; --from keeps its own: add --new-text-encoders"
         )
+    if not set(args.decoder_sizes) <= set(DECODER_SIZES):
+        raise ValueError(
+            f"--decoder-sizes {args.decoder_sizes}: each must be one of {DECODER_SIZES}"
+        )
     config = TrainConfig(
         seed=args.seed,
         vae_steps=args.vae_steps,
         decoder_steps=args.decoder_steps,
+        decoder_scales=scales_of_equal_pixels(tuple(args.decoder_sizes)),
         unet_steps=args.unet_steps,
         scale_steps=args.scale_steps,
         scale_rounds=args.scale_rounds,

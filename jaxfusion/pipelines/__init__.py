@@ -22,14 +22,21 @@ PIPELINES = {
 BUILTIN = "builtin"
 
 
-def load_pipeline(path: str | Path = BUILTIN, **kwargs) -> TextToImagePipeline:
-    """The pipeline class that `model_index.json` in `path` (a folder, or a hub id) names,
-    loaded with `from_pretrained(path, **kwargs)`. `path` "builtin" (the default) is the
-    small model shipped with jaxfusion (`jaxfusion.builtin`)."""
+def model_path(path: str | Path) -> str | Path:
+    """`path`, or the folder of the small model shipped with jaxfusion (`jaxfusion.builtin`)
+    where `path` is "builtin" and no such folder is here."""
     if str(path) == BUILTIN and not Path(path).exists():
         from jaxfusion.builtin import builtin_model_path
 
-        path = builtin_model_path()
+        return builtin_model_path()
+    return path
+
+
+def load_pipeline(path: str | Path = BUILTIN, **kwargs) -> TextToImagePipeline:
+    """The pipeline class that `model_index.json` in `path` (a folder, or a hub id) names,
+    loaded with `from_pretrained(path, **kwargs)`. `path` "builtin" (the default) is the
+    small model shipped with jaxfusion (`model_path`)."""
+    path = model_path(path)
     name = read_model_index(path).get("_class_name")
     if name not in PIPELINES:
         flux = (
@@ -55,5 +62,6 @@ __all__ = [
     "Stage",
     "TextToImagePipeline",
     "load_pipeline",
+    "model_path",
     "no_display",
 ]

@@ -5,6 +5,13 @@ from pathlib import Path
 
 SNAPSHOT_EVERY = 1000  # diffusion steps between snapshots (`jaxfusion train --snapshots`)
 TEXT_ENCODER_WIDTH = 32  # the hidden size of the built-in model's text encoders
+DECODER_PIXELS = 16 * 64 * 64  # in each decoder fine-tuning step's batch, at every size
+
+
+def scales_of_equal_pixels(sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(image size, batch size) of each of `sizes` for decoder fine-tuning: every step sees
+    DECODER_PIXELS pixels (16 images at 64, 4 at 128, 1 at 256)."""
+    return tuple((size, DECODER_PIXELS // size**2) for size in sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +42,7 @@ class TrainConfig:
     # Then the decoder alone, on the frozen encoder's latents at each (image size, batch
     # size) of decoder_scales in turn: sharper shapes from the same latent space.
     decoder_steps: int = 0
-    decoder_scales: tuple[tuple[int, int], ...] = ((64, 16), (128, 4), (256, 1))
+    decoder_scales: tuple[tuple[int, int], ...] = scales_of_equal_pixels((64, 128, 256))
     decoder_learning_rate: float = 5e-4
     unet_steps: int = 5000
     unet_batch_size: int = 32

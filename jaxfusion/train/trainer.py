@@ -35,7 +35,7 @@ from jaxfusion.models import (
     UNetConfig,
     VAEConfig,
 )
-from jaxfusion.pipelines import SDXLPipeline
+from jaxfusion.pipelines import SDXLPipeline, model_path
 from jaxfusion.pipelines.stable_diffusion import Models
 from jaxfusion.tokenizer import load_tokenizer, tokenize, write_tokenizer
 from jaxfusion.train import shapes
@@ -219,16 +219,17 @@ def train(
     new_text_encoders: bool = False,
 ) -> tuple[SDXLPipeline, History]:
     """Trains the built-in model from scratch, or, from `start` (a pipeline folder of the
-    built-in architecture), continues the diffusion phases from its weights and keeps its
-    VAE; with `new_text_encoders`, from its UNet and VAE but `initial_text_encoders`. With
-    `config.decoder_steps`, the decoder is fine-tuned (`decoder_phase`) before the UNet.
+    built-in architecture, or "builtin": the shipped model), continues the diffusion phases
+    from its weights and keeps its VAE; with `new_text_encoders`, from its UNet and VAE but
+    `initial_text_encoders`. With `config.decoder_steps`, the decoder is fine-tuned
+    (`decoder_phase`) before the UNet.
     `progress(description, total, losses)` yields each phase's step indices (a progress bar,
     say) and may read its losses as they grow; `snapshot(step, pipeline, history)` receives
     the pipeline with the averaged weights every `snapshot_every` diffusion steps (counted
     over all phases), to use during the call only (training reuses its buffers)."""
     history = History()
     if start is not None:
-        pipe = SDXLPipeline.from_pretrained(start)
+        pipe = SDXLPipeline.from_pretrained(model_path(start))
         if new_text_encoders:
             encoders = initial_text_encoders(len(pipe.tokenizers[0]), config, nnx.Rngs(config.seed))
             models = Models(pipe.models.unet, pipe.models.vae, encoders)
