@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from jaxfusion.train.config import SNAPSHOT_EVERY, TrainConfig, TrainOptions, scales_of_equal_pixels
+from jaxfusion.train.config import (
+    DECODER_SIZES,
+    SNAPSHOT_EVERY,
+    TrainConfig,
+    TrainOptions,
+    scales_of_equal_pixels,
+)
 
 if TYPE_CHECKING:
     from jaxfusion.display import StageDisplay
 
 TRAIN_DEFAULTS = TrainConfig()
-DECODER_SIZES = (64, 128, 256)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

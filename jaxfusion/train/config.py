@@ -6,6 +6,7 @@ from pathlib import Path
 SNAPSHOT_EVERY = 1000  # diffusion steps between snapshots (`jaxfusion train --snapshots`)
 TEXT_ENCODER_WIDTH = 32  # the hidden size of the built-in model's text encoders
 DECODER_PIXELS = 16 * 64 * 64  # in each decoder fine-tuning step's batch, at every size
+DECODER_SIZES = (64, 128, 256)  # the image sizes decoder fine-tuning may take
 
 
 def scales_of_equal_pixels(sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -42,7 +43,7 @@ class TrainConfig:
     # Then the decoder alone, on the frozen encoder's latents at each (image size, batch
     # size) of decoder_scales in turn: sharper shapes from the same latent space.
     decoder_steps: int = 0
-    decoder_scales: tuple[tuple[int, int], ...] = scales_of_equal_pixels((64, 128, 256))
+    decoder_scales: tuple[tuple[int, int], ...] = scales_of_equal_pixels(DECODER_SIZES)
     decoder_learning_rate: float = 5e-4
     unet_steps: int = 5000
     unet_batch_size: int = 32
