@@ -6,7 +6,8 @@ square at the top right") with both colours in their asked thirds, and which of 
 draw the README's quick-start prompt as asked. With `--vocabulary-seeds N`, also the share
 of the vocabulary's one-shape prompts (every colour and shape, plain, with a place, a size
 word, a background, and all three: `judge.FORMS`) drawn as one shape of the asked colour
-and kind at the asked place, per form, each form's 18 prompts on N seeds; with
+and kind at the asked place, per form, each form's 18 prompts on N seeds, and how many
+failed each of the judge's checks (`judge.why_not_as_asked`); with
 `--reconstruction-seeds N`, the same judge on the VAE's reconstructions of rendered scenes
 of those prompts (what a perfect UNet could reach through that VAE). For a training run's
 snapshots (`jaxfusion train --snapshots DIR`) before one is shipped.
@@ -25,6 +26,7 @@ snapshots without choosing one on the tests' own images.
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,7 @@ def main() -> None:
 def vocabulary(pipe, folder: str, size: int, seeds: range, image_file: Path | None) -> None:
     """Prints the share of each form's prompts drawn as asked on `seeds`, and of all; writes
     the first seed's images to `image_file`, a row per form."""
-    judged = {form: [] for form in judge.FORMS}
+    judged: dict[str, list[str | None]] = {form: [] for form in judge.FORMS}
     for seed in seeds:
         cases, images = judge.draw_vocabulary(pipe, size, seed)
         tally(judged, cases, images)
@@ -121,7 +123,7 @@ def reconstructions(pipe, folder: str, size: int, seeds: range) -> None:
 
     vae = pipe.models.vae
     autoencode = jax.jit(lambda x: vae.decode(vae.encode(x).mean))
-    judged = {form: [] for form in judge.FORMS}
+    judged: dict[str, list[str | None]] = {form: [] for form in judge.FORMS}
     for seed in seeds:
         rng = np.random.default_rng(seed)
         cases = [case for form in judge.FORMS for case in judge.one_shape_cases(form, seed)]
@@ -137,22 +139,30 @@ def reconstructions(pipe, folder: str, size: int, seeds: range) -> None:
     report(f"{folder} at {size}x{size}, VAE reconstructions judged as asked", seeds, judged)
 
 
-def tally(judged: dict[str, list[bool]], cases: list, images) -> None:
-    """Appends to judged[form] whether each image of a seed's vocabulary (its cases in the
-    order of judge.FORMS, 18 a form) is drawn as asked."""
+def tally(judged: dict[str, list[str | None]], cases: list, images) -> None:
+    """Appends to judged[form] what `judge.why_not_as_asked` finds for each image of a seed's
+    vocabulary (its cases in the order of judge.FORMS, 18 a form): None where drawn as asked."""
     per_form = len(cases) // len(judge.FORMS)
     for k, (case, image) in enumerate(zip(cases, images, strict=True)):
-        judged[judge.FORMS[k // per_form]].append(judge.drawn_as_asked(image, case))
+        judged[judge.FORMS[k // per_form]].append(judge.why_not_as_asked(image, case))
 
 
-def report(what: str, seeds: range, judged: dict[str, list[bool]]) -> None:
-    """Prints `what` with the share of all judged images passed, and of each form's."""
-    shares = ", ".join(f"{form} {np.mean(ok):.1%}" for form, ok in judged.items())
-    every = [ok for oks in judged.values() for ok in oks]
+def report(what: str, seeds: range, judged: dict[str, list[str | None]]) -> None:
+    """Prints `what` with the share of all judged images passed and of each form's, then per
+    form how many failed each check."""
+    shares = ", ".join(
+        f"{form} {np.mean([why is None for why in whys]):.1%}" for form, whys in judged.items()
+    )
+    every = [why is None for whys in judged.values() for why in whys]
     print(
         f"{what} on seeds {seeds[0]}-{seeds[-1]}: {np.mean(every):.1%} of {len(every)} ({shares})",
         flush=True,
     )
+    for form, whys in judged.items():
+        failures = Counter(why for why in whys if why is not None)
+        listed = ", ".join(f"{count} {why}" for why, count in failures.most_common())
+        if listed:
+            print(f"  {form} failed: {listed}")
 
 
 if __name__ == "__main__":

@@ -169,19 +169,32 @@ def shape_kind(mask: np.ndarray) -> str:
     return max(overlap, key=overlap.get)
 
 
-def drawn_as_asked(image: np.ndarray, case: OneShapeCase) -> bool:
-    """(H, W, 3) in [0, 1] -> whether it shows one shape of the case's colour and kind (at
-    its third, where the case names a place) and no other: the colour covers at least 0.5%
-    of the image (a small triangle at 64x64 covers 1.5%), 80% of its pixels form one
-    component, and the other colours together have under a quarter of its pixels."""
+def why_not_as_asked(image: np.ndarray, case: OneShapeCase) -> str | None:
+    """(H, W, 3) in [0, 1] -> None when it shows one shape of the case's colour and kind (at
+    its third, where the case names a place) and no other, else the first check it fails:
+    "too little colour" (the colour covers under 0.5% of the image; a small triangle at
+    64x64 covers 1.5%), "scattered" (under 80% of its pixels in one component), "other
+    colours" (the others together have a quarter of its pixels or more), "drawn as KIND"
+    (another shape word), "misplaced" (another third)."""
     masks = colour_masks(image)
     mask = masks[case.colour]
-    others = sum(masks[name].sum() for name in masks if name != case.colour)
-    if mask.mean() < 0.005 or largest_share(mask) < 0.8 or others >= mask.sum() / 4:
-        return False
-    if shape_kind(mask) != case.shape:
-        return False
-    return case.place is None or third_of(largest_component(mask)) == PLACES[case.place]
+    if mask.mean() < 0.005:
+        return "too little colour"
+    if largest_share(mask) < 0.8:
+        return "scattered"
+    if sum(masks[name].sum() for name in masks if name != case.colour) >= mask.sum() / 4:
+        return "other colours"
+    kind = shape_kind(mask)
+    if kind != case.shape:
+        return f"drawn as {kind}"
+    if case.place is not None and third_of(largest_component(mask)) != PLACES[case.place]:
+        return "misplaced"
+    return None
+
+
+def drawn_as_asked(image: np.ndarray, case: OneShapeCase) -> bool:
+    """Whether `why_not_as_asked` finds nothing wrong."""
+    return why_not_as_asked(image, case) is None
 
 
 def fill_ratio(mask: np.ndarray) -> float:
@@ -371,11 +384,15 @@ def test_one_shape_check_reads_rendered_scenes():
     asked = ShapeSpec("blue", "square", "at the bottom", "small")
     assert drawn_as_asked(render([asked], "white", 64), case)
     assert drawn_as_asked(render([asked], "black", 64), case._replace(place=None))
-    assert not drawn_as_asked(render([asked._replace(shape="circle")], "white", 64), case)
-    assert not drawn_as_asked(render([asked._replace(place="at the top")], "white", 64), case)
+    wrong_kind = render([asked._replace(shape="circle")], "white", 64)
+    assert why_not_as_asked(wrong_kind, case) == "drawn as circle"
+    wrong_place = render([asked._replace(place="at the top")], "white", 64)
+    assert why_not_as_asked(wrong_place, case) == "misplaced"
     second = ShapeSpec("red", "triangle", "at the top left")
-    assert not drawn_as_asked(render([asked, second], "white", 64), case)
-    assert not drawn_as_asked(render([], "white", 64), case)
+    assert why_not_as_asked(render([asked, second], "white", 64), case) == "other colours"
+    assert why_not_as_asked(render([], "white", 64), case) == "too little colour"
+    two = [asked, asked._replace(place="at the top left")]
+    assert why_not_as_asked(render(two, "white", 64), case._replace(place=None)) == "scattered"
 
 
 def test_draws_the_asked_colour_and_place_at_64(drawn):
