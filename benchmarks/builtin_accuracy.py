@@ -141,10 +141,14 @@ def reconstructions(pipe, folder: str, size: int, seeds: range) -> None:
 
 def tally(judged: dict[str, list[str | None]], cases: list, images) -> None:
     """Appends to judged[form] what `judge.why_not_as_asked` finds for each image of a seed's
-    vocabulary (its cases in the order of judge.FORMS, 18 a form): None where drawn as asked."""
+    vocabulary (its cases in the order of judge.FORMS, 18 a form), with the size word the
+    prompt names ("drawn as circle (small)"): None where drawn as asked."""
     per_form = len(cases) // len(judge.FORMS)
     for k, (case, image) in enumerate(zip(cases, images, strict=True)):
-        judged[judge.FORMS[k // per_form]].append(judge.why_not_as_asked(image, case))
+        why = judge.why_not_as_asked(image, case)
+        if why is not None and case.size:
+            why = f"{why} ({case.size})"
+        judged[judge.FORMS[k // per_form]].append(why)
 
 
 def report(what: str, seeds: range, judged: dict[str, list[str | None]]) -> None:
